@@ -1,0 +1,3 @@
+from o2mcli.cli import main
+
+main()

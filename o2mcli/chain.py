@@ -1,0 +1,66 @@
+"""Chaining defaults: run the stages in order in one directory and each finds its input.
+
+``sample`` takes the newest model (stage directory of kind teacher/template/students/merged,
+or an o2m ``.safetensors`` file) in the working directory; ``score`` the newest samples.
+The built-in name ``digits-teacher`` is the teacher shipped in the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from o2mcli.errors import O2MError
+from o2mcli.manifest import MODEL_KINDS, list_stage_dirs
+
+ASSETS = Path(__file__).with_name("assets")
+BUILTIN_MODELS = {"digits-teacher": ASSETS / "digits_teacher.safetensors"}
+
+
+def resolve_model_spec(spec: str | Path) -> Path:
+    """A path as given, or a built-in model name."""
+    s = str(spec)
+    if s in BUILTIN_MODELS and not Path(s).exists():
+        path = BUILTIN_MODELS[s]
+        if not path.is_file():
+            raise O2MError(f"{path}: the built-in {s} is missing from this install")
+        return path
+    return Path(spec)
+
+
+def _is_o2m_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format", "").startswith("o2m-unet/")
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a candidate
+        return False
+
+
+def find_newest_model(root: Path = Path(".")) -> Path:
+    """The most recently written model in ``root`` (stage directories and o2m .safetensors files)."""
+    found = [(mtime, path) for mtime, path, kind in list_stage_dirs(root) if kind in MODEL_KINDS]
+    found += [(p.stat().st_mtime, p) for p in Path(root).glob("*.safetensors")
+              if not p.name.startswith(".") and _is_o2m_file(p)]
+    if not found:
+        raise O2MError(f"{Path(root).resolve()}: no model found here; name one (a model file or directory, "
+                       "or digits-teacher for the shipped teacher)")
+    return max(found)[1]
+
+
+def find_newest_samples(root: Path = Path(".")) -> Path:
+    """The most recently written ``samples`` stage directory in ``root``."""
+    found = [(mtime, path) for mtime, path, kind in list_stage_dirs(root) if kind == "samples"]
+    if not found:
+        raise O2MError(f"{Path(root).resolve()}: no samples directory found here; run o2m sample first or name one")
+    return max(found)[1]
+
+
+def default_output(root: Path, name: str) -> Path:
+    """``root/name``, or ``name-2``, ``name-3``... when taken: chained runs never clobber an earlier output."""
+    path = Path(root) / name
+    i = 2
+    while path.exists():
+        path = Path(root) / f"{name}-{i}"
+        i += 1
+    return path

@@ -1,0 +1,76 @@
+"""The Typer application and the error policy every command shares."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+from pydantic import ValidationError
+
+from o2mcli.errors import O2MError
+
+app = typer.Typer(name="o2m", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="o2m: prune -> distill -> merge -> sample -> score, for diffusers UNets.")
+_state = {"debug": os.environ.get("O2M_DEBUG") == "1"}
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input -> one line on stderr and exit 2; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except O2MError as e:
+            if debug_enabled():
+                raise
+            fail(str(e))
+        except ValidationError as e:
+            if debug_enabled():
+                raise
+            err = e.errors()[0]
+            loc = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-") if err["loc"] else "options"
+            fail(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        except KeyboardInterrupt:
+            fail("interrupted; outputs are written atomically, nothing half-written was left", 130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence for users
+            if debug_enabled():
+                raise
+            fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug for a traceback)", 1)
+
+    return wrapper
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    """``"32,64,64"`` -> (32, 64, 64), with a clear error."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise O2MError(f"{name} {text!r}: expected comma-separated integers") from e
+
+
+def run_cli() -> None:
+    """Entry point of the ``o2m`` console script and ``python -m o2mcli``."""
+    if "--debug" in sys.argv[1:]:
+        _state["debug"] = True
+    app()

@@ -1,0 +1,1 @@
+from o2mcli.cli.app import app  # noqa: F401

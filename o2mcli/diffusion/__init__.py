@@ -1,0 +1,1 @@
+"""Diffusion math (pure functions) and scheduler construction."""

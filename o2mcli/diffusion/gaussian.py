@@ -1,0 +1,103 @@
+"""Gaussian diffusion terms as short pure functions (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Gather per-sample schedule values ``a[t]`` and shape them for broadcasting over ``ndim`` dims."""
+    out = a.to(t.device)[t].float()
+    return out.reshape(-1, *([1] * (ndim - 1)))
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats (improved DDPM, Eq. 8 terms)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Fast tanh approximation of the standard normal CDF (Page 1977), as in improved DDPM."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) of data in [-1, 1] quantized to 256 bins under N(mean, e^{2 log_scale}) (Ho et al. Eq. 13)."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(
+        x < -0.999, log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
+    return log_probs
+
+
+class DiffusionTerms:
+    """Schedule-derived constants of a DDPM (betas -> alphas_cumprod, posterior coefficients)."""
+
+    def __init__(self, betas: torch.Tensor) -> None:
+        b = betas.double()
+        a = 1.0 - b
+        abar = torch.cumprod(a, 0)
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        self.betas = b.float()
+        self.alphas_cumprod = abar.float()
+        self.posterior_variance = (b * (1.0 - abar_prev) / (1.0 - abar)).float()
+        # Clipped: the posterior variance is 0 at t=0, so reuse t=1's (improved DDPM).
+        pv = b * (1.0 - abar_prev) / (1.0 - abar)
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])).float()
+        self.posterior_mean_coef1 = (b * abar_prev.sqrt() / (1.0 - abar)).float()
+        self.posterior_mean_coef2 = ((1.0 - abar_prev) * a.sqrt() / (1.0 - abar)).float()
+        self.log_betas = torch.log(b).float()
+
+
+def predict_x0(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Ho et al. Eq. 4 inverted)."""
+    abar = extract(terms.alphas_cumprod, t, x_t.ndim)
+    return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def q_posterior_mean(terms: DiffusionTerms, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean of q(x_{t-1} | x_t, x0) (Ho et al. Eq. 7)."""
+    return (extract(terms.posterior_mean_coef1, t, x_t.ndim) * x0
+            + extract(terms.posterior_mean_coef2, t, x_t.ndim) * x_t)
+
+
+def learned_log_variance(terms: DiffusionTerms, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """log Sigma = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2 (improved DDPM Eq. 15)."""
+    max_log = extract(terms.log_betas, t, v.ndim)
+    min_log = extract(terms.posterior_log_variance_clipped, t, v.ndim)
+    frac = (v + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log
+
+
+def p_mean_logvar(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and log-variance of p(x_{t-1} | x_t) from an eps prediction and a variance output v."""
+    x0 = predict_x0(terms, x_t, t, eps).clamp(-1.0, 1.0)
+    return q_posterior_mean(terms, x0, x_t, t), learned_log_variance(terms, v, t)
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dimensions."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def vlb_loss(terms: DiffusionTerms, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             v: torch.Tensor) -> torch.Tensor:
+    """Per-sample L_vlb in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)), decoder NLL at t=0 (improved DDPM).
+
+    The caller passes ``eps.detach()`` so this term trains only the variance (improved DDPM, Sec. 3.1).
+    """
+    true_mean = q_posterior_mean(terms, x0, x_t, t)
+    true_logvar = extract(terms.posterior_log_variance_clipped, t, x_t.ndim)
+    mean, logvar = p_mean_logvar(terms, x_t, t, eps, v)
+    kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
+    nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)

@@ -1,0 +1,31 @@
+"""Samplers from diffusers, built from a model's DDPM scheduler config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from o2mcli.errors import O2MError
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]):
+    """``ddpm`` (ancestral, learned variance honoured), ``ddim`` (eta 0) or ``dpm++`` (DPM-Solver++ 2M)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    cfg = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    if name == "ddpm":
+        return DDPMScheduler.from_config(cfg)
+    # DDIM and DPM-Solver use only eps: the sampler loop drops learned-variance channels itself,
+    # because diffusers' DPM-Solver slices a hard-coded 3 channels for learned variance.
+    cfg = {k: v for k, v in cfg.items() if k != "variance_type"}
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if name in ("dpm++", "dpmpp", "dpm-solver++"):
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+    raise O2MError(f"--scheduler {name!r}: expected one of {', '.join(SAMPLERS)}")
+
+
+def uses_learned_variance(name: str, base_config: dict[str, Any]) -> bool:
+    """Only the DDPM sampler consumes the variance channels of a learned-variance model."""
+    return name == "ddpm" and str(base_config.get("variance_type", "")).startswith("learned")

@@ -1,0 +1,1 @@
+"""Training machinery shared by every trainer: EMA, checkpoints, logs, progress."""

@@ -1,0 +1,51 @@
+"""Default UNet and scheduler configurations."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+Variance = Literal["fixed", "learned"]
+
+
+def unet_config(*, sample_size: int, channels: int, variance: Variance = "fixed",
+                block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
+                norm_num_groups: int = 8, attention_level: int | None = 1) -> dict[str, Any]:
+    """A DDPM-style ``UNet2DModel`` config: attention at one level, 2C outputs for learned variance."""
+    n = len(block_out_channels)
+    down = ["AttnDownBlock2D" if i == attention_level else "DownBlock2D" for i in range(n)]
+    up = ["AttnUpBlock2D" if n - 1 - i == attention_level else "UpBlock2D" for i in range(n)]
+    for c in block_out_channels:
+        if c % norm_num_groups:
+            raise ValueError(f"block_out_channels {block_out_channels} must be multiples of norm_num_groups={norm_num_groups}")
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": sample_size,
+        "in_channels": channels,
+        "out_channels": channels * (2 if variance == "learned" else 1),
+        "block_out_channels": list(block_out_channels),
+        "down_block_types": down,
+        "up_block_types": up,
+        "layers_per_block": layers_per_block,
+        "norm_num_groups": norm_num_groups,
+        "attention_head_dim": 8,
+    }
+
+
+def scheduler_config(variance: Variance = "fixed", num_train_timesteps: int = 1000,
+                     beta_schedule: str = "linear") -> dict[str, Any]:
+    """A ``DDPMScheduler`` config (Ho et al. linear betas; improved-DDPM learned range when learned)."""
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": num_train_timesteps,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": beta_schedule,
+        "variance_type": "learned_range" if variance == "learned" else "fixed_small",
+        "clip_sample": True,
+        "prediction_type": "epsilon",
+    }
+
+
+def is_learned_variance(unet_cfg: dict[str, Any]) -> bool:
+    """2C output channels: the model predicts eps and the variance interpolation v."""
+    return int(unet_cfg["out_channels"]) == 2 * int(unet_cfg["in_channels"])

@@ -1,0 +1,259 @@
+"""Load any supported model input, save self-describing safetensors, export diffusers pipelines.
+
+Accepted inputs wherever a model is expected:
+1. an o2m ``.safetensors`` file (UNet config, scheduler config and provenance in its metadata);
+2. a diffusers model directory (``config.json`` + ``diffusion_pytorch_model.safetensors``);
+3. a diffusers pipeline directory (``unet/``, ``scheduler/``);
+4. an o2m stage directory (``manifest.json`` of kind teacher, template, students or merged).
+Only safetensors and JSON are read: pickle-based checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from o2mcli.errors import O2MError
+from o2mcli.fsutil import atomic_dir, atomic_file, check_output_free, sha256_file
+from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
+from o2mcli.models.configs import scheduler_config as default_scheduler_config
+from o2mcli.models.group import StudentGroup
+
+FORMAT = "o2m-unet/1"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SUPPORTED_CLASS = "UNet2DModel"
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser ready to sample: one UNet or a K-student group, plus its scheduler config."""
+
+    source: Path
+    form: str  # o2m-file | diffusers-model | diffusers-pipeline | stage:<kind>
+    unet: nn.Module
+    scheduler_config: dict[str, Any]
+    unet_configs: list[dict[str, Any]]
+    ranges: list[tuple[int, int]]
+    sha256: str
+    manifest: Manifest | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_group(self) -> bool:
+        return isinstance(self.unet, StudentGroup)
+
+    @property
+    def kind(self) -> str:
+        return self.form.split(":", 1)[1] if self.form.startswith("stage:") else "model"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+
+# 1. Building a UNet from a config and a state dict -------------------------------------------
+
+def _clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+
+
+def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
+    """A ``UNet2DModel`` from its diffusers config; weights must match exactly."""
+    from diffusers import UNet2DModel
+
+    cls = cfg.get("_class_name", SUPPORTED_CLASS)
+    if cls != SUPPORTED_CLASS:
+        raise O2MError(f"{where}: found a {cls}; o2m supports {SUPPORTED_CLASS} (the DDPM family)")
+    try:
+        unet = UNet2DModel.from_config(_clean_config(cfg))
+    except (TypeError, ValueError, KeyError) as e:
+        raise O2MError(f"{where}: invalid UNet2DModel config ({e})") from e
+    if state is not None:
+        own = unet.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+            raise O2MError(f"{where}: config does not match the weights ({what}; "
+                           f"{len(missing)} missing, {len(unexpected)} unexpected tensors)")
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise O2MError(f"{where}: config does not match the weights ({k}: weights {tuple(v.shape)}, "
+                               f"config expects {tuple(own[k].shape)})")
+        unet.load_state_dict(state, strict=True)
+    return unet.eval()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise O2MError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise O2MError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:120]})") from e
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise O2MError(f"{path}: missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise O2MError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _meta_json(meta: dict[str, str], key: str, where: Path) -> Any:
+    try:
+        return json.loads(meta[key])
+    except KeyError as e:
+        raise O2MError(f"{where}: o2m metadata lacks {key!r}") from e
+    except json.JSONDecodeError as e:
+        raise O2MError(f"{where}: o2m metadata {key!r} is not JSON") from e
+
+
+# 2. The four input forms ------------------------------------------------------------------------
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load any accepted model input onto ``device`` (eval mode)."""
+    path = Path(path)
+    if not path.exists():
+        raise O2MError(f"{path}: no such model file or directory")
+    if path.is_file():
+        loaded = _load_file(path)
+    elif is_stage_dir(path):
+        loaded = _load_stage(path)
+    elif (path / "unet").is_dir() or (path / "model_index.json").is_file():
+        loaded = _load_diffusers_dir(path / "unet", path, form="diffusers-pipeline",
+                                     sched_json=path / "scheduler" / "scheduler_config.json")
+    elif (path / "config.json").is_file():
+        loaded = _load_diffusers_dir(path, path, form="diffusers-model",
+                                     sched_json=path / "scheduler_config.json")
+    else:
+        raise O2MError(f"{path}: not a model (expected an o2m .safetensors file, a diffusers model or pipeline "
+                       "directory, or an o2m stage directory)")
+    loaded.unet.to(device)
+    return loaded
+
+
+def _load_file(path: Path) -> LoadedModel:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise O2MError(f"{path}: pickle-based checkpoints are not loaded (unsafe); convert it to safetensors")
+    if path.suffix.lower() != ".safetensors":
+        raise O2MError(f"{path}: not a model file (expected .safetensors)")
+    state, meta = _read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        if (path.parent / "config.json").is_file():
+            return _load_diffusers_dir(path.parent, path.parent, "diffusers-model",
+                                       path.parent / "scheduler_config.json", weights=path)
+        raise O2MError(f"{path}: bare safetensors without o2m metadata; pass the diffusers directory "
+                       "that holds it with its config.json")
+    cfg = _meta_json(meta, "o2m.unet_config", path)
+    unet = build_unet(cfg, state, path)
+    sched = _meta_json(meta, "o2m.scheduler_config", path)
+    rng = tuple(_meta_json(meta, "o2m.timestep_range", path))
+    return LoadedModel(source=path, form="o2m-file", unet=unet, scheduler_config=sched, unet_configs=[cfg],
+                       ranges=[rng], sha256=sha256_file(path))
+
+
+def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path,
+                        weights: Path | None = None) -> LoadedModel:
+    weights = weights or model_dir / WEIGHTS
+    if not weights.is_file():
+        pickled = [p.name for p in model_dir.glob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise O2MError(f"{model_dir}: only {pickled[0]} (pickle) found; o2m loads safetensors weights only")
+        raise O2MError(f"{weights}: missing model weights")
+    cfg = _read_json(model_dir / "config.json")
+    state, _ = _read_safetensors(weights)
+    unet = build_unet(cfg, state, weights)
+    notes = []
+    if sched_json.is_file():
+        sched = _read_json(sched_json)
+    else:
+        sched = default_scheduler_config("learned" if cfg.get("out_channels") == 2 * cfg.get("in_channels", 3) else "fixed")
+        notes.append(f"no scheduler config beside {model_dir}; using DDPM linear betas, T=1000")
+    T = int(sched.get("num_train_timesteps", 1000))
+    return LoadedModel(source=root, form=form, unet=unet, scheduler_config=sched, unet_configs=[cfg],
+                       ranges=[(0, T)], sha256=sha256_file(weights), notes=notes)
+
+
+def _load_stage(path: Path) -> LoadedModel:
+    man = read_manifest(path, verify=True)
+    require_kind(man, path, MODEL_KINDS)
+    units, ranges = [], []
+    for rec in man.models:
+        state, _ = _read_safetensors(path / rec.artifact)
+        units.append(build_unet(rec.unet_config, state, path / rec.artifact))
+        ranges.append(tuple(rec.timestep_range))
+    if man.scheduler_config is None:
+        raise O2MError(f"{path}: model manifest has no scheduler_config")
+    unet = units[0] if len(units) == 1 else StudentGroup(units, ranges)
+    return LoadedModel(source=path, form=f"stage:{man.kind}", unet=unet, scheduler_config=man.scheduler_config,
+                       unet_configs=[r.unet_config for r in man.models], ranges=ranges,
+                       sha256=sha256_file(path / "manifest.json"), manifest=man)
+
+
+# 3. Writing ---------------------------------------------------------------------------------------
+
+def unet_config_of(unet: nn.Module) -> dict[str, Any]:
+    """The diffusers config of a UNet as a plain JSON-able dict."""
+    cfg = dict(unet.config)
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if not k.startswith("_")}
+    out["_class_name"] = type(unet).__name__
+    return out
+
+
+def save_model_file(path: Path, unet: nn.Module, scheduler_config: dict[str, Any], *, kind: str,
+                    timestep_range: tuple[int, int] | None = None, provenance: dict[str, Any] | None = None,
+                    force: bool = False) -> Path:
+    """Write one self-describing safetensors model atomically (refuses to overwrite without ``force``)."""
+    path = Path(path)
+    check_output_free(path, force)
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "o2m.kind": kind,
+        "o2m.unet_config": json.dumps(unet_config_of(unet), sort_keys=True),
+        "o2m.scheduler_config": json.dumps({k: v for k, v in scheduler_config.items()
+                                            if not k.startswith("_") or k == "_class_name"}, sort_keys=True),
+        "o2m.timestep_range": json.dumps(list(timestep_range or (0, T))),
+        "o2m.provenance": json.dumps(provenance or {}, sort_keys=True, default=str),
+    }
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return path
+
+
+def model_record(name: str, rel: str, unet: nn.Module, timestep_range: tuple[int, int]) -> ModelRecord:
+    """The manifest entry of one saved UNet: config, size, MACs and its timestep range."""
+    from o2mcli.models.stats import count_macs, count_params
+
+    return ModelRecord(name=name, artifact=rel, unet_config=unet_config_of(unet), params=count_params(unet),
+                       macs=count_macs(unet), timestep_range=tuple(timestep_range))
+
+
+def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False) -> Path:
+    """Write a diffusers ``DDPMPipeline`` directory that plain diffusers loads offline."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    if loaded.is_group:
+        raise O2MError(f"{loaded.source}: a group of {len(loaded.ranges)} students has no single-UNet diffusers "
+                       "form; merge it first (o2m merge) or export one student file")
+    out_dir = Path(out_dir)
+    check_output_free(out_dir, force)
+    scheduler = DDPMScheduler.from_config({k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")})
+    pipe = DDPMPipeline(unet=loaded.unet.to("cpu"), scheduler=scheduler)
+    with atomic_dir(out_dir, force=force) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out_dir

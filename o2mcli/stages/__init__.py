@@ -1,0 +1,1 @@
+"""The pipeline, one module per stage: train -> prune -> distill -> merge -> sample -> score."""

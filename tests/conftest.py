@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random UNets (channels (4, 8), 2 GroupNorm groups), no downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("O2M_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from o2mcli.models.configs import scheduler_config, unet_config  # noqa: E402
+from o2mcli.models.io import build_unet, save_model_file  # noqa: E402
+
+
+def tiny_unet(variance: str = "fixed", channels: int = 1, size: int = 8, attention: bool = True, seed: int = 0):
+    """A random UNet2DModel with block_out_channels (4, 8) and 2 GroupNorm groups."""
+    torch.manual_seed(seed)
+    cfg = unet_config(sample_size=size, channels=channels, variance=variance, block_out_channels=(4, 8),
+                      layers_per_block=1, norm_num_groups=2, attention_level=1 if attention else None)
+    cfg["attention_head_dim"] = 4
+    return build_unet(cfg, None, Path("tiny"))
+
+
+def tiny_scheduler(variance: str = "fixed", T: int = 1000) -> dict:
+    return scheduler_config(variance, T)
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path: Path) -> Path:
+    """A tiny teacher saved as a self-describing o2m .safetensors file."""
+    path = tmp_path / "tiny.safetensors"
+    save_model_file(path, tiny_unet(), tiny_scheduler(), kind="teacher")
+    return path
+
+
+@pytest.fixture
+def tiny_learned_file(tmp_path: Path) -> Path:
+    """A tiny learned-variance (2C outputs) teacher file."""
+    path = tmp_path / "tiny_learned.safetensors"
+    save_model_file(path, tiny_unet("learned"), tiny_scheduler("learned"), kind="teacher")
+    return path
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test inside an empty working directory (for chaining defaults)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
