@@ -1,1 +1,43 @@
-from o2mcli.cli.app import app  # noqa: F401
+"""``o2m sample``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from o2mcli.cli.app import app, handles_errors
+
+
+@app.command()
+@handles_errors
+def sample(
+    model: Optional[str] = typer.Argument(None, help="Model file or directory, or digits-teacher; "
+                                                    "default: the newest model in the current directory."),
+    scheduler: str = typer.Option("ddim", help="ddpm, ddim or dpm++."),
+    steps: int = typer.Option(50, help="Sampler steps (1..T)."),
+    n: int = typer.Option(500, "-n", "--n", help="Number of images."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    seed: int = typer.Option(0, help="Batch i draws its noise from a generator seeded seed+i."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default ./samples (or samples-2...)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    no_png: bool = typer.Option(False, "--no-png", help="Skip the individual PNGs (samples.npz and grid.png only)."),
+) -> None:
+    """Sample images from a model (one UNet or a group of students) into a samples directory."""
+    import json
+
+    from o2mcli.chain import default_output, find_newest_model
+    from o2mcli.manifest import read_manifest
+    from o2mcli.stages.sample import SampleConfig, run_sample
+
+    model = model if model is not None else str(find_newest_model(Path(".")))
+    out = out if out is not None else default_output(Path("."), "samples")
+    cfg = SampleConfig(model=model, scheduler=scheduler, steps=steps, n=n, batch_size=batch_size, seed=seed,
+                       device=device, out=out, force=force, png=not no_png)
+    path = run_sample(cfg)
+    s = read_manifest(path, verify=False).summary
+    extra = f", served {json.dumps(s['served'])}" if "served" in s else ""
+    typer.echo(f"wrote {path}: {s['n']} images {'x'.join(map(str, s['image_shape']))} from {model} "
+               f"in {s['seconds']:.1f} s ({s['images_per_s']:.1f} img/s{extra})")

@@ -1,1 +1,50 @@
-from o2mcli.cli.app import app  # noqa: F401
+"""``o2m score``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from o2mcli.cli.app import app, handles_errors
+
+
+@app.command()
+@handles_errors
+def score(
+    samples: Optional[List[Path]] = typer.Argument(
+        None, help="Samples directories (o2m sample outputs); default: the newest one here."),
+    ref: str = typer.Option("digits", "--ref", help="Reference images: 'digits' (bundled) or a folder of images."),
+    features: str = typer.Option("auto", "--features",
+                                 help="digits (shipped classifier, 1x8x8), inception (clean-fid), or auto."),
+    inception_weights: Optional[Path] = typer.Option(
+        None, "--inception-weights", help="Local inception-2015-12-05.pt (clean-fid's file; never downloaded)."),
+    throughput_batch: int = typer.Option(64, "--throughput-batch", help="Batch size of the timed sampling runs."),
+    throughput_steps: Optional[int] = typer.Option(
+        None, "--throughput-steps", help="Sampler steps of the timed runs; default: the samples' steps."),
+    throughput_repeats: int = typer.Option(2, "--throughput-repeats", help="Timed runs after one warm-up."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID subsets (mean and std are over these)."),
+    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="Largest KID subset."),
+    seed: int = typer.Option(0, help="Seed of the KID subsets and the throughput noise."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default: ./scores (or scores-N)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """FID/KID (clean-fid), params, MACs and throughput of sampled models, as a Table-1-style report."""
+    import json
+
+    from o2mcli.chain import default_output, find_newest_samples
+    from o2mcli.scoring.report import markdown_table
+    from o2mcli.stages.score import ScoreConfig, run_score
+
+    dirs = list(samples) if samples else [find_newest_samples(Path("."))]
+    cfg = ScoreConfig(samples=dirs, ref=ref, features=features, inception_weights=inception_weights,
+                      throughput_batch=throughput_batch, throughput_steps=throughput_steps,
+                      throughput_repeats=throughput_repeats, kid_subsets=kid_subsets,
+                      kid_subset_size=kid_subset_size, seed=seed, device=device,
+                      out=out if out is not None else default_output(Path("."), "scores"), force=force)
+    path = run_score(cfg)
+    report = json.loads((path / "report.json").read_text())
+    typer.echo(markdown_table(report["rows"]))
+    typer.echo(f"wrote {path}")

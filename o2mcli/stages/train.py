@@ -123,6 +123,8 @@ def run_train(cfg: TrainConfig) -> Path:
         gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
         start = state["step"]
+        if start > cfg.steps:
+            raise O2MError(f"{work}: checkpoint is at step {start}; pass --steps {start} or more to continue")
     work.mkdir(parents=True, exist_ok=True)
     log = JsonlLog(work / "metrics.jsonl", keep_until_step=start if cfg.resume else None)
 
@@ -191,8 +193,8 @@ def run_train(cfg: TrainConfig) -> Path:
 
 
 def _fingerprint(cfg: TrainConfig) -> dict:
-    keep = cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out"})
-    return keep
+    # `steps` is left out so a resumed run can be extended (the LR is constant after warm-up).
+    return cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out", "steps"})
 
 
 def _save_ckpt(work: Path, cfg: TrainConfig, step: int, model, ema: EMA, opt, sched, gen: torch.Generator) -> None:

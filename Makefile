@@ -1,0 +1,29 @@
+# The two quick-start commands: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.o2m-installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the pair that installs from local wheels (no multi-GB download)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	O2M=$(BIN)/o2m bash recipes/demo.sh
+
+# pytest exits 5 when it collects no test; make turns any non-zero exit into a failure.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_sampling.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,66 @@
+"""The score report: rows as JSON, and a Markdown table in the style of the O2MKD paper's Table 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = ("Model", "Params (M)", "MACs (G)", "Throughput (img/s)", "FID", "KID x1e3", "n")
+
+
+def _num(x: float) -> str:
+    """Three significant figures for small numbers, one decimal for large ones."""
+    x = float(x)
+    if x != x:  # NaN
+        return "n/a"
+    if abs(x) >= 1000:
+        return f"{x:.0f}"
+    if abs(x) >= 100:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """What the Model column says: the model's name, its sampler and steps."""
+    return f"{row['model_name']} ({row['scheduler']}, {row['steps']} steps)"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The Table-1-style Markdown table of score rows."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    for r in rows:
+        cells = [
+            row_label(r).replace("|", "\\|"),
+            _num(r["params"] / 1e6),
+            _num(r["macs"] / 1e9),
+            _num(r["throughput"]["images_per_s"]),
+            _num(r["fid"]),
+            f"{_num(r['kid_mean'] * 1e3)} ± {_num(r['kid_std'] * 1e3)}",
+            str(r["n_samples"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """``report.md``: the table, then what the numbers were measured with."""
+    rows = report["rows"]
+    feat, ref = report["features"], report["reference"]
+    tp = rows[0]["throughput"] if rows else {}
+    lines = ["# o2m scores", "", markdown_table(rows), ""]
+    lines.append(f"- Device: {report['device']}; throughput = images/s of full sampling runs at batch "
+                 f"{tp.get('batch_size', '?')} ({report['throughput_repeats']} timed runs after one warm-up), "
+                 "with each row's sampler and steps.")
+    lines.append(f"- Features: {feat['name']} ({feat['description']}).")
+    shape = "x".join(str(v) for v in ref["shape"])
+    lines.append(f"- Reference: {ref['spec']} ({ref['n']} images of {shape}, {ref['source']}, "
+                 f"sha256 {ref['sha256'][:12]}); FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) "
+                 f"via clean-fid; KID mean ± std over {report['kid']['subsets']} subsets of up to "
+                 f"{report['kid']['subset_size']}.")
+    notes = list(report.get("notes", []))
+    for r in rows:
+        notes += [f"{r['name']}: {w}" for w in r.get("warnings", [])]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"

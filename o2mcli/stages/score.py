@@ -1,0 +1,218 @@
+"""``o2m score``: FID/KID against a reference (via clean-fid), params, MACs and throughput, as a report.
+
+For each samples directory: verify its manifest, load ``samples.npz``, compute features of the
+samples and of the reference with one extractor (``o2mcli.scoring.features``), FID (Heusel et al.
+2017) and KID (Binkowski et al. 2018) by clean-fid's ``frechet_distance`` and ``kernel_distance``;
+load the model that made the samples (checking it is byte-identical to the one sampled), count its
+parameters and MACs and time full sampling runs with the samples' sampler and steps. The report is
+a ``scores`` stage directory with ``report.json`` and ``report.md`` (Table 1 of the O2MKD paper).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from o2mcli.errors import O2MError
+
+SAMPLES_FILE = "samples.npz"
+
+
+class ScoreConfig(BaseModel):
+    """Every setting of a scoring run (recorded in full in the manifest)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    samples: list[Path] = Field(min_length=1)
+    ref: str = "digits"
+    features: str = "auto"
+    inception_weights: Optional[Path] = None
+    throughput_batch: int = Field(64, ge=1)
+    throughput_steps: Optional[int] = Field(None, ge=1)
+    throughput_repeats: int = Field(2, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    seed: int = 0
+    device: str = "auto"
+    out: Path = Path("scores")
+    force: bool = False
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: str) -> str:
+        from o2mcli.scoring.features import available
+
+        if v not in available():
+            raise ValueError(f"expected one of {', '.join(available())}")
+        return v
+
+
+# 1. Inputs ------------------------------------------------------------------------------------------
+
+def load_samples(directory: Path) -> tuple[Any, np.ndarray]:
+    """A verified ``samples`` stage directory: its manifest and images, uint8 (N, H, W, C)."""
+    from o2mcli.manifest import read_manifest, require_kind
+
+    directory = Path(directory)
+    if not directory.exists():
+        raise O2MError(f"{directory}: no such samples directory")
+    man = read_manifest(directory, verify=True)
+    require_kind(man, directory, ("samples",))
+    path = directory / SAMPLES_FILE
+    if not path.is_file():
+        raise O2MError(f"{path}: missing (a samples directory holds its images in {SAMPLES_FILE})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise O2MError(f"{path}: no 'images' array (found {', '.join(z.files) or 'nothing'})")
+            images = z["images"]
+    except O2MError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise O2MError(f"{path}: unreadable npz ({' '.join(str(e).split())[:120]})") from e
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise O2MError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    if images.shape[0] < 2:
+        raise O2MError(f"{path}: {images.shape[0]} image(s); FID and KID need at least 2")
+    if not man.parents:
+        raise O2MError(f"{directory}: the manifest names no model (parents is empty)")
+    for key in ("scheduler", "steps"):
+        if key not in man.config:
+            raise O2MError(f"{directory}: the manifest config lacks {key!r}")
+    return man, images
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    c, h, w = shape
+    return f"{c}x{h}x{w} (CxHxW)"
+
+
+def _to_float01(images_nhwc_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images_nhwc_u8.transpose(0, 3, 1, 2))).float() / 255.0
+
+
+# 2. The model that made the samples ---------------------------------------------------------------
+
+def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig) -> dict[str, Any]:
+    """Params, MACs and throughput of the samples' parent model, refusing one changed since sampling."""
+    from o2mcli.diffusion.sampler import measure_throughput
+    from o2mcli.models.io import load_model
+    from o2mcli.models.stats import count_macs, count_params
+
+    parent = man.parents[0]
+    try:
+        loaded = load_model(parent.path, device=device)
+    except O2MError as e:
+        raise O2MError(f"{samples_dir}: cannot load the model that made these samples: {e}") from e
+    if loaded.sha256 != parent.sha256:
+        raise O2MError(f"{parent.path}: model changed since sampling (sha256 {loaded.sha256[:12]}, "
+                       f"{samples_dir} recorded {parent.sha256[:12]}); re-sample it or restore the model")
+    unet = loaded.unet.eval()
+    notes: list[str] = []
+    params = count_params(unet)
+    if loaded.is_group:
+        per_student = [count_macs(s) for s in unet.students]
+        macs = max(per_student)
+        notes.append(f"{len(per_student)} students: params summed over all students; MACs are one student's "
+                     "(one student runs per denoising step)"
+                     + ("" if len(set(per_student)) == 1 else "; students differ in size, the largest is shown"))
+    else:
+        macs = count_macs(unet)
+    steps = cfg.throughput_steps or int(man.config["steps"])
+    tp = measure_throughput(unet, str(man.config["scheduler"]), loaded.scheduler_config, steps,
+                            cfg.throughput_batch, device, repeats=cfg.throughput_repeats, seed=cfg.seed)
+    tp["repeats"] = cfg.throughput_repeats
+    return {"model": parent.path, "model_name": Path(parent.path).name, "model_sha256": loaded.sha256,
+            "model_form": loaded.form, "students": len(loaded.ranges), "params": int(params), "macs": int(macs),
+            "throughput": tp, "model_notes": notes + list(loaded.notes)}
+
+
+# 3. The stage -----------------------------------------------------------------------------------------
+
+def run_score(cfg: ScoreConfig) -> Path:
+    """Score every samples directory against the reference; write a ``scores`` stage directory."""
+    from o2mcli.data import load_dataset
+    from o2mcli.devices import resolve_device
+    from o2mcli.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_free
+    from o2mcli.manifest import parent_ref, write_manifest
+    from o2mcli.scoring.features import get_extractor, resolve_name
+    from o2mcli.scoring.metrics import fid_from_features, kid_from_features, size_warnings
+    from o2mcli.scoring.report import markdown_report
+
+    # 1. Refuse bad outputs and inputs before any work.
+    out = Path(cfg.out)
+    check_output_free(out, cfg.force)
+    dirs = [Path(d) for d in cfg.samples]
+    resolved = [d.resolve() for d in dirs]
+    if len(set(resolved)) != len(resolved):
+        raise O2MError("the same samples directory is named twice")
+    if out.resolve() in resolved:
+        raise O2MError(f"{out}: the output would replace a samples directory being scored")
+    device = resolve_device(cfg.device)
+
+    # 2. Samples (verified) and the reference, all the same shape.
+    loaded = [(d, *load_samples(d)) for d in dirs]
+    ref = load_dataset(cfg.ref)
+    ref_shape = tuple(int(s) for s in ref.shape)
+    for d, _, images in loaded:
+        shape = (int(images.shape[3]), int(images.shape[1]), int(images.shape[2]))
+        if shape != ref_shape:
+            raise O2MError(f"{d}: samples are {_shape_text(shape)} but the reference {cfg.ref} is "
+                           f"{_shape_text(ref_shape)}; score against data of the samples' shape (--ref)")
+
+    # 3. Features: the reference once, as 8-bit images like the samples.
+    name = resolve_name(cfg.features, ref_shape)
+    extractor = get_extractor(name, inception_weights=cfg.inception_weights, device=device, shape=ref_shape)
+    ref_u8 = np.clip(np.rint(ref.images.numpy() * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    ref_feats = extractor(_to_float01(ref_u8))
+    notes = size_warnings(len(ref), extractor.dim, f"reference images ({cfg.ref})")
+
+    # 4. One row per samples directory.
+    rows, models = [], {}
+    for d, man, images in loaded:
+        warnings: list[str] = []
+        feats = extractor(_to_float01(images))
+        fid = fid_from_features(feats, ref_feats, notes=warnings)
+        kid_mean, kid_std = kid_from_features(feats, ref_feats, subsets=cfg.kid_subsets,
+                                              subset_size=cfg.kid_subset_size, seed=cfg.seed)
+        warnings += size_warnings(images.shape[0], extractor.dim, "samples")
+        key = (man.parents[0].path, man.parents[0].sha256, man.config["scheduler"], man.config["steps"])
+        if key not in models:
+            models[key] = measure_model(man, d, device, cfg)
+        m = models[key]
+        warnings += m["model_notes"]
+        rows.append({
+            "name": d.name, "samples": str(d.resolve()), "model": m["model"], "model_name": m["model_name"],
+            "model_sha256": m["model_sha256"], "model_form": m["model_form"], "students": m["students"],
+            "params": m["params"], "macs": m["macs"], "throughput": m["throughput"],
+            "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std,
+            "n_samples": int(images.shape[0]), "n_reference": len(ref),
+            "features": extractor.name, "feature_dim": extractor.dim,
+            "scheduler": man.config["scheduler"], "steps": int(man.config["steps"]), "seed": man.config.get("seed"),
+            "warnings": warnings,
+        })
+
+    # 5. The report, written whole or not at all.
+    report = {
+        "rows": rows,
+        "device": str(device),
+        "throughput_repeats": cfg.throughput_repeats,
+        "features": extractor.info(),
+        "reference": {"spec": cfg.ref, "name": ref.name, "source": ref.source, "sha256": ref.sha256,
+                      "n": len(ref), "shape": list(ref_shape)},
+        "kid": {"subsets": cfg.kid_subsets, "subset_size": cfg.kid_subset_size, "seed": cfg.seed},
+        "notes": notes,
+    }
+    summary = {"rows": [{"name": r["name"], "fid": r["fid"], "kid_mean": r["kid_mean"], "params": r["params"],
+                         "macs": r["macs"], "images_per_s": r["throughput"]["images_per_s"]} for r in rows],
+               "features": extractor.name, "reference": cfg.ref, "device": str(device)}
+    with atomic_dir(out, force=cfg.force) as tmp:
+        atomic_write_json(tmp / "report.json", report)
+        atomic_write_bytes(tmp / "report.md", markdown_report(report).encode())
+        write_manifest(tmp, "scores", cfg.model_dump(mode="json"), parents=[parent_ref(d) for d in dirs],
+                       summary=summary)
+    return out
