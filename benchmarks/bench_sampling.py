@@ -1,0 +1,68 @@
+"""Sampling throughput, parameters and MACs: the digits teacher and the google/ddpm-cifar10-32 configuration.
+
+Random weights for CIFAR10 (no download); the digits teacher is the shipped one. Every number
+comes from this one run on this one device, so the ratios between rows are what to compare.
+
+    python benchmarks/bench_sampling.py [--device auto] [--steps 10] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+from o2mcli.chain import BUILTIN_MODELS
+from o2mcli.devices import resolve_device
+from o2mcli.diffusion.sampler import measure_throughput
+from o2mcli.models import load_model
+from o2mcli.models.configs import scheduler_config
+from o2mcli.models.stats import count_macs, count_params
+
+CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+               layers_per_block=2, norm_num_groups=32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling run")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+
+    from diffusers import UNet2DModel
+
+    teacher = load_model(BUILTIN_MODELS["digits-teacher"], device)
+    rows = [("digits teacher (shipped)", teacher.unet, teacher.scheduler_config),
+            ("ddpm-cifar10-32 config (random)", UNet2DModel(**CIFAR10).eval().to(device), scheduler_config("fixed"))]
+    out = []
+    for name, unet, sched in rows:
+        tp = measure_throughput(unet, "ddim", sched, args.steps, args.batch, device, repeats=args.repeats)
+        out.append({"model": name, "params_M": count_params(unet) / 1e6, "MACs_G": count_macs(unet) / 1e9,
+                    "images_per_s": tp["images_per_s"], "forwards_per_s": tp["images_per_s"] * args.steps / args.batch,
+                    "steps": args.steps, "batch": args.batch})
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    if args.json:
+        print(json.dumps({"machine": info, "rows": out}, indent=2))
+        return
+    print(f"device {info['device']} ({info['gpu'] or info['cpu']}, {info['threads']} threads), torch {info['torch']}; "
+          f"DDIM {args.steps} steps, batch {args.batch}")
+    print(f"| {'model':34s} | params (M) | MACs (G) | img/s   | UNet forwards/s |")
+    print(f"|{'-' * 36}|-----------:|---------:|--------:|----------------:|")
+    for r in out:
+        print(f"| {r['model']:34s} | {r['params_M']:10.2f} | {r['MACs_G']:8.3f} | {r['images_per_s']:7.2f} | "
+              f"{r['forwards_per_s']:15.2f} |")
+
+
+if __name__ == "__main__":
+    main()
