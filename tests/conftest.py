@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: thread overhead dominates, and CI has 2 cores
 
 from o2mcli.models.configs import scheduler_config, unet_config  # noqa: E402
-from o2mcli.models.io import build_unet, save_model_file  # noqa: E402
+from o2mcli.fsutil import atomic_dir  # noqa: E402
+from o2mcli.manifest import write_manifest  # noqa: E402
+from o2mcli.models.io import build_unet, model_record, save_model_file  # noqa: E402
 
 
 def tiny_unet(variance: str = "fixed", channels: int = 1, size: int = 8, attention: bool = True, seed: int = 0):
@@ -25,8 +27,40 @@ def tiny_unet(variance: str = "fixed", channels: int = 1, size: int = 8, attenti
     return build_unet(cfg, None, Path("tiny"))
 
 
+def cli(*args):
+    """Invoke the o2m CLI in-process, as a user would type it."""
+    from typer.testing import CliRunner
+
+    from o2mcli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_refused(result, *words: str) -> None:
+    """Exit 2 with exactly one ``error: ...`` line naming ``words``, and no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
 def tiny_scheduler(variance: str = "fixed", T: int = 1000) -> dict:
     return scheduler_config(variance, T)
+
+
+def make_model_stage(path: Path, kind: str, ranges=((0, 1000),)) -> Path:
+    """A model stage directory (e.g. ``students``) of tiny UNets, model k serving ``ranges[k]``."""
+    sc = tiny_scheduler()
+    with atomic_dir(path) as tmp:
+        models = []
+        for k, r in enumerate(ranges):
+            u = tiny_unet(seed=k + 1)
+            save_model_file(tmp / f"model_{k}.safetensors", u, sc, kind=kind, timestep_range=r)
+            models.append(model_record(f"{kind}_{k}", f"model_{k}.safetensors", u, r))
+        write_manifest(tmp, kind, {"test": True}, models=models, scheduler_config=sc, summary={"note": "hi"})
+    return path
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import o2mcli.chain
-from conftest import tiny_scheduler, tiny_unet
+from conftest import assert_refused, cli, make_model_stage, tiny_scheduler, tiny_unet
 from o2mcli.cli import app
 from o2mcli.fsutil import atomic_dir, sha256_file
 from o2mcli.manifest import write_manifest
@@ -19,16 +19,6 @@ from o2mcli.models.stats import count_macs, count_params
 from o2mcli.stages.sample import SampleConfig, run_sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def ok(*args) -> str:
@@ -41,31 +31,10 @@ def info_json(path) -> dict:
     return json.loads(ok("info", path, "--json"))
 
 
-def assert_refused(result, *words: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
-def make_stage_dir(path: Path, kind: str, ranges=((0, 1000),)) -> Path:
-    sc = tiny_scheduler()
-    with atomic_dir(path) as tmp:
-        models = []
-        for k, r in enumerate(ranges):
-            u = tiny_unet(seed=k + 1)
-            save_model_file(tmp / f"model_{k}.safetensors", u, sc, kind=kind, timestep_range=r)
-            models.append(model_record(f"{kind}_{k}", f"model_{k}.safetensors", u, r))
-        write_manifest(tmp, kind, {"test": True}, models=models, scheduler_config=sc, summary={"note": "hi"})
-    return path
-
-
 # 1. info -----------------------------------------------------------------------------------------
 
 def test_info_model_stage_dir(tmp_path):
-    d = make_stage_dir(tmp_path / "students", "students", ((0, 400), (400, 1000)))
+    d = make_model_stage(tmp_path / "students", "students", ((0, 400), (400, 1000)))
     text = ok("info", d)
     assert "kind:        students" in text
     assert "student" in text and "t in [0, 400)" in text and "t in [400, 1000)" in text
@@ -167,7 +136,7 @@ def test_export_round_trip(tmp_path, tiny_model_file, tiny_learned_file, varianc
 
 
 def test_export_refuses_students_and_existing_output(tmp_path, tiny_model_file):
-    students = make_stage_dir(tmp_path / "students", "students", ((0, 500), (500, 1000)))
+    students = make_model_stage(tmp_path / "students", "students", ((0, 500), (500, 1000)))
     assert_refused(cli("export", students, "-o", tmp_path / "p"), "merge")
     assert not (tmp_path / "p").exists()
     out = tmp_path / "out"
@@ -181,7 +150,7 @@ def test_export_refuses_students_and_existing_output(tmp_path, tiny_model_file):
 
 
 def test_export_single_stage_dir_and_partial_range_warning(tmp_path):
-    teacher = make_stage_dir(tmp_path / "teacher", "teacher")
+    teacher = make_model_stage(tmp_path / "teacher", "teacher")
     ok("export", teacher, "-o", tmp_path / "p1")
     assert (tmp_path / "p1" / "model_index.json").is_file()
     part = tmp_path / "student.safetensors"

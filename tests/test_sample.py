@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_scheduler, tiny_unet
+from conftest import assert_refused, cli, make_model_stage, tiny_scheduler, tiny_unet
 from o2mcli.cli import app
 from o2mcli.fsutil import atomic_dir, sha256_file
 from o2mcli.manifest import read_manifest, write_manifest
@@ -19,45 +19,11 @@ from o2mcli.models.io import model_record, save_model_file
 from o2mcli.stages.sample import SampleConfig, run_sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are dominated by thread overhead; on a busy 2-core machine one thread is ~40x faster.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_refused(result, *words: str) -> None:
-    """Exit 2 with exactly one ``error: ...`` line and no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def load_images(d: Path) -> np.ndarray:
     with np.load(d / "samples.npz", allow_pickle=False) as z:
         return z["images"]
-
-
-def make_students_dir(path: Path, ranges=((0, 500), (500, 1000))) -> Path:
-    """A ``students`` stage directory of tiny UNets, student k serving ``ranges[k]``."""
-    sc = tiny_scheduler()
-    with atomic_dir(path) as tmp:
-        models = []
-        for k, r in enumerate(ranges):
-            u = tiny_unet(seed=k + 1)
-            save_model_file(tmp / f"student_{k}.safetensors", u, sc, kind="student", timestep_range=r)
-            models.append(model_record(f"student_{k}", f"student_{k}.safetensors", u, r))
-        write_manifest(tmp, "students", {"test": True}, models=models, scheduler_config=sc)
-    return path
 
 
 # 1. Every sampler, both variance types --------------------------------------------------------------
@@ -114,7 +80,7 @@ def test_students_serve_their_ranges(tmp_path, monkeypatch):
     import o2mcli.models.io as mio
 
     ranges = ((0, 500), (500, 1000))
-    students = make_students_dir(tmp_path / "students", ranges)
+    students = make_model_stage(tmp_path / "students", "students", ranges)
     seen: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
     real_load = mio.load_model
 
@@ -148,7 +114,7 @@ def test_students_serve_their_ranges(tmp_path, monkeypatch):
 
 
 def test_students_uneven_split_via_cli(tmp_path):
-    students = make_students_dir(tmp_path / "students", ((0, 300), (300, 1000)))
+    students = make_model_stage(tmp_path / "students", "students", ((0, 300), (300, 1000)))
     r = cli("sample", students, "--scheduler", "ddpm", "--steps", 10, "-n", 2, "--device", "cpu", "-o", tmp_path / "s")
     assert r.exit_code == 0, r.output
     assert read_manifest(tmp_path / "s").summary["served"] == [2 * 3, 2 * 7]
