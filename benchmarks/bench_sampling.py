@@ -18,13 +18,10 @@ from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.devices import resolve_device
 from o2mcli.diffusion.sampler import measure_throughput
 from o2mcli.models import load_model
-from o2mcli.models.configs import scheduler_config
+from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
 from o2mcli.models.stats import count_macs, count_params
 
-CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-               layers_per_block=2, norm_num_groups=32)
+CIFAR10 = {k: v for k, v in DDPM_CIFAR10_32.items() if not k.startswith("_")}
 
 
 def main() -> None:

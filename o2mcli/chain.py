@@ -27,23 +27,25 @@ def resolve_model_spec(spec: str | Path) -> Path:
     return Path(spec)
 
 
-def _is_o2m_file(path: Path) -> bool:
+def _o2m_file_kind(path: Path) -> str | None:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format", "").startswith("o2m-unet/")
+            meta = f.metadata() or {}
     except Exception:  # noqa: BLE001 - anything unreadable is simply not a candidate
-        return False
+        return None
+    return meta.get("o2m.kind", "model") if meta.get("format", "").startswith("o2m-unet/") else None
 
 
-def find_newest_model(root: Path = Path(".")) -> Path:
-    """The most recently written model in ``root`` (stage directories and o2m .safetensors files)."""
-    found = [(mtime, path) for mtime, path, kind in list_stage_dirs(root) if kind in MODEL_KINDS]
+def find_newest_model(root: Path = Path("."), kinds: tuple[str, ...] = MODEL_KINDS) -> Path:
+    """The most recently written model of ``kinds`` in ``root`` (stage directories and o2m .safetensors files)."""
+    found = [(mtime, path) for mtime, path, kind in list_stage_dirs(root) if kind in kinds]
     found += [(p.stat().st_mtime, p) for p in Path(root).glob("*.safetensors")
-              if not p.name.startswith(".") and _is_o2m_file(p)]
+              if not p.name.startswith(".") and _o2m_file_kind(p) in kinds]
     if not found:
-        raise O2MError(f"{Path(root).resolve()}: no model found here; name one (a model file or directory, "
+        what = "model" if kinds == MODEL_KINDS else " or ".join(kinds)
+        raise O2MError(f"{Path(root).resolve()}: no {what} found here; name one (a model file or directory, "
                        "or digits-teacher for the shipped teacher)")
     return max(found)[1]
 

@@ -16,13 +16,6 @@ def _pending(name: str, issue: int) -> None:
 
 @app.command(context_settings=_EXTRA)
 @handles_errors
-def prune(ctx: typer.Context) -> None:
-    """Channel-slim a teacher into a student template (not implemented yet: issue #3)."""
-    _pending("prune", 3)
-
-
-@app.command(context_settings=_EXTRA)
-@handles_errors
 def distill(ctx: typer.Context) -> None:
     """O2MKD or DKDM distillation into K students (not implemented yet: issues #4, #5)."""
     _pending("distill", 4)

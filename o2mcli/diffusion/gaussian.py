@@ -56,6 +56,17 @@ class DiffusionTerms:
         self.posterior_mean_coef2 = ((1.0 - abar_prev) * a.sqrt() / (1.0 - abar)).float()
         self.log_betas = torch.log(b).float()
 
+    @property
+    def T(self) -> int:
+        """Number of training timesteps."""
+        return int(self.betas.shape[0])
+
+
+def q_sample(terms: DiffusionTerms, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. Eq. 4)."""
+    abar = extract(terms.alphas_cumprod.to(x0.device), t, x0.ndim)
+    return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
 
 def predict_x0(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Ho et al. Eq. 4 inverted)."""

@@ -49,3 +49,27 @@ def scheduler_config(variance: Variance = "fixed", num_train_timesteps: int = 10
 def is_learned_variance(unet_cfg: dict[str, Any]) -> bool:
     """2C output channels: the model predicts eps and the variance interpolation v."""
     return int(unet_cfg["out_channels"]) == 2 * int(unet_cfg["in_channels"])
+
+
+# The google/ddpm-cifar10-32 UNet (config.json as published; 35.7M params, 6.1 GMACs), for benchmarks
+# on random weights: the papers' reference teacher, without a download.
+DDPM_CIFAR10_32: dict[str, Any] = {
+    "_class_name": "UNet2DModel",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}

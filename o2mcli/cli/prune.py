@@ -1,0 +1,82 @@
+"""``o2m prune``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from o2mcli.cli.app import app, handles_errors
+from o2mcli.errors import O2MError
+
+_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_macs(text: str) -> float:
+    """``3.4G``, ``850M`` or ``3.4e9`` -> MACs."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise O2MError(f"--target-macs {text!r}: expected a number with an optional K, M or G suffix (e.g. 3.4G)")
+    return float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+
+
+@app.command()
+@handles_errors
+def prune(
+    teacher: Optional[str] = typer.Argument(None, help="Teacher model file or directory, or digits-teacher; "
+                                                      "default: the newest teacher in the current directory."),
+    ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed from every block, in (0, 1); "
+                                                     "MACs fall about as (1-R)^2. Default 0.3."),
+    target_macs: Optional[str] = typer.Option(None, "--target-macs", help="Instead of --ratio: the least pruning "
+                                              "whose template costs at most this many MACs per forward (e.g. 3.4G)."),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help="Channel counts become multiples of N; default "
+                                           "the GroupNorm group count (times the attention head size if fixed)."),
+    importance: str = typer.Option("magnitude", help="magnitude, random or taylor (needs --data)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Images for Taylor importance: 'digits' or a folder."),
+    taylor_batches: int = typer.Option(8, "--taylor-batches", help="Batches of denoising loss for Taylor."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Batch size of the Taylor batches."),
+    students: Optional[int] = typer.Option(None, "--students", help="K students to come: they all start from this "
+                                           "one template, so nothing extra is written."),
+    seed: int = typer.Option(0, help="Seeds the Taylor batches and random importance."),
+    device: str = typer.Option("auto", help="Device for Taylor gradients and the throughput measurement."),
+    no_throughput: bool = typer.Option(False, "--no-throughput", help="Skip the throughput measurement."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default ./template (or template-2...)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Channel-slim a teacher into a student template that plain diffusers loads."""
+    from o2mcli.chain import default_output, find_newest_model
+    from o2mcli.manifest import read_manifest
+    from o2mcli.stages.prune import PruneConfig, run_prune
+
+    teacher = teacher if teacher is not None else str(find_newest_model(Path("."), kinds=("teacher",)))
+    out = out if out is not None else default_output(Path("."), "template")
+    cfg = PruneConfig(teacher=teacher, ratio=ratio, target_macs=parse_macs(target_macs) if target_macs else None,
+                      round_to=round_to, importance=importance, data=data, taylor_batches=taylor_batches,
+                      batch_size=batch_size, students=students, seed=seed, device=device,
+                      throughput=not no_throughput, out=out, force=force)
+    path = run_prune(cfg)
+    typer.echo(report_text(read_manifest(path, verify=False).summary, path))
+
+
+def report_text(s: dict, path: Path) -> str:
+    """The command's report: totals, per-block table, throughput."""
+    t, m = s["teacher"], s["template"]
+    lines = [f"wrote {path}: ratio {s['ratio']} (channels rounded to multiples of {s['round_to']})",
+             f"  block_out_channels {t['block_out_channels']} -> {m['block_out_channels']}",
+             f"  params {t['params'] / 1e6:.3f}M -> {m['params'] / 1e6:.3f}M ({s['params_ratio']:.1%}),  "
+             f"MACs {t['macs'] / 1e9:.4f}G -> {m['macs'] / 1e9:.4f}G ({s['macs_ratio']:.1%})",
+             f"  {'block':<16}{'channels':>12}{'params kept':>13}{'MACs kept':>11}"]
+    for b in s["blocks"]:
+        ch = "" if b["channels"][0] is None else f"{b['channels'][0]}->{b['channels'][1]}"
+        mk = "" if b["macs_kept"] is None else f"{b['macs_kept']:.1%}"
+        lines.append(f"  {b['block']:<16}{ch:>12}{b['params_kept']:>13.1%}{mk:>11}")
+    if "throughput" in s:
+        tp = s["throughput"]
+        lines.append(f"  throughput on {tp['device']} (DDIM {tp['steps']} steps, batch {tp['batch_size']}): teacher "
+                     f"{tp['teacher_images_per_s']:.2f} img/s, template {tp['template_images_per_s']:.2f} img/s, "
+                     f"speedup {tp['speedup']:.2f}x")
+    if "students" in s:
+        lines.append(f"  {s['students']}")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Uniform width plans: which channel count every block keeps, and the MACs a plan costs.
+
+A plan scales every entry of ``block_out_channels`` by ``1 - ratio`` and rounds it to a multiple
+of ``round_to`` (by default the GroupNorm group count, times the attention head size when the
+config fixes one), so that a plain diffusers config expresses the pruned model exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from o2mcli.errors import O2MError
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """The teacher's and the template's widths under one ratio."""
+
+    ratio: float
+    round_to: int
+    old_channels: tuple[int, ...]
+    new_channels: tuple[int, ...]
+    old_time_dim: int
+    new_time_dim: int
+
+    def width_map(self) -> dict[int, int]:
+        """Old channel count -> new channel count (block widths only)."""
+        return dict(zip(self.old_channels, self.new_channels))
+
+    def new_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's config with the template's widths (everything else unchanged)."""
+        out = dict(cfg)
+        out["block_out_channels"] = list(self.new_channels)
+        if cfg.get("time_embedding_dim") is not None:
+            out["time_embedding_dim"] = self.new_time_dim
+        return out
+
+
+def default_round_to(cfg: dict[str, Any]) -> int:
+    """Smallest channel step a diffusers config can express: lcm(GroupNorm groups, head size)."""
+    step = int(cfg.get("norm_num_groups") or 32)
+    head = cfg.get("attention_head_dim")
+    if head is not None and _has_attention(cfg):
+        step = math.lcm(step, int(head))
+    return step
+
+
+def _has_attention(cfg: dict[str, Any]) -> bool:
+    blocks = list(cfg.get("down_block_types", ())) + list(cfg.get("up_block_types", ()))
+    return any("Attn" in b for b in blocks) or cfg.get("add_attention", True)
+
+
+def _round(c: float, step: int) -> int:
+    return int(math.floor(c / step + 0.5)) * step
+
+
+def plan_widths(cfg: dict[str, Any], ratio: float, round_to: int | None = None) -> WidthPlan:
+    """Widths after removing ``ratio`` of every block's channels (rounded to ``round_to``)."""
+    if not 0.0 < ratio < 1.0:
+        raise O2MError(f"--ratio {ratio}: must be in (0, 1), the fraction of channels removed from every block")
+    step = default_round_to(cfg) if round_to is None else int(round_to)
+    groups = int(cfg.get("norm_num_groups") or 32)
+    if step < 1 or step % groups:
+        raise O2MError(f"--round-to {step}: must be a positive multiple of the teacher's norm_num_groups={groups}")
+    head = cfg.get("attention_head_dim")
+    if head is not None and _has_attention(cfg) and step % int(head):
+        raise O2MError(f"--round-to {step}: must be a multiple of the teacher's attention_head_dim={head}")
+    old = tuple(int(c) for c in cfg["block_out_channels"])
+    new = tuple(_round(c * (1.0 - ratio), step) for c in old)
+    for i, (c, n) in enumerate(zip(old, new)):
+        if n < step:
+            raise O2MError(f"--ratio {ratio}: block {i} ({c} channels) would keep {c * (1 - ratio):.1f} channels, "
+                           f"less than one group of {step} (norm_num_groups={groups}); use a smaller ratio")
+        if n > c:
+            new = new[:i] + (c,) + new[i + 1:]
+    if new[0] % 2:
+        raise O2MError(f"--round-to {step}: block 0 would keep an odd {new[0]} channels; the sinusoidal time "
+                       "embedding needs an even width")
+    old_t = int(cfg.get("time_embedding_dim") or 4 * old[0])
+    new_t = _round(old_t * new[0] / old[0], 1) if cfg.get("time_embedding_dim") is not None else 4 * new[0]
+    return WidthPlan(ratio=ratio, round_to=step, old_channels=old, new_channels=new, old_time_dim=old_t,
+                     new_time_dim=new_t)
+
+
+@torch.no_grad()
+def config_macs(cfg: dict[str, Any]) -> int:
+    """MACs of one batch-1 forward of a UNet built from ``cfg``, on the meta device (no memory, no compute)."""
+    from diffusers import UNet2DModel
+
+    from o2mcli.models.stats import count_macs
+
+    with torch.device("meta"):
+        unet = UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    return count_macs(unet)
+
+
+def plan_for_macs(cfg: dict[str, Any], target_macs: float, round_to: int | None = None) -> WidthPlan:
+    """The least-pruned uniform plan whose template costs at most ``target_macs`` per forward."""
+    teacher = config_macs(cfg)
+    if target_macs >= teacher:
+        raise O2MError(f"--target-macs {target_macs / 1e9:.4g}G: the teacher already costs {teacher / 1e9:.4g}G; "
+                       "nothing to prune")
+    seen: dict[tuple[int, ...], int] = {}
+    best: WidthPlan | None = None
+    for i in range(1, 200):  # ratios 0.005 ... 0.995; the MACs fall as the ratio grows
+        ratio = i / 200
+        try:
+            plan = plan_widths(cfg, ratio, round_to)
+        except O2MError:
+            break
+        if plan.new_channels not in seen:
+            seen[plan.new_channels] = config_macs(plan.new_config(cfg))
+        if seen[plan.new_channels] <= target_macs:
+            best = plan
+            break
+    if best is None:
+        smallest = min(seen.values()) if seen else teacher
+        raise O2MError(f"--target-macs {target_macs / 1e9:.4g}G: below what a uniform template can reach "
+                       f"(the smallest costs {smallest / 1e9:.4g}G; lower --round-to to go further)")
+    return best

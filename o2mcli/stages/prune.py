@@ -1,0 +1,220 @@
+"""``o2m prune``: channel-slim a teacher UNet into a student template (a plain diffusers UNet2DModel).
+
+The output is a ``template`` stage directory:
+
+* ``template.safetensors``: the template (self-describing o2m file; ``o2m export`` turns it into a
+  diffusers directory that ``UNet2DModel.from_pretrained`` loads without o2m);
+* ``manifest.json``: the full config, the teacher as ``parents[0]`` (the distill stage follows it),
+  and a summary: params and MACs before and after, per block, heads kept, and the measured
+  sampling throughput of template and teacher in the same run.
+
+``--ratio R`` removes the fraction R of the channels of *every* block (``block_out_channels``
+times 1-R, rounded to a multiple of ``--round-to``); MACs fall roughly as (1-R)^2.
+``--target-macs`` instead picks the smallest ratio whose template fits the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from o2mcli.chain import resolve_model_spec
+from o2mcli.errors import O2MError
+
+ARTIFACT = "template.safetensors"
+
+
+class PruneConfig(BaseModel):
+    """Every setting of a pruning run (recorded in full in the manifest)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    teacher: str
+    ratio: Optional[float] = None  # checked by plan_widths, with the message users need
+    target_macs: Optional[float] = None
+    round_to: Optional[int] = Field(None, ge=1)
+    importance: Literal["magnitude", "random", "taylor"] = "magnitude"
+    data: Optional[str] = None
+    taylor_batches: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    students: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    throughput: bool = True
+    throughput_steps: int = Field(5, ge=1)
+    throughput_batch: int = Field(16, ge=1)
+    out: Path = Path("template")
+    force: bool = False
+
+
+def run_prune(cfg: PruneConfig) -> Path:
+    """Prune ``cfg.teacher`` into a template; write a ``template`` stage directory at ``cfg.out``."""
+    from o2mcli.devices import resolve_device
+    from o2mcli.fsutil import atomic_dir, check_output_free
+    from o2mcli.manifest import parent_ref, write_manifest
+    from o2mcli.models.io import load_model, model_record, save_model_file, unet_config_of
+    from o2mcli.pruning.importance import get_importance
+    from o2mcli.pruning.surgery import check_prunable, prune_uniform
+    from o2mcli.pruning.widths import plan_for_macs, plan_widths
+
+    # 1. Refuse bad outputs and inputs before any work.
+    if cfg.ratio is not None and cfg.target_macs is not None:
+        raise O2MError(f"--ratio {cfg.ratio} and --target-macs {cfg.target_macs:.4g}: give one budget, not both")
+    if cfg.target_macs is not None and cfg.target_macs <= 0:
+        raise O2MError(f"--target-macs {cfg.target_macs:.4g}: must be positive")
+    out = Path(cfg.out)
+    check_output_free(out, cfg.force)
+    teacher_path = resolve_model_spec(cfg.teacher)
+    device = resolve_device(cfg.device)
+    if cfg.importance == "taylor" and cfg.data is None:
+        get_importance("taylor")(data=False)  # raises the one-line explanation
+    loaded = load_model(teacher_path, "cpu")
+    if loaded.is_group:
+        raise O2MError(f"{teacher_path}: a group of {len(loaded.ranges)} students; o2m prune takes one teacher UNet")
+    teacher = loaded.unet
+    tcfg = unet_config_of(teacher)
+    check_prunable(tcfg, teacher_path)
+
+    # 2. The width plan: a ratio, or the least pruning that meets a MACs budget.
+    if cfg.target_macs is not None:
+        plan = plan_for_macs(tcfg, cfg.target_macs, cfg.round_to)
+    else:
+        plan = plan_widths(tcfg, 0.3 if cfg.ratio is None else cfg.ratio, cfg.round_to)
+    if plan.new_channels == plan.old_channels:
+        raise O2MError(f"--ratio {plan.ratio}: removes no channel at --round-to {plan.round_to} (every block keeps "
+                       f"{list(plan.old_channels)}); use a larger ratio")
+
+    # 3. Importance (Taylor needs gradients of denoising losses on real images) and the pruning pass.
+    student = copy.deepcopy(teacher)
+    extra = {}
+    if cfg.importance == "taylor":
+        extra["taylor_loss"] = _taylor_grads(student, loaded, cfg, device)
+    importance = get_importance(cfg.importance)(seed=cfg.seed, data=cfg.data is not None)
+    outcome = prune_uniform(student, plan, importance)
+    student.zero_grad(set_to_none=True)
+    template = _as_plain_diffusers(student, plan.new_config(tcfg), teacher_path)
+
+    # 4. Measure, then write the stage directory atomically.
+    summary = _summary(teacher, template, plan, outcome)
+    summary.update(extra)
+    if cfg.throughput:
+        summary["throughput"] = _throughput(teacher, template, loaded.scheduler_config, cfg, device)
+    if cfg.students:
+        summary["students"] = (f"all {cfg.students} students start from this one template (merging needs a shared "
+                               "initialization); nothing extra is written")
+    config = cfg.model_dump(mode="json")
+    config["teacher"] = str(teacher_path.resolve())
+    config["ratio"] = plan.ratio
+    config["round_to"] = plan.round_to
+    T = loaded.num_train_timesteps
+    provenance = {"stage": "prune", "teacher": str(teacher_path.resolve()), "teacher_sha256": loaded.sha256,
+                  "ratio": plan.ratio, "importance": cfg.importance, "seed": cfg.seed}
+    with atomic_dir(out, force=cfg.force) as tmp:
+        save_model_file(tmp / ARTIFACT, template, loaded.scheduler_config, kind="template", timestep_range=(0, T),
+                        provenance=provenance)
+        write_manifest(tmp, "template", config, parents=[parent_ref(teacher_path)],
+                       models=[model_record("template", ARTIFACT, template, (0, T))],
+                       scheduler_config=loaded.scheduler_config, summary=summary)
+    return out
+
+
+# 5. Helpers ---------------------------------------------------------------------------------------
+
+def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch.device) -> float:
+    from diffusers import DDPMScheduler
+
+    from o2mcli.data import load_dataset
+    from o2mcli.diffusion.gaussian import DiffusionTerms
+    from o2mcli.pruning.importance.taylor import accumulate_denoising_grads
+
+    data = load_dataset(cfg.data)
+    c, size = unet.config.in_channels, unet.config.sample_size
+    if data.shape != (c, size, size):
+        raise O2MError(f"{data.source}: images are {'x'.join(map(str, data.shape))} (CxHxW) but the teacher "
+                       f"takes {c}x{size}x{size}")
+    sched = DDPMScheduler.from_config({k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")})
+    unet.to(device)
+    loss = accumulate_denoising_grads(unet, data.to_model_range(), DiffusionTerms(sched.betas),
+                                      batches=cfg.taylor_batches, batch_size=cfg.batch_size, seed=cfg.seed)
+    unet.to("cpu")
+    if loss != loss:
+        raise O2MError(f"{cfg.teacher}: the teacher's denoising loss is NaN on {data.source}; cannot rank channels")
+    return round(loss, 6)
+
+
+def _as_plain_diffusers(pruned: torch.nn.Module, new_cfg: dict, where: Path) -> torch.nn.Module:
+    """Rebuild the pruned UNet from its new config with plain diffusers and check it is the same model."""
+    from o2mcli.models.io import build_unet
+    from o2mcli.pruning.surgery import attribute_mismatches
+
+    state = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
+    plain = build_unet(new_cfg, state, where)
+    bad = attribute_mismatches(pruned, plain)
+    if bad:
+        raise RuntimeError(f"pruned model differs from its diffusers config: {bad[0]} ({len(bad)} differences)")
+    size = new_cfg["sample_size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, new_cfg["in_channels"], size, size, generator=g)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        a, b = pruned.eval()(x, t).sample, plain(x, t).sample
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"pruned model and its diffusers rebuild disagree by {(a - b).abs().max():.3g}")
+    return plain
+
+
+def _summary(teacher: torch.nn.Module, template: torch.nn.Module, plan, outcome) -> dict:
+    from o2mcli.models.stats import count_block_macs, count_block_params
+
+    tp_, sp = count_block_params(teacher), count_block_params(template)
+    tm, sm = count_block_macs(teacher), count_block_macs(template)
+    old, new = plan.old_channels, plan.new_channels
+    n = len(old)
+    widths = {"conv_in": (old[0], new[0]), "time_embedding": (plan.old_time_dim, plan.new_time_dim),
+              "conv_norm_out": (old[0], new[0]), "conv_out": (old[0], new[0]), "mid_block": (old[-1], new[-1])}
+    widths.update({f"down_blocks.{i}": (old[i], new[i]) for i in range(n)})
+    widths.update({f"up_blocks.{i}": (old[n - 1 - i], new[n - 1 - i]) for i in range(n)})
+    blocks = []
+    for name in tp_:
+        row = {"block": name, "channels": list(widths.get(name, (None, None))), "params": [tp_[name], sp.get(name, 0)],
+               "macs": [tm.get(name, 0), sm.get(name, 0)]}
+        row["params_kept"] = round(row["params"][1] / max(row["params"][0], 1), 4)
+        row["macs_kept"] = round(row["macs"][1] / max(row["macs"][0], 1), 4) if row["macs"][0] else None
+        blocks.append(row)
+    tparams, sparams = sum(tp_.values()), sum(sp.values())
+    tmacs, smacs = sum(tm.values()), sum(sm.values())
+    return {
+        "teacher": {"params": tparams, "macs": tmacs, "block_out_channels": list(old)},
+        "template": {"params": sparams, "macs": smacs, "block_out_channels": list(new)},
+        "params_ratio": round(sparams / tparams, 4),
+        "macs_ratio": round(smacs / tmacs, 4),
+        "ratio": plan.ratio,
+        "round_to": plan.round_to,
+        "blocks": blocks,
+        "attention_heads": outcome.heads,
+        "groups_pruned": len(outcome.groups),
+        "time_projection": (f"sinusoidal width {old[0]} -> {new[0]}: the first time-MLP layer keeps the inputs of "
+                            "the nearest teacher frequencies"),
+    }
+
+
+def _throughput(teacher, template, scheduler_config: dict, cfg: PruneConfig, device: torch.device) -> dict:
+    """Sampling throughput of both models, alternated in one run (best of two each, to damp noise)."""
+    from o2mcli.diffusion.sampler import measure_throughput
+
+    best = {"teacher": 0.0, "template": 0.0}
+    models = {"teacher": teacher.to(device).eval(), "template": template.to(device).eval()}
+    for _ in range(2):
+        for name, m in models.items():
+            r = measure_throughput(m, "ddim", scheduler_config, cfg.throughput_steps, cfg.throughput_batch, device,
+                                   repeats=1, seed=cfg.seed)
+            best[name] = max(best[name], r["images_per_s"])
+    for m in models.values():
+        m.to("cpu")
+    return {"teacher_images_per_s": round(best["teacher"], 3), "template_images_per_s": round(best["template"], 3),
+            "speedup": round(best["template"] / best["teacher"], 3), "device": str(device), "scheduler": "ddim",
+            "steps": cfg.throughput_steps, "batch_size": cfg.throughput_batch}
