@@ -1,0 +1,100 @@
+"""Pruned templates against their teacher: params, MACs and measured sampling throughput in one run.
+
+Teachers: the google/ddpm-cifar10-32 configuration with random weights (no download; pruning
+cost and speed do not depend on the weights) and the shipped digits teacher. Each is pruned by
+``o2m prune``'s library call at ratios 0.3 and 0.5 (magnitude importance); then teacher and
+templates are timed alternately in the same process, best of ``--rounds`` full DDIM sampling runs
+each, so only the ratios between rows of one run are meaningful.
+
+    python benchmarks/bench_prune.py [--device auto] [--steps 5] [--batch 16] [--rounds 2] [--only cifar10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from o2mcli.chain import BUILTIN_MODELS
+from o2mcli.devices import resolve_device
+from o2mcli.diffusion.sampler import measure_throughput
+from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
+from o2mcli.models.io import build_unet, load_model, save_model_file
+from o2mcli.models.stats import count_macs, count_params
+from o2mcli.stages.prune import PruneConfig, run_prune
+
+RATIOS = (0.3, 0.5)
+
+
+def _teachers(work: Path, only: str | None) -> dict[str, Path]:
+    out = {}
+    if only in (None, "cifar10"):
+        torch.manual_seed(0)
+        path = work / "cifar10_teacher.safetensors"
+        save_model_file(path, build_unet(DDPM_CIFAR10_32, None, path), scheduler_config("fixed"), kind="teacher")
+        out["ddpm-cifar10-32 config"] = path
+    if only in (None, "digits"):
+        out["digits teacher"] = BUILTIN_MODELS["digits-teacher"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=5, help="DDIM steps per sampling run")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; the best of each is kept")
+    ap.add_argument("--only", choices=["cifar10", "digits"])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, teacher_path in _teachers(work, args.only).items():
+            models = {"teacher": load_model(teacher_path, device)}
+            prune_s = {}
+            for r in RATIOS:
+                t0 = time.perf_counter()
+                out = run_prune(PruneConfig(teacher=str(teacher_path), ratio=r, throughput=False, device="cpu",
+                                            out=work / f"{name}-{r}".replace(" ", "_")))
+                prune_s[r] = time.perf_counter() - t0
+                models[f"ratio {r}"] = load_model(out, device)
+            best = {k: 0.0 for k in models}
+            for _ in range(args.rounds):
+                for k, m in models.items():
+                    tp = measure_throughput(m.unet, "ddim", m.scheduler_config, args.steps, args.batch, device,
+                                            repeats=1)
+                    best[k] = max(best[k], tp["images_per_s"])
+            base = models["teacher"].unet
+            for k, m in models.items():
+                u = m.unet
+                results.append({
+                    "teacher": name, "model": k, "block_out_channels": list(u.config.block_out_channels),
+                    "params_M": count_params(u) / 1e6, "MACs_G": count_macs(u) / 1e9,
+                    "MACs_ratio": count_macs(base) / count_macs(u), "images_per_s": best[k],
+                    "speedup": best[k] / best["teacher"],
+                    "prune_seconds": prune_s.get(float(k.split()[-1])) if k != "teacher" else None})
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "steps": args.steps, "batch": args.batch, "rounds": args.rounds}
+    if args.json:
+        print(json.dumps({"machine": info, "rows": results}, indent=2))
+        return
+    print(f"device {info['device']} ({info['gpu'] or info['cpu']}, {info['threads']} threads), torch {info['torch']}; "
+          f"DDIM {args.steps} steps, batch {args.batch}, best of {args.rounds} alternating rounds")
+    print("| teacher | model | block_out_channels | params (M) | MACs (G) | teacher/model MACs | img/s | speedup |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['teacher']} | {r['model']} | {r['block_out_channels']} | {r['params_M']:.2f} | {r['MACs_G']:.3f} | "
+              f"{r['MACs_ratio']:.2f}x | {r['images_per_s']:.2f} | {r['speedup']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
