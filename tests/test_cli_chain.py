@@ -39,7 +39,7 @@ def test_train_sample_score_chain_with_defaults(in_tmp: Path) -> None:
     assert Path(read_manifest(in_tmp / "samples-2").parents[0].path) == (in_tmp / "second.safetensors").resolve()
 
 
-@pytest.mark.parametrize("cmd, issue", [("distill", 4), ("merge", 6)])
+@pytest.mark.parametrize("cmd, issue", [("merge", 6)])
 def test_pending_stages_refuse_clearly(in_tmp: Path, cmd: str, issue: int) -> None:
     res = runner.invoke(app, [cmd, "teacher.safetensors", "--ratio", "0.5"])
     assert res.exit_code == 2

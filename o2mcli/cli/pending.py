@@ -16,13 +16,6 @@ def _pending(name: str, issue: int) -> None:
 
 @app.command(context_settings=_EXTRA)
 @handles_errors
-def distill(ctx: typer.Context) -> None:
-    """O2MKD or DKDM distillation into K students (not implemented yet: issues #4, #5)."""
-    _pending("distill", 4)
-
-
-@app.command(context_settings=_EXTRA)
-@handles_errors
 def merge(ctx: typer.Context) -> None:
     """Task-arithmetic merge of K students (not implemented yet: issue #6)."""
     _pending("merge", 6)

@@ -1,0 +1,59 @@
+"""``o2m distill``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from o2mcli.cli.app import app, handles_errors
+
+
+@app.command()
+@handles_errors
+def distill(
+    template: Optional[str] = typer.Argument(None, help="Template (o2m prune's output) or any student-shaped model; "
+                                                        "default: the newest template in the current directory."),
+    mode: str = typer.Option("o2mkd", help="o2mkd (real data; K=1 or --p-own 0 is O2OKD) or dkdm (data-free)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher; default: the one the template was pruned from."),
+    students: int = typer.Option(4, "--students", "-k", help="K students, each owning a contiguous timestep range."),
+    boundaries: Optional[str] = typer.Option(None, help="Custom ranges, e.g. 0,200,450,700,1000 (default uniform)."),
+    p_own: float = typer.Option(0.5, "--p-own", help="Per step, probability a student trains on its own range "
+                                                     "(else on all timesteps)."),
+    kd: str = typer.Option("output", help="KD loss: output (Hinton), at (attention transfer), sp "
+                                          "(similarity-preserving), crd (contrastive)."),
+    alpha: float = typer.Option(1.0, help="Weight of the KD loss against the plain diffusion loss."),
+    init: str = typer.Option("template", help="Start the students from the template or from the teacher."),
+    data: Optional[str] = typer.Option("digits", "--data", help="'digits' (bundled) or a folder of images."),
+    steps: int = typer.Option(1000, help="Optimizer steps (every student takes one per step)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch per student per step (per process)."),
+    lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up)."),
+    ema_decay: float = typer.Option(0.999, "--ema-decay"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    save_every: int = typer.Option(500, "--save-every", help="Checkpoint interval (steps)."),
+    log_every: int = typer.Option(50, "--log-every", help="Metrics interval (steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same output."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default ./students (or students-2...)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Distil a teacher into K students (O2MKD; O2OKD with K=1), from a pruned template or the teacher."""
+    from o2mcli.chain import default_output, find_newest_model
+    from o2mcli.manifest import read_manifest
+    from o2mcli.stages.distill import DistillConfig, run_distill
+
+    template = template if template is not None else str(find_newest_model(Path("."), kinds=("template",)))
+    if out is None:
+        out = default_output(Path("."), "students") if not resume else Path("students")
+    cfg = DistillConfig(template=template, mode=mode, teacher=teacher, students=students, boundaries=boundaries,
+                        p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, steps=steps, batch_size=batch_size,
+                        lr=lr, ema_decay=ema_decay, seed=seed, device=device, save_every=save_every,
+                        log_every=log_every, resume=resume, out=out, force=force)
+    path = run_distill(cfg)
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:
+        s = read_manifest(path, verify=False).summary
+        losses = ", ".join(f"{f.get('loss', float('nan')):.4f}" for f in s["final"])
+        typer.echo(f"wrote {path}: {students} students over {s['ranges']} in {s['seconds']:.1f} s "
+                   f"({s['student_images_per_s']:.1f} student img/s); final losses {losses}")

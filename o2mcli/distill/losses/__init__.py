@@ -1,0 +1,31 @@
+"""KD losses, one module each, behind a registry (``--kd``)."""
+
+from __future__ import annotations
+
+import torch
+
+from o2mcli.distill.losses.at import AttentionTransfer
+from o2mcli.distill.losses.base import KDLoss, Outputs
+from o2mcli.distill.losses.crd import ContrastiveRD
+from o2mcli.distill.losses.output import OutputKD
+from o2mcli.distill.losses.sp import SimilarityPreserving
+from o2mcli.errors import O2MError
+
+KD_LOSSES: dict[str, type[KDLoss]] = {c.name: c for c in (OutputKD, AttentionTransfer, SimilarityPreserving,
+                                                            ContrastiveRD)}
+
+__all__ = ["KD_LOSSES", "KDLoss", "Outputs", "kd_class", "build_kd_loss"]
+
+
+def kd_class(name: str) -> type[KDLoss]:
+    """The KD loss registered as ``name``."""
+    try:
+        return KD_LOSSES[name]
+    except KeyError as e:
+        raise O2MError(f"--kd {name!r}: unknown KD method (choose from {', '.join(KD_LOSSES)})") from e
+
+
+def build_kd_loss(name: str, student_channels: dict[str, int], teacher_channels: dict[str, int],
+                  generator: torch.Generator) -> KDLoss:
+    """An instance of the ``name`` loss for one student."""
+    return kd_class(name)(student_channels, teacher_channels, generator)

@@ -1,0 +1,33 @@
+"""The data-source interface of the distillation engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Noisy inputs at timesteps ``t``; ``noise``/``x0`` are known only for real-data sources."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # buffer slots (data-free sources)
+
+
+class DataSource(Protocol):
+    """Draws batches on a timestep range; may update itself from the teacher's output."""
+
+    name: str
+
+    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch: ...
+
+    def after_teacher(self, batch: Batch, teacher_out: torch.Tensor) -> None: ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...

@@ -1,0 +1,37 @@
+"""Real images: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at timesteps of the plan (Ho et al. Eq. 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from o2mcli.diffusion.gaussian import DiffusionTerms, q_sample
+from o2mcli.distill.plan import draw_timesteps
+from o2mcli.distill.sources.base import Batch
+
+
+class ImageSource:
+    """Batches of real images noised to timesteps drawn on ``[lo, hi)``; all randomness from ``generator``."""
+
+    name = "images"
+
+    def __init__(self, images: torch.Tensor, terms: DiffusionTerms, device: torch.device) -> None:
+        self.images = images.to(device)  # [-1, 1], (N, C, H, W)
+        self.terms = terms
+        self.device = device
+
+    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch:
+        idx = torch.randint(0, self.images.shape[0], (n,), generator=generator)
+        t = draw_timesteps(lo, hi, n, generator)
+        noise = torch.randn((n, *self.images.shape[1:]), generator=generator)
+        x0 = self.images[idx.to(self.device)]
+        t, noise = t.to(self.device), noise.to(self.device)
+        return Batch(x_t=q_sample(self.terms, x0, t, noise), t=t, noise=noise, x0=x0)
+
+    def after_teacher(self, batch: Batch, teacher_out: torch.Tensor) -> None:
+        """Real data does not depend on the teacher."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Stateless."""

@@ -1,0 +1,324 @@
+"""``o2m distill``: one teacher into K students (O2MKD; K = 1 or p_own = 0 is O2OKD) on one engine.
+
+The output is a ``students`` stage directory:
+
+* ``student_0.safetensors`` ... ``student_{K-1}.safetensors``: EMA weights, each with its
+  timestep range (in the file's metadata and in the manifest), so ``o2m sample students/``
+  routes every denoising step to the student that owns it;
+* ``metrics.jsonl``: step, student, loss terms, lr, images/s; ``loss.png``: the curves;
+* ``manifest.json``: the full config, template and teacher as parents, a summary.
+
+An unfinished run keeps its checkpoint in ``OUT.partial/`` (safetensors + JSON, written
+atomically every ``save_every`` steps); ``resume`` continues it bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from o2mcli.errors import O2MError
+
+MODES = ("o2mkd", "dkdm")
+
+
+class DistillConfig(BaseModel):
+    """Every setting of a distillation run (recorded in full in the manifest)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    template: str
+    teacher: Optional[str] = None
+    mode: Literal["o2mkd", "dkdm"] = "o2mkd"
+    students: int = Field(4, ge=1)
+    boundaries: Optional[str] = None
+    p_own: float = 0.5
+    kd: str = "output"
+    alpha: float = Field(1.0, ge=0)
+    init: Literal["template", "teacher"] = "template"
+    data: Optional[str] = "digits"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_warmup: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    vlb_weight: float = Field(0.001, ge=0)
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    resume: bool = False
+    force: bool = False
+    out: Path = Path("students")
+
+
+class _Quiet(list):
+    """A progress bar stand-in for ranks other than 0."""
+
+    def set_postfix(self, **_: object) -> None:
+        """Silent."""
+
+
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished run keeps its checkpoint and log: beside the output."""
+    return out.with_name(out.name + ".partial")
+
+
+def _fingerprint(cfg: DistillConfig) -> dict:
+    # `steps` may grow on resume (constant LR after warm-up); paths and devices may move.
+    return cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out",
+                                                "steps", "template", "teacher", "data"})
+
+
+# 1. Inputs ----------------------------------------------------------------------------------------
+
+def resolve_teacher(template_path: Path, loaded_template, override: Optional[str]):
+    """The teacher: ``--teacher``, else the template manifest's parent (hash-checked), else the file's provenance."""
+    from o2mcli.chain import resolve_model_spec
+    from o2mcli.models.io import load_model
+
+    if override is not None:
+        path = resolve_model_spec(override)
+        return path, load_model(path, "cpu")
+    man = loaded_template.manifest
+    if man is not None and man.parents:
+        ref = man.parents[0]
+        path, want = Path(ref.path), ref.sha256
+    else:
+        import json
+
+        from safetensors import safe_open
+        try:
+            with safe_open(str(template_path), framework="pt") as f:
+                prov = json.loads((f.metadata() or {}).get("o2m.provenance", "{}"))
+        except Exception:  # noqa: BLE001
+            prov = {}
+        if "teacher" not in prov:
+            raise O2MError(f"{template_path}: does not name its teacher; pass --teacher")
+        path, want = Path(prov["teacher"]), prov.get("teacher_sha256")
+    if not path.exists():
+        raise O2MError(f"{template_path}: its teacher {path} is gone; pass --teacher")
+    teacher = load_model(path, "cpu")
+    if want and teacher.sha256 != want:
+        raise O2MError(f"{path}: the teacher changed since {template_path} was pruned from it (sha256 "
+                       f"{teacher.sha256[:12]}, recorded {want[:12]}); pass --teacher to use it anyway")
+    return path, teacher
+
+
+def _check_fit(teacher, student_cfg: dict, data_shape: tuple[int, ...] | None, where: Path, tpath: Path) -> None:
+    tc = teacher.unet.config
+    c, s = int(tc.in_channels), int(tc.sample_size)
+    if int(student_cfg["in_channels"]) != c or int(student_cfg["sample_size"]) != s:
+        raise O2MError(f"{where}: the student takes {student_cfg['in_channels']}x{student_cfg['sample_size']}^2 "
+                       f"images but the teacher {tpath} takes {c}x{s}^2")
+    if int(student_cfg["out_channels"]) not in (c, 2 * c):
+        raise O2MError(f"{where}: {student_cfg['out_channels']} output channels; expected {c} or {2 * c}")
+    if data_shape is not None and tuple(data_shape) != (c, s, s):
+        raise O2MError(f"--data: images are {'x'.join(map(str, data_shape))} (CxHxW) but the teacher {tpath} "
+                       f"takes {c}x{s}x{s}")
+
+
+# 2. The stage ---------------------------------------------------------------------------------------
+
+def run_distill(cfg: DistillConfig) -> Path:
+    """Distil the teacher into ``cfg.students`` students; write a ``students`` stage directory."""
+    from diffusers import DDPMScheduler
+
+    from o2mcli.chain import resolve_model_spec
+    from o2mcli.data import load_dataset
+    from o2mcli.devices import resolve_device
+    from o2mcli.diffusion.gaussian import DiffusionTerms
+    from o2mcli.distill.engine import Distiller, Hyper, Student
+    from o2mcli.distill.features import matched_points
+    from o2mcli.distill.losses import build_kd_loss, kd_class
+    from o2mcli.distill.objective import Objective
+    from o2mcli.distill.plan import TimestepPlan, parse_boundaries, uniform_boundaries
+    from o2mcli.distill.sources import ImageSource
+    from o2mcli.engine.checkpoint import load_checkpoint, save_checkpoint
+    from o2mcli.engine.dist import barrier, init_distributed, local_device, shutdown
+    from o2mcli.engine.run import JsonlLog, progress
+    from o2mcli.fsutil import check_output_free
+    from o2mcli.models.io import load_model, unet_config_of
+
+    # 1. Refuse bad outputs and options before any work.
+    if cfg.mode == "dkdm":
+        raise O2MError("--mode dkdm is not implemented yet (issue #5); nothing was written")
+    out = Path(cfg.out)
+    work = partial_dir(out)
+    check_output_free(out, cfg.force)
+    if work.exists() and not cfg.resume:
+        if not cfg.force:
+            raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            shutil.rmtree(work)
+    if cfg.resume and not work.exists():
+        raise O2MError(f"{work}: nothing to resume (no interrupted run for {out})")
+    kd_cls = kd_class(cfg.kd)
+    if cfg.data is None:
+        raise O2MError("--mode o2mkd needs --data (images); for data-free distillation use --mode dkdm")
+
+    # 2. Template, teacher, data, plan.
+    template_path = resolve_model_spec(cfg.template)
+    template = load_model(template_path, "cpu")
+    if template.is_group:
+        raise O2MError(f"{template_path}: a group of {len(template.ranges)} students; distill starts from one template")
+    teacher_path, teacher = resolve_teacher(template_path, template, cfg.teacher)
+    if teacher.is_group:
+        raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
+    data = load_dataset(cfg.data)
+    _check_fit(teacher, unet_config_of(template.unet), data.shape, template_path, teacher_path)
+    T = teacher.num_train_timesteps
+    if template.num_train_timesteps != T:
+        raise O2MError(f"{template_path}: T={template.num_train_timesteps} but the teacher has T={T}")
+    bounds = parse_boundaries(cfg.boundaries, T) if cfg.boundaries else uniform_boundaries(T, cfg.students)
+    if cfg.boundaries and len(bounds) - 1 != cfg.students:
+        raise O2MError(f"--boundaries {cfg.boundaries!r} makes {len(bounds) - 1} ranges but --students is {cfg.students}")
+    plan = TimestepPlan(tuple(bounds), cfg.p_own)
+
+    # 3. Processes, devices, randomness. The plan's coins are shared by all ranks; data is per rank.
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device.type)
+    try:
+        device = local_device(dist, device)
+        torch.manual_seed(cfg.seed)
+        gen_plan = torch.Generator().manual_seed(cfg.seed)
+        gen_data = torch.Generator().manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
+        sched = DDPMScheduler.from_config({k: v for k, v in teacher.scheduler_config.items() if not k.startswith("_")})
+        terms = DiffusionTerms(sched.betas)
+        source = ImageSource(data.to_model_range(), terms, device)
+        base = (teacher if cfg.init == "teacher" else template).unet
+        init_unet = copy.deepcopy(base)
+        tunet = teacher.unet.to(device)
+        if kd_cls.needs_features:
+            points, s_ch, t_ch = matched_points(init_unet, tunet.cpu())
+            tunet.to(device)
+        else:
+            points = []
+            s_ch, t_ch = {}, {}
+        hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
+                      ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
+        students = []
+        for k in range(cfg.students):
+            g = torch.Generator().manual_seed(cfg.seed + 7919 * k)  # each student's KD heads, reproducibly
+            kd = build_kd_loss(cfg.kd, s_ch, t_ch, g).to(device)
+            students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
+        del points
+        objective = Objective(alpha=cfg.alpha, use_diffusion=True, vlb_weight=cfg.vlb_weight)
+        engine = Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective,
+                           terms=terms, hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+
+        # 4. Resume.
+        start, last_good = 0, None
+        if cfg.resume:
+            tensors, state = load_checkpoint(work)
+            if state.get("config_fingerprint") != _fingerprint(cfg):
+                raise O2MError(f"{work}: checkpoint was made with other settings; resume with the same options")
+            start = engine.load_state(tensors, state)
+            last_good = start
+            if start > cfg.steps:
+                raise O2MError(f"{work}: checkpoint is at step {start}; pass --steps {start} or more to continue")
+        if dist.is_main:
+            work.mkdir(parents=True, exist_ok=True)
+        barrier(dist)
+        log = JsonlLog(work / "metrics.jsonl", keep_until_step=start if cfg.resume else None) if dist.is_main else None
+
+        # 5. The loop.
+        steps = range(start, cfg.steps)
+        bar = progress(steps, total=cfg.steps, initial=start, desc=f"distill K={cfg.students}") if dist.is_main \
+            else _Quiet(steps)
+        t_last, seen, t_run, seen_run = time.perf_counter(), 0, time.perf_counter(), 0
+        for step in bar:
+            parts = engine.step()
+            done = step + 1
+            seen += cfg.batch_size * cfg.students * dist.world
+            at_log = done % cfg.log_every == 0 or done == cfg.steps
+            at_save = done % cfg.save_every == 0 and done < cfg.steps
+            if at_log or at_save:
+                rows = engine.check_finite(parts, done, last_good, work)
+                now = time.perf_counter()
+                ips = seen / max(now - t_last, 1e-9)
+                seen_run += seen
+                t_last, seen = now, 0
+                if at_log and log is not None:
+                    for st, row in zip(students, rows):
+                        log.write({"step": done, "student": st.k, **row, "lr": st.sched.get_last_lr()[0],
+                                   "images_per_s": ips})
+                    bar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / len(rows):.4f}")
+            if at_save:
+                tensors, meta = engine.state(done)
+                if dist.is_main:
+                    meta["config_fingerprint"] = _fingerprint(cfg)
+                    save_checkpoint(work, tensors, meta)
+                last_good = done
+                barrier(dist)
+        seconds = time.perf_counter() - t_run
+        if log is not None:
+            log.close()
+
+        # 6. Write the students (rank 0): EMA weights, manifest, log, loss curve.
+        if dist.is_main:
+            _write(cfg, out, work, engine, students, plan, template_path, teacher_path, teacher, template,
+                   seconds, seen_run or 1)
+        barrier(dist)
+    finally:
+        shutdown(dist)
+    return out
+
+
+def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, teacher, template, seconds, seen):
+    from o2mcli.engine.run import read_jsonl
+    from o2mcli.fsutil import atomic_dir
+    from o2mcli.manifest import parent_ref, write_manifest
+    from o2mcli.models.io import model_record, save_model_file
+    from o2mcli.viz import line_plot
+
+    rows = read_jsonl(work / "metrics.jsonl")
+    config = cfg.model_dump(mode="json")
+    config.update(template=str(template_path.resolve()), teacher=str(Path(teacher_path).resolve()),
+                  boundaries=",".join(map(str, plan.boundaries)), world_size=engine.dist.world)
+    records = []
+    steps_run = max(1, cfg.steps)
+    with atomic_dir(out, force=cfg.force) as tmp:
+        for st, rng in zip(students, plan.ranges):
+            model = copy.deepcopy(st.raw).cpu().eval()
+            st.ema.copy_to(model)
+            name = f"student_{st.k}.safetensors"
+            prov = {"stage": "distill", "mode": cfg.mode, "kd": cfg.kd, "student": st.k, "teacher": config["teacher"],
+                    "teacher_sha256": teacher.sha256, "template": config["template"], "init": cfg.init,
+                    "init_sha256": (teacher if cfg.init == "teacher" else template).sha256}
+            save_model_file(tmp / name, model, teacher.scheduler_config, kind="students", timestep_range=rng,
+                            provenance=prov)
+            records.append(model_record(f"student_{st.k}", name, model, rng))
+        shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
+        curves = {f"student {k} ({lo}-{hi})": ([r["step"] for r in rows if r["student"] == k],
+                                              [r["loss"] for r in rows if r["student"] == k])
+                  for k, (lo, hi) in enumerate(plan.ranges)}
+        line_plot(curves, tmp / "loss.png", title=f"o2m distill {cfg.mode} K={cfg.students} kd={cfg.kd}", logy=True)
+        last = {k: next((r for r in reversed(rows) if r["student"] == k), {}) for k in range(cfg.students)}
+        summary = {
+            "ranges": [list(r) for r in plan.ranges],
+            "p_own": cfg.p_own,
+            "own_range_fraction": [round(n / steps_run, 4) for n in engine.own_steps],
+            "final": [{k: v for k, v in last[i].items() if k not in ("step", "student")} for i in range(cfg.students)],
+            "seconds": round(seconds, 3),
+            "student_images_per_s": round(seen / max(seconds, 1e-9), 3),
+            "teacher_forwards_per_student_sample": round(engine.teacher_samples / max(1, steps_run * cfg.batch_size
+                                                                                         * cfg.students), 4),
+            "world_size": engine.dist.world,
+            "losses": "L_diff + alpha * L_KD" + (" (L_diff includes the improved-DDPM vlb term for learned-variance "
+                                                 "students)" if records and
+                                                 int(records[0].unet_config["out_channels"]) == 2 *
+                                                 int(records[0].unet_config["in_channels"]) else ""),
+        }
+        parents = [parent_ref(template_path), parent_ref(Path(teacher_path))]
+        write_manifest(tmp, "students", config, parents=parents, models=records,
+                       scheduler_config=teacher.scheduler_config, summary=summary)
+    shutil.rmtree(work, ignore_errors=True)
