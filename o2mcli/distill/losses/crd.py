@@ -45,7 +45,8 @@ class ContrastiveRD(KDLoss):
         p = self.points[0]
         zs = F.normalize(self.s_head(student.features[p].float().mean((2, 3))), dim=1)
         zt = F.normalize(self.t_head(teacher.features[p].float().mean((2, 3))), dim=1)
-        logits = torch.cat([zs @ zt.t(), zs @ self.bank.t()], dim=1) / self.tau
+        bank = self.bank.clone()  # the queue is updated below, before backward reads it
+        logits = torch.cat([zs @ zt.t(), zs @ bank.t()], dim=1) / self.tau
         loss = F.cross_entropy(logits, torch.arange(zs.shape[0], device=zs.device))
         if self.training:
             self._enqueue(zt.detach())
