@@ -81,6 +81,8 @@ class Distiller:
     gen_data: torch.Generator
     own_steps: list[int] = field(default_factory=list)
     teacher_samples: int = 0
+    profile: bool = False  # benchmarks only: synchronizes to time the teacher and the students
+    timings: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "teacher": 0.0, "students": 0.0})
 
     def __post_init__(self) -> None:
         cfg = self.teacher.config
@@ -95,12 +97,14 @@ class Distiller:
 
     def step(self) -> list[dict[str, torch.Tensor]]:
         b = self.hyper.batch_size
+        clock = self._clock()
         chosen = self.plan.choose(self.gen_plan)
         order = list(dict.fromkeys(chosen))  # distinct ranges, first-use order (deterministic)
         batches = {r: self.source.draw(r[0], r[1], b, self.gen_data) for r in order}
         for k, r in enumerate(chosen):
             self.own_steps[k] += r != (0, self.plan.T)
 
+        clock("data")
         # The teacher runs once over every distinct batch of this step.
         x = torch.cat([batches[r].x_t for r in order])
         t = torch.cat([batches[r].t for r in order])
@@ -114,6 +118,7 @@ class Distiller:
             teacher_out[r] = split_outputs(t_raw[sl], self.channels, self.teacher_learned,
                                            {n: f[sl] for n, f in t_feats.items()})
             self.source.after_teacher(batches[r], t_raw[sl])
+        clock("teacher")
 
         parts_all = []
         for st, r in zip(self.students, chosen):
@@ -133,7 +138,23 @@ class Distiller:
             st.sched.step()
             st.ema.update(st.raw)
             parts_all.append({k: v.detach() for k, v in parts.items()})
+        clock("students")
         return parts_all
+
+    def _clock(self):
+        """Adds the time since the previous call to ``timings[name]``; a no-op unless profiling."""
+        if not self.profile:
+            return lambda name: None
+        from o2mcli.devices import synchronize
+
+        last = [time.perf_counter()]
+
+        def tick(name: str) -> None:
+            synchronize(self.device)
+            now = time.perf_counter()
+            self.timings[name] += now - last[0]
+            last[0] = now
+        return tick
 
     # 2. Health check (host sync: only at log and checkpoint points) -----------------------------------
 
@@ -192,14 +213,3 @@ class Distiller:
         self.own_steps = list(meta["own_steps"])
         self.teacher_samples = int(meta["teacher_samples"])
         return int(meta["step"])
-
-
-def timed(fn, device: torch.device) -> tuple[Any, float]:
-    """``fn()`` and its wall time (synchronized: for benchmarks, never the hot loop)."""
-    from o2mcli.devices import synchronize
-
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - t0

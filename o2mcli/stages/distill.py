@@ -15,6 +15,7 @@ atomically every ``save_every`` steps); ``resume`` continues it bit-for-bit on C
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import time
 from pathlib import Path
@@ -126,20 +127,52 @@ def _check_fit(teacher, student_cfg: dict, data_shape: tuple[int, ...] | None, w
                        f"takes {c}x{s}x{s}")
 
 
-# 2. The stage ---------------------------------------------------------------------------------------
+def make_distiller(cfg: DistillConfig, template_unet, teacher, source_cls, images, plan, device, dist):
+    """Students, KD modules, source and generators for ``cfg``: the engine ``run_distill`` trains (and benchmarks time).
 
-def run_distill(cfg: DistillConfig) -> Path:
-    """Distil the teacher into ``cfg.students`` students; write a ``students`` stage directory."""
+    The plan's coins come from a generator shared by all ranks; data from a per-rank generator.
+    """
     from diffusers import DDPMScheduler
 
-    from o2mcli.chain import resolve_model_spec
-    from o2mcli.data import load_dataset
-    from o2mcli.devices import resolve_device
     from o2mcli.diffusion.gaussian import DiffusionTerms
     from o2mcli.distill.engine import Distiller, Hyper, Student
     from o2mcli.distill.features import matched_points
     from o2mcli.distill.losses import build_kd_loss, kd_class
     from o2mcli.distill.objective import Objective
+
+    torch.manual_seed(cfg.seed)
+    gen_plan = torch.Generator().manual_seed(cfg.seed)
+    gen_data = torch.Generator().manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
+    sched = DDPMScheduler.from_config({k: v for k, v in teacher.scheduler_config.items() if not k.startswith("_")})
+    terms = DiffusionTerms(sched.betas)
+    source = source_cls(images, terms, device)
+    init_unet = copy.deepcopy(teacher.unet if cfg.init == "teacher" else template_unet).cpu()
+    tunet = teacher.unet.cpu()
+    s_ch: dict[str, int] = {}
+    t_ch: dict[str, int] = {}
+    if kd_class(cfg.kd).needs_features:
+        _, s_ch, t_ch = matched_points(init_unet, tunet)
+    tunet.to(device)
+    hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
+                  ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
+    students = []
+    for k in range(cfg.students):
+        g = torch.Generator().manual_seed(cfg.seed + 7919 * k)  # each student's KD heads, reproducibly
+        kd = build_kd_loss(cfg.kd, s_ch, t_ch, g).to(device)
+        students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
+    objective = Objective(alpha=cfg.alpha, use_diffusion=True, vlb_weight=cfg.vlb_weight)
+    return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
+                     hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+
+
+# 2. The stage ---------------------------------------------------------------------------------------
+
+def run_distill(cfg: DistillConfig) -> Path:
+    """Distil the teacher into ``cfg.students`` students; write a ``students`` stage directory."""
+    from o2mcli.chain import resolve_model_spec
+    from o2mcli.data import load_dataset
+    from o2mcli.devices import resolve_device
+    from o2mcli.distill.losses import kd_class
     from o2mcli.distill.plan import TimestepPlan, parse_boundaries, uniform_boundaries
     from o2mcli.distill.sources import ImageSource
     from o2mcli.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -157,11 +190,11 @@ def run_distill(cfg: DistillConfig) -> Path:
     if work.exists() and not cfg.resume:
         if not cfg.force:
             raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
-        if int(__import__("os").environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             shutil.rmtree(work)
     if cfg.resume and not work.exists():
         raise O2MError(f"{work}: nothing to resume (no interrupted run for {out})")
-    kd_cls = kd_class(cfg.kd)
+    kd_class(cfg.kd)  # an unknown --kd is refused before any loading
     if cfg.data is None:
         raise O2MError("--mode o2mkd needs --data (images); for data-free distillation use --mode dkdm")
 
@@ -188,32 +221,8 @@ def run_distill(cfg: DistillConfig) -> Path:
     dist = init_distributed(device.type)
     try:
         device = local_device(dist, device)
-        torch.manual_seed(cfg.seed)
-        gen_plan = torch.Generator().manual_seed(cfg.seed)
-        gen_data = torch.Generator().manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
-        sched = DDPMScheduler.from_config({k: v for k, v in teacher.scheduler_config.items() if not k.startswith("_")})
-        terms = DiffusionTerms(sched.betas)
-        source = ImageSource(data.to_model_range(), terms, device)
-        base = (teacher if cfg.init == "teacher" else template).unet
-        init_unet = copy.deepcopy(base)
-        tunet = teacher.unet.to(device)
-        if kd_cls.needs_features:
-            points, s_ch, t_ch = matched_points(init_unet, tunet.cpu())
-            tunet.to(device)
-        else:
-            points = []
-            s_ch, t_ch = {}, {}
-        hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
-                      ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
-        students = []
-        for k in range(cfg.students):
-            g = torch.Generator().manual_seed(cfg.seed + 7919 * k)  # each student's KD heads, reproducibly
-            kd = build_kd_loss(cfg.kd, s_ch, t_ch, g).to(device)
-            students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
-        del points
-        objective = Objective(alpha=cfg.alpha, use_diffusion=True, vlb_weight=cfg.vlb_weight)
-        engine = Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective,
-                           terms=terms, hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+        engine = make_distiller(cfg, template.unet, teacher, ImageSource, data.to_model_range(), plan, device, dist)
+        students = engine.students
 
         # 4. Resume.
         start, last_good = 0, None
