@@ -124,7 +124,7 @@ def test_kd_losses_with_mismatched_channels(kd: str, template: Path) -> None:
     before = [{k: v.clone() for k, v in s.raw.state_dict().items()} for s in students]
     eng = Distiller(teacher=teacher, students=students, source=ImageSource(torch.rand(20, 1, 8, 8), terms,
                     torch.device("cpu")), plan=TimestepPlan((0, 500, 1000), 0.5),
-                    objective=Objective(alpha=1.0, use_diffusion=False), terms=terms, hyper=hyper,
+                    objective=Objective(alpha=1.0, base="diffusion"), terms=terms, hyper=hyper,
                     device=torch.device("cpu"), dist=DistState(), gen_plan=torch.Generator().manual_seed(0),
                     gen_data=torch.Generator().manual_seed(1))
     parts = eng.step()
@@ -254,7 +254,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_gloo(tmp_path: Path, template: Path) -> None:
+@pytest.mark.parametrize("mode", ["o2mkd", "dkdm"])
+def test_torchrun_two_processes_gloo(tmp_path: Path, template: Path, mode: str) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
         pytest.skip("torchrun is not installed beside this python")
@@ -262,7 +263,9 @@ def test_torchrun_two_processes_gloo(tmp_path: Path, template: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "o2mcli", "distill", str(template), "-k", "2", "--kd", "crd", "--steps", "4", "--save-every", "2",
-           *FAST, "-o", str(out)]
+           "--mode", mode, *FAST, "-o", str(out)]
+    if mode == "dkdm":
+        cmd += ["--rho", "0.05", "--init-steps", "2"]  # each rank builds its own buffer shard
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
@@ -271,6 +274,8 @@ def test_torchrun_two_processes_gloo(tmp_path: Path, template: Path) -> None:
     assert not (tmp_path / "ddp.partial").exists()
     for w in _weights(out):
         assert all(torch.isfinite(v).all() for v in w.values())
+    if mode == "dkdm":
+        assert man.config["data"] is None and man.summary["buffer"]["slots"] == 400
 
 
 # 6. Refusals --------------------------------------------------------------------------------------------

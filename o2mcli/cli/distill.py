@@ -25,7 +25,15 @@ def distill(
                                           "(similarity-preserving), crd (contrastive)."),
     alpha: float = typer.Option(1.0, help="Weight of the KD loss against the plain diffusion loss."),
     init: str = typer.Option("template", help="Start the students from the template or from the teacher."),
-    data: Optional[str] = typer.Option("digits", "--data", help="'digits' (bundled) or a folder of images."),
+    data: Optional[str] = typer.Option(None, "--data", help="o2mkd: 'digits' (default) or a folder of images; "
+                                                            "dkdm takes none."),
+    rho: float = typer.Option(0.4, help="dkdm: the buffer holds rho*T*b noisy samples."),
+    init_steps: Optional[int] = typer.Option(None, "--init-steps", help="dkdm: reach each slot's t with an S-step "
+                                             "DDIM jump instead of exact ancestral shuffle denoise."),
+    init_batch: int = typer.Option(1024, "--init-batch", help="dkdm: teacher batch while building the buffer."),
+    kl_weight: float = typer.Option(1.0, "--kl-weight", help="dkdm: weight of KL(p_T || p_S) (learned variances)."),
+    student_config: Optional[Path] = typer.Option(None, "--student-config", help="A diffusers UNet2DModel config "
+                                                  "JSON: fresh students of any shape, random init (needs --teacher)."),
     steps: int = typer.Option(1000, help="Optimizer steps (every student takes one per step)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch per student per step (per process)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up)."),
@@ -38,16 +46,19 @@ def distill(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default ./students (or students-2...)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
-    """Distil a teacher into K students (O2MKD; O2OKD with K=1), from a pruned template or the teacher."""
+    """Distil a teacher into K students: O2MKD on data (O2OKD with K=1), or DKDM with no data at all."""
     from o2mcli.chain import default_output, find_newest_model
     from o2mcli.manifest import read_manifest
     from o2mcli.stages.distill import DistillConfig, run_distill
 
-    template = template if template is not None else str(find_newest_model(Path("."), kinds=("template",)))
+    if template is None and student_config is None:
+        template = str(find_newest_model(Path("."), kinds=("template",)))
     if out is None:
         out = default_output(Path("."), "students") if not resume else Path("students")
     cfg = DistillConfig(template=template, mode=mode, teacher=teacher, students=students, boundaries=boundaries,
-                        p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, steps=steps, batch_size=batch_size,
+                        p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, rho=rho, init_steps=init_steps,
+                        init_batch=init_batch, kl_weight=kl_weight, student_config=student_config, steps=steps,
+                        batch_size=batch_size,
                         lr=lr, ema_decay=ema_decay, seed=seed, device=device, save_every=save_every,
                         log_every=log_every, resume=resume, out=out, force=force)
     path = run_distill(cfg)

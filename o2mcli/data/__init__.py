@@ -15,10 +15,27 @@ BUILTIN = {"digits": load_digits}
 
 
 def load_dataset(spec: str) -> ImageSet:
-    """``digits`` (the bundled scikit-learn digits) or a path to a folder of same-size images."""
+    """``digits`` (the bundled digits), an ``o2m sample`` directory (its samples.npz), or a folder of images.
+
+    A samples directory as data is the DKDM paper's baseline: a synthetic dataset drawn from the
+    teacher, then ordinary training on it.
+    """
     if spec in BUILTIN:
         return BUILTIN[spec]()
     path = Path(spec)
     if not path.exists():
         raise O2MError(f"{spec}: no such data folder (built-in data: {', '.join(BUILTIN)})")
+    if (path / "manifest.json").is_file() and (path / "samples.npz").is_file():
+        return _load_samples(path)
     return load_folder(path)
+
+
+def _load_samples(path: Path) -> ImageSet:
+    import torch
+
+    from o2mcli.stages.score import load_samples
+
+    man, images = load_samples(path)  # verified; uint8 (N, H, W, C)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return ImageSet(images=x.contiguous(), name=path.name, source=str(path.resolve()),
+                    sha256=man.artifact("samples.npz").sha256)

@@ -112,3 +112,41 @@ def vlb_loss(terms: DiffusionTerms, x0: torch.Tensor, x_t: torch.Tensor, t: torc
     kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / math.log(2.0)
     return torch.where(t == 0, nll, kl)
+
+
+def fixed_log_variance(terms: DiffusionTerms, t: torch.Tensor, ndim: int, variance_type: str) -> torch.Tensor:
+    """log Sigma_t of a fixed-variance DDPM: beta~_t (``fixed_small``) or beta_t (``fixed_large``) (Ho et al. Sec. 3.2)."""
+    if variance_type == "fixed_large":
+        return extract(torch.cat([terms.posterior_variance[1:2], terms.betas[1:]]).log(), t, ndim)
+    return extract(terms.posterior_log_variance_clipped, t, ndim)
+
+
+def reverse_step(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor | None,
+                 noise: torch.Tensor, variance_type: str = "fixed_small") -> torch.Tensor:
+    """One ancestral step x_{t-1} = mu(x_t, eps) + Sigma^{1/2} z, per-sample t, no noise where t = 0 (Ho et al. Alg. 2)."""
+    x0 = predict_x0(terms, x_t, t, eps).clamp(-1.0, 1.0)
+    mean = q_posterior_mean(terms, x0, x_t, t)
+    logvar = learned_log_variance(terms, v, t) if v is not None else fixed_log_variance(terms, t, x_t.ndim,
+                                                                                       variance_type)
+    nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
+    return mean + nonzero * torch.exp(0.5 * logvar) * noise
+
+
+def ddim_jump(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+              eps: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM move from t to t_next < t, per sample: sqrt(abar') x0 + sqrt(1 - abar') eps (Song et al. Eq. 12)."""
+    abar_next = extract(terms.alphas_cumprod, t_next, x_t.ndim)
+    x0 = predict_x0(terms, x_t, t, eps).clamp(-1.0, 1.0)
+    return abar_next.sqrt() * x0 + (1.0 - abar_next).sqrt() * eps
+
+
+def reverse_kl(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps_teacher: torch.Tensor,
+               v_teacher: torch.Tensor, eps_student: torch.Tensor, v_student: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(p_T(x_{t-1}|x_t) || p_S(x_{t-1}|x_t)) in bits/dim (DKDM's L'_vlb).
+
+    Both Gaussians take their mean from the eps prediction and their variance from the learned
+    interpolation (improved DDPM Eq. 15). Pass ``eps_student.detach()``: the term trains the variance only.
+    """
+    mean_t, logvar_t = p_mean_logvar(terms, x_t, t, eps_teacher, v_teacher)
+    mean_s, logvar_s = p_mean_logvar(terms, x_t, t, eps_student, v_student)
+    return mean_flat(normal_kl(mean_t, logvar_t, mean_s, logvar_s)) / math.log(2.0)

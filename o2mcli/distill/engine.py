@@ -113,8 +113,11 @@ class Distiller:
         t_feats = {n: f.detach().float() for n, f in self.teacher_tap.pop().items()}
         self.teacher_samples += x.shape[0]
         teacher_out = {}
-        for i, r in enumerate(order):
-            sl = slice(i * b, (i + 1) * b)
+        offset = 0
+        for r in order:
+            n = batches[r].x_t.shape[0]  # a buffer range may hold fewer than b slots
+            sl = slice(offset, offset + n)
+            offset += n
             teacher_out[r] = split_outputs(t_raw[sl], self.channels, self.teacher_learned,
                                            {n: f[sl] for n, f in t_feats.items()})
             self.source.after_teacher(batches[r], t_raw[sl])

@@ -8,24 +8,35 @@ teacher's and the student's reverse Gaussians when both learn their variance.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
-from o2mcli.diffusion.gaussian import DiffusionTerms
+from o2mcli.diffusion.gaussian import DiffusionTerms, mean_flat, reverse_kl
 from o2mcli.distill.losses.base import KDLoss, Outputs
+from o2mcli.distill.losses.output import OutputKD
 from o2mcli.distill.losses.diffusion import diffusion_loss
 from o2mcli.distill.sources.base import Batch
 
 KLTerm = Callable[[Outputs, Outputs, Batch, DiffusionTerms], torch.Tensor]
 
 
+def dkdm_kl(student: Outputs, teacher: Outputs, batch: Batch, terms: DiffusionTerms) -> torch.Tensor:
+    """DKDM's L'_vlb: KL(p_T || p_S) of the reverse Gaussians, stop-gradient on the student's mean."""
+    return reverse_kl(terms, batch.x_t, batch.t, teacher.eps, teacher.v, student.eps.detach(), student.v).mean()
+
+
 @dataclass(frozen=True)
 class Objective:
-    """Weights of the loss terms; ``kl`` is the DKDM KL term (None when it does not apply)."""
+    """Weights of the loss terms.
+
+    ``base`` is ``diffusion`` (L_diff against the true noise: real data) or ``output``
+    (DKDM's L'_simple = ||eps_T - eps_S||^2: data-free); a ``--kd`` other than ``output`` adds
+    ``alpha * L_KD``; ``kl`` is the DKDM KL term (None when teacher or student has fixed variance).
+    """
 
     alpha: float = 1.0
-    use_diffusion: bool = True
+    base: Literal["diffusion", "output"] = "diffusion"
     vlb_weight: float = 0.001
     kl_weight: float = 0.0
     kl: KLTerm | None = None
@@ -33,10 +44,16 @@ class Objective:
     def __call__(self, kd: KDLoss, student: Outputs, teacher: Outputs, batch: Batch,
                  terms: DiffusionTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
-        if self.use_diffusion and batch.noise is not None:
+        total: torch.Tensor | float = 0.0
+        if self.base == "diffusion" and batch.noise is not None:
             parts["diff"] = diffusion_loss(student, batch, terms, self.vlb_weight)
-        parts["kd"] = kd(student, teacher)
-        total = parts.get("diff", 0.0) + self.alpha * parts["kd"]
+            total = parts["diff"]
+        elif self.base == "output":
+            parts["simple"] = mean_flat((student.eps - teacher.eps) ** 2).mean()
+            total = parts["simple"]
+        if not (self.base == "output" and isinstance(kd, OutputKD)):  # DKDM's L'_simple already is output KD
+            parts["kd"] = kd(student, teacher)
+            total = total + self.alpha * parts["kd"]
         if self.kl is not None and self.kl_weight > 0:
             parts["kl"] = self.kl(student, teacher, batch, terms)
             total = total + self.kl_weight * parts["kl"]

@@ -34,8 +34,9 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    template: str
+    template: Optional[str] = None
     teacher: Optional[str] = None
+    student_config: Optional[Path] = None
     mode: Literal["o2mkd", "dkdm"] = "o2mkd"
     students: int = Field(4, ge=1)
     boundaries: Optional[str] = None
@@ -43,7 +44,11 @@ class DistillConfig(BaseModel):
     kd: str = "output"
     alpha: float = Field(1.0, ge=0)
     init: Literal["template", "teacher"] = "template"
-    data: Optional[str] = "digits"
+    data: Optional[str] = None  # o2mkd: default digits; dkdm: refused
+    rho: float = 0.4
+    init_steps: Optional[int] = Field(None, ge=1)
+    init_batch: int = Field(1024, ge=1)
+    kl_weight: float = Field(1.0, ge=0)
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -127,10 +132,11 @@ def _check_fit(teacher, student_cfg: dict, data_shape: tuple[int, ...] | None, w
                        f"takes {c}x{s}x{s}")
 
 
-def make_distiller(cfg: DistillConfig, template_unet, teacher, source_cls, images, plan, device, dist):
+def make_distiller(cfg: DistillConfig, student_unet, teacher, plan, device, dist, make_source):
     """Students, KD modules, source and generators for ``cfg``: the engine ``run_distill`` trains (and benchmarks time).
 
-    The plan's coins come from a generator shared by all ranks; data from a per-rank generator.
+    ``make_source(terms, device)`` builds the data source. The plan's coins come from a generator
+    shared by all ranks; data (and the buffer's reverse-step noise) from a per-rank generator.
     """
     from diffusers import DDPMScheduler
 
@@ -138,15 +144,17 @@ def make_distiller(cfg: DistillConfig, template_unet, teacher, source_cls, image
     from o2mcli.distill.engine import Distiller, Hyper, Student
     from o2mcli.distill.features import matched_points
     from o2mcli.distill.losses import build_kd_loss, kd_class
-    from o2mcli.distill.objective import Objective
+    from o2mcli.distill.objective import Objective, dkdm_kl
 
     torch.manual_seed(cfg.seed)
     gen_plan = torch.Generator().manual_seed(cfg.seed)
     gen_data = torch.Generator().manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
     sched = DDPMScheduler.from_config({k: v for k, v in teacher.scheduler_config.items() if not k.startswith("_")})
     terms = DiffusionTerms(sched.betas)
-    source = source_cls(images, terms, device)
-    init_unet = copy.deepcopy(teacher.unet if cfg.init == "teacher" else template_unet).cpu()
+    source = make_source(terms, device)
+    if hasattr(source, "bind_generator"):
+        source.bind_generator(gen_data)
+    init_unet = copy.deepcopy(teacher.unet if cfg.init == "teacher" else student_unet).cpu()
     tunet = teacher.unet.cpu()
     s_ch: dict[str, int] = {}
     t_ch: dict[str, int] = {}
@@ -160,9 +168,36 @@ def make_distiller(cfg: DistillConfig, template_unet, teacher, source_cls, image
         g = torch.Generator().manual_seed(cfg.seed + 7919 * k)  # each student's KD heads, reproducibly
         kd = build_kd_loss(cfg.kd, s_ch, t_ch, g).to(device)
         students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
-    objective = Objective(alpha=cfg.alpha, use_diffusion=True, vlb_weight=cfg.vlb_weight)
+    if cfg.mode == "dkdm":
+        both_learned = _learned(teacher.unet.config) and _learned(init_unet.config)
+        objective = Objective(alpha=cfg.alpha, base="output", kl_weight=cfg.kl_weight if both_learned else 0.0,
+                              kl=dkdm_kl if both_learned else None)
+    else:
+        objective = Objective(alpha=cfg.alpha, base="diffusion", vlb_weight=cfg.vlb_weight)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
                      hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+
+
+def _learned(unet_cfg) -> bool:
+    return int(unet_cfg["out_channels"]) == 2 * int(unet_cfg["in_channels"])
+
+
+def load_student_config(path: Path, seed: int):
+    """A fresh, randomly initialized UNet2DModel from a diffusers config JSON (``--student-config``)."""
+    import json
+
+    from o2mcli.models.io import build_unet
+
+    try:
+        ucfg = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise O2MError(f"{path}: no such student config") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise O2MError(f"{path}: unreadable JSON ({e})") from e
+    if not isinstance(ucfg, dict):
+        raise O2MError(f"{path}: expected a JSON object (a diffusers UNet2DModel config)")
+    torch.manual_seed(seed)
+    return build_unet(ucfg, None, Path(path))
 
 
 # 2. The stage ---------------------------------------------------------------------------------------
@@ -175,6 +210,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     from o2mcli.distill.losses import kd_class
     from o2mcli.distill.plan import TimestepPlan, parse_boundaries, uniform_boundaries
     from o2mcli.distill.sources import ImageSource
+    from o2mcli.distill.sources.buffer import DynamicBuffer, buffer_slots
     from o2mcli.engine.checkpoint import load_checkpoint, save_checkpoint
     from o2mcli.engine.dist import barrier, init_distributed, local_device, shutdown
     from o2mcli.engine.run import JsonlLog, progress
@@ -182,61 +218,113 @@ def run_distill(cfg: DistillConfig) -> Path:
     from o2mcli.models.io import load_model, unet_config_of
 
     # 1. Refuse bad outputs and options before any work.
-    if cfg.mode == "dkdm":
-        raise O2MError("--mode dkdm is not implemented yet (issue #5); nothing was written")
     out = Path(cfg.out)
     work = partial_dir(out)
     check_output_free(out, cfg.force)
-    if work.exists() and not cfg.resume:
-        if not cfg.force:
-            raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
-        if int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(work)
     if cfg.resume and not work.exists():
         raise O2MError(f"{work}: nothing to resume (no interrupted run for {out})")
+    if work.exists() and not cfg.resume and not cfg.force:
+        raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
     kd_class(cfg.kd)  # an unknown --kd is refused before any loading
-    if cfg.data is None:
-        raise O2MError("--mode o2mkd needs --data (images); for data-free distillation use --mode dkdm")
+    dkdm = cfg.mode == "dkdm"
+    if dkdm and cfg.data is not None:
+        raise O2MError(f"--data {cfg.data}: DKDM takes no data (the teacher is its only input); drop --data, "
+                       "or use --mode o2mkd to distil on images")
+    if not cfg.rho > 0:
+        raise O2MError(f"--rho {cfg.rho}: must be positive (the buffer holds rho*T*b samples)")
 
-    # 2. Template, teacher, data, plan.
-    template_path = resolve_model_spec(cfg.template)
-    template = load_model(template_path, "cpu")
-    if template.is_group:
-        raise O2MError(f"{template_path}: a group of {len(template.ranges)} students; distill starts from one template")
-    teacher_path, teacher = resolve_teacher(template_path, template, cfg.teacher)
+    # 2. Student initialization, teacher, data, plan.
+    if cfg.student_config is not None:
+        if cfg.teacher is None:
+            raise O2MError("--student-config: name the teacher with --teacher (there is no template to find it from)")
+        template_path, template = None, None
+        student_unet = load_student_config(cfg.student_config, cfg.seed)
+        teacher_path = resolve_model_spec(cfg.teacher)
+        teacher = load_model(teacher_path, "cpu")
+        where = Path(cfg.student_config)
+    else:
+        if cfg.template is None:
+            raise O2MError("name a template (o2m prune's output) or give --student-config")
+        template_path = resolve_model_spec(cfg.template)
+        template = load_model(template_path, "cpu")
+        if template.is_group:
+            raise O2MError(f"{template_path}: a group of {len(template.ranges)} students; distill starts from one "
+                           "template")
+        teacher_path, teacher = resolve_teacher(template_path, template, cfg.teacher)
+        student_unet, where = template.unet, template_path
+        if template.num_train_timesteps != teacher.num_train_timesteps:
+            raise O2MError(f"{template_path}: T={template.num_train_timesteps} but the teacher has "
+                           f"T={teacher.num_train_timesteps}")
     if teacher.is_group:
         raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
-    data = load_dataset(cfg.data)
-    _check_fit(teacher, unet_config_of(template.unet), data.shape, template_path, teacher_path)
+    scfg = unet_config_of(teacher.unet if cfg.init == "teacher" else student_unet)
+    if dkdm and _learned(scfg) and not _learned(unet_config_of(teacher.unet)):
+        raise O2MError(f"{where}: a learned-variance student under the fixed-variance teacher {teacher_path}: "
+                       "there is no teacher variance to learn from (use a student with "
+                       f"{teacher.unet.config.in_channels} output channels)")
+    data = None if dkdm else load_dataset(cfg.data or "digits")
+    _check_fit(teacher, scfg, None if data is None else data.shape, where, teacher_path)
     T = teacher.num_train_timesteps
-    if template.num_train_timesteps != T:
-        raise O2MError(f"{template_path}: T={template.num_train_timesteps} but the teacher has T={T}")
     bounds = parse_boundaries(cfg.boundaries, T) if cfg.boundaries else uniform_boundaries(T, cfg.students)
     if cfg.boundaries and len(bounds) - 1 != cfg.students:
         raise O2MError(f"--boundaries {cfg.boundaries!r} makes {len(bounds) - 1} ranges but --students is {cfg.students}")
     plan = TimestepPlan(tuple(bounds), cfg.p_own)
 
-    # 3. Processes, devices, randomness. The plan's coins are shared by all ranks; data is per rank.
+    # 3. Processes, devices, the data source, the engine.
     device = resolve_device(cfg.device)
     dist = init_distributed(device.type)
     try:
         device = local_device(dist, device)
-        engine = make_distiller(cfg, template.unet, teacher, ImageSource, data.to_model_range(), plan, device, dist)
-        students = engine.students
+        if dist.is_main and work.exists() and not cfg.resume:
+            shutil.rmtree(work)  # --force: start over
+        tc = teacher.unet.config
+        if dkdm:
+            slots = buffer_slots(cfg.rho, T, cfg.batch_size)
+            variance = str(teacher.scheduler_config.get("variance_type", "fixed_small"))
 
-        # 4. Resume.
+            def make_source(terms, dev):
+                return DynamicBuffer((int(tc.in_channels), int(tc.sample_size), int(tc.sample_size)), slots, terms,
+                                     dev, variance_type=variance, learned=_learned(unet_config_of(teacher.unet)))
+        else:
+            images = data.to_model_range()
+
+            def make_source(terms, dev):
+                return ImageSource(images, terms, dev)
+        engine = make_distiller(cfg, student_unet, teacher, plan, device, dist, make_source)
+        students = engine.students
+        init_info: dict = {}
+
+        # 4. Resume, or build the DKDM buffer (checkpointed at step 0: it can be the costly part).
         start, last_good = 0, None
         if cfg.resume:
             tensors, state = load_checkpoint(work)
             if state.get("config_fingerprint") != _fingerprint(cfg):
                 raise O2MError(f"{work}: checkpoint was made with other settings; resume with the same options")
             start = engine.load_state(tensors, state)
+            init_info = state.get("init_info", {})
             last_good = start
             if start > cfg.steps:
                 raise O2MError(f"{work}: checkpoint is at step {start}; pass --steps {start} or more to continue")
         if dist.is_main:
             work.mkdir(parents=True, exist_ok=True)
         barrier(dist)
+        if dkdm and not cfg.resume:
+            buf = engine.source
+            if dist.is_main:
+                import sys
+                print(buf.describe() + (f" x {dist.world} ranks" if dist.enabled else "") + "; initializing by "
+                      + (f"{cfg.init_steps}-step DDIM jumps" if cfg.init_steps else "exact shuffle denoise"),
+                      file=sys.stderr)
+            t0 = time.perf_counter()
+            buf.initialize(engine.teacher, engine.gen_data, cfg.init_steps, cfg.init_batch)
+            init_info = {"seconds": round(time.perf_counter() - t0, 3), "teacher_forwards": buf.init_forwards,
+                         "slots": buf.n, "bytes": buf.bytes, "init_steps": cfg.init_steps}
+            tensors, meta = engine.state(0)
+            if dist.is_main:
+                meta.update(config_fingerprint=_fingerprint(cfg), init_info=init_info)
+                save_checkpoint(work, tensors, meta)
+            last_good = 0
+            barrier(dist)
         log = JsonlLog(work / "metrics.jsonl", keep_until_step=start if cfg.resume else None) if dist.is_main else None
 
         # 5. The loop.
@@ -264,7 +352,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             if at_save:
                 tensors, meta = engine.state(done)
                 if dist.is_main:
-                    meta["config_fingerprint"] = _fingerprint(cfg)
+                    meta.update(config_fingerprint=_fingerprint(cfg), init_info=init_info)
                     save_checkpoint(work, tensors, meta)
                 last_good = done
                 barrier(dist)
@@ -275,14 +363,15 @@ def run_distill(cfg: DistillConfig) -> Path:
         # 6. Write the students (rank 0): EMA weights, manifest, log, loss curve.
         if dist.is_main:
             _write(cfg, out, work, engine, students, plan, template_path, teacher_path, teacher, template,
-                   seconds, seen_run or 1)
+                   seconds, seen_run or 1, init_info)
         barrier(dist)
     finally:
         shutdown(dist)
     return out
 
 
-def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, teacher, template, seconds, seen):
+def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, teacher, template, seconds, seen,
+           init_info):
     from o2mcli.engine.run import read_jsonl
     from o2mcli.fsutil import atomic_dir
     from o2mcli.manifest import parent_ref, write_manifest
@@ -291,8 +380,12 @@ def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, 
 
     rows = read_jsonl(work / "metrics.jsonl")
     config = cfg.model_dump(mode="json")
-    config.update(template=str(template_path.resolve()), teacher=str(Path(teacher_path).resolve()),
-                  boundaries=",".join(map(str, plan.boundaries)), world_size=engine.dist.world)
+    config.update(template=str(template_path.resolve()) if template_path else None,
+                  teacher=str(Path(teacher_path).resolve()), boundaries=",".join(map(str, plan.boundaries)),
+                  world_size=engine.dist.world, data=None if cfg.mode == "dkdm" else (cfg.data or "digits"))
+    if cfg.student_config is not None:
+        config["student_config"] = str(Path(cfg.student_config).resolve())
+    init_from = teacher if cfg.init == "teacher" else template
     records = []
     steps_run = max(1, cfg.steps)
     with atomic_dir(out, force=cfg.force) as tmp:
@@ -302,7 +395,8 @@ def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, 
             name = f"student_{st.k}.safetensors"
             prov = {"stage": "distill", "mode": cfg.mode, "kd": cfg.kd, "student": st.k, "teacher": config["teacher"],
                     "teacher_sha256": teacher.sha256, "template": config["template"], "init": cfg.init,
-                    "init_sha256": (teacher if cfg.init == "teacher" else template).sha256}
+                    "init_sha256": init_from.sha256 if init_from is not None else None,
+                    "student_config": config.get("student_config")}
             save_model_file(tmp / name, model, teacher.scheduler_config, kind="students", timestep_range=rng,
                             provenance=prov)
             records.append(model_record(f"student_{st.k}", name, model, rng))
@@ -322,12 +416,24 @@ def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, 
             "teacher_forwards_per_student_sample": round(engine.teacher_samples / max(1, steps_run * cfg.batch_size
                                                                                          * cfg.students), 4),
             "world_size": engine.dist.world,
-            "losses": "L_diff + alpha * L_KD" + (" (L_diff includes the improved-DDPM vlb term for learned-variance "
-                                                 "students)" if records and
-                                                 int(records[0].unet_config["out_channels"]) == 2 *
-                                                 int(records[0].unet_config["in_channels"]) else ""),
+            "losses": _losses_text(cfg, engine, records),
         }
-        parents = [parent_ref(template_path), parent_ref(Path(teacher_path))]
+        if cfg.mode == "dkdm":
+            buf = engine.source
+            summary["buffer"] = {**init_info, "restarts": buf.restarts, "data": "none (teacher only)"}
+        parents = ([parent_ref(template_path)] if template_path else []) + [parent_ref(Path(teacher_path))]
         write_manifest(tmp, "students", config, parents=parents, models=records,
                        scheduler_config=teacher.scheduler_config, summary=summary)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _losses_text(cfg, engine, records) -> str:
+    learned = bool(records) and _learned(records[0].unet_config)
+    obj = engine.objective
+    kd = "" if (cfg.mode == "dkdm" and cfg.kd == "output") else f" + {cfg.alpha} * L_KD({cfg.kd})"
+    if cfg.mode == "dkdm":
+        if obj.kl is not None:
+            return f"||eps_T - eps_S||^2{kd} + {obj.kl_weight} * KL(p_T || p_S) (learned variances)"
+        return (f"||eps_T - eps_S||^2{kd} only: fixed-variance "
+                + ("teacher" if not _learned(engine.teacher.config) else "student") + ", no KL term")
+    return f"L_diff{kd}" + (" (L_diff includes the improved-DDPM vlb term: learned-variance student)" if learned else "")

@@ -1,0 +1,186 @@
+"""The DKDM dynamic buffer: rho*T*b noisy samples the teacher itself keeps denoising (Xiang et al., DKDM).
+
+Each slot holds x_t and its own t. ``draw`` picks b slots at random (from a timestep range, for
+data-free O2MKD); the engine's single teacher forward on them gives the KD target, and
+``after_teacher`` writes one ancestral reverse step x_{t-1} back into the slots; a slot that
+was at t = 0 restarts from fresh noise at t = T-1. Initialization ("shuffle denoise") brings
+every slot from pure noise down to a uniform random t, either exactly (T-1-t ancestral teacher
+steps) or, beyond the paper, with an S-step DDIM jump (``init_steps``).
+Slot timesteps live on the CPU (drawing needs no device sync); images live on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from o2mcli.devices import autocast
+from o2mcli.diffusion.gaussian import DiffusionTerms, ddim_jump, reverse_step
+from o2mcli.distill.sources.base import Batch
+from o2mcli.engine.run import progress
+from o2mcli.errors import O2MError
+
+
+def buffer_slots(rho: float, T: int, batch_size: int) -> int:
+    """rho * T * b, at least b."""
+    if not rho > 0:
+        raise O2MError(f"--rho {rho}: must be positive (the buffer holds rho*T*b samples)")
+    return max(batch_size, int(round(rho * T * batch_size)))
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device`` (CUDA: driver's free memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+class DynamicBuffer:
+    """The data source of DKDM: no images anywhere, only the teacher."""
+
+    name = "dkdm-buffer"
+
+    def __init__(self, shape: tuple[int, int, int], slots: int, terms: DiffusionTerms, device: torch.device,
+                 variance_type: str = "fixed_small", learned: bool = False) -> None:
+        self.shape, self.n, self.terms, self.device = tuple(shape), int(slots), terms, device
+        self.variance_type, self.learned = variance_type, learned
+        self.bytes = self.n * math.prod(self.shape) * 4
+        free = available_memory(device)
+        if self.bytes > free // 2:
+            raise O2MError(f"--rho: the buffer of {self.n} samples needs {self.bytes / 2**30:.2f} GiB, more than half "
+                           f"of the {free / 2**30:.2f} GiB free on {device}; lower --rho or --batch-size")
+        self.x = torch.zeros((self.n, *self.shape), device=device)
+        self.t = torch.zeros(self.n, dtype=torch.long)  # on the CPU
+        self.steps_done = torch.zeros(self.n, dtype=torch.long)  # reverse steps applied by training, per slot
+        self.restarts = 0
+        self.init_forwards = 0
+
+    @property
+    def T(self) -> int:
+        return self.terms.T
+
+    def describe(self) -> str:
+        return (f"DKDM buffer: {self.n} samples of {'x'.join(map(str, self.shape))} "
+                f"({self.bytes / 2**20:.1f} MiB on {self.device})")
+
+    # 1. Shuffle denoise ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize(self, teacher: nn.Module, generator: torch.Generator, init_steps: int | None,
+                   batch_size: int) -> None:
+        """Bring each slot from N(0, I) at T-1 down to a uniform random t (exact, or S DDIM steps)."""
+        T = self.T
+        target = torch.randint(0, T, (self.n,), generator=generator)
+        for lo in progress(range(0, self.n, batch_size), desc="DKDM buffer init"):
+            idx = torch.arange(lo, min(lo + batch_size, self.n))
+            noise = torch.randn((len(idx), *self.shape), generator=generator).to(self.device)
+            goal = target[idx]
+            if init_steps:
+                x = self._ddim_init(teacher, noise, goal, init_steps)
+            else:
+                x = self._exact_init(teacher, noise, goal, generator)
+            self.x[idx.to(self.device)] = x
+        self.t = target.clone()
+
+    def _eps(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        c = self.shape[0]
+        with autocast(self.device):
+            out = teacher(x, t.to(self.device)).sample.float()
+        self.init_forwards += x.shape[0]
+        return out[:, :c], (out[:, c:2 * c] if self.learned else None)
+
+    def _exact_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+        # Step every slot whose goal is below the current t; all slots share the clock s = T-1 ... 1.
+        for s in range(self.T - 1, int(goal.min()), -1):
+            active = (goal < s).nonzero().flatten()
+            if active.numel() == 0:
+                continue
+            a = active.to(self.device)
+            t = torch.full((active.numel(),), s, dtype=torch.long)
+            eps, v = self._eps(teacher, x[a], t)
+            z = torch.randn((active.numel(), *self.shape), generator=generator).to(self.device)
+            x[a] = reverse_step(self.terms, x[a], t.to(self.device), eps, v, z, self.variance_type)
+        return x
+
+    def _ddim_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor, steps: int) -> torch.Tensor:
+        start = self.T - 1
+        for j in range(steps):
+            t_cur = start - torch.div((start - goal) * j, steps, rounding_mode="floor")
+            t_next = start - torch.div((start - goal) * (j + 1), steps, rounding_mode="floor")
+            move = (t_next < t_cur).nonzero().flatten()
+            if move.numel() == 0:
+                continue
+            m = move.to(self.device)
+            eps, _ = self._eps(teacher, x[m], t_cur[move])
+            x[m] = ddim_jump(self.terms, x[m], t_cur[move].to(self.device), t_next[move].to(self.device), eps)
+        return x
+
+    # 2. Training-time use ---------------------------------------------------------------------------
+
+    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch:
+        """``n`` distinct slots at random among those with t in [lo, hi) (all slots if there are fewer)."""
+        if lo == 0 and hi >= self.T:
+            slots = torch.randperm(self.n, generator=generator)[:n]
+        else:
+            mask = ((self.t >= lo) & (self.t < hi)).float()
+            have = int(mask.sum())
+            if have == 0:
+                slots = torch.randperm(self.n, generator=generator)[:n]  # an empty range borrows from all
+            else:
+                slots = torch.multinomial(mask, min(n, have), replacement=False, generator=generator)
+        d = slots.to(self.device)
+        return Batch(x_t=self.x[d], t=self.t[slots].to(self.device), slots=slots)
+
+    @torch.no_grad()
+    def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Write the teacher's reverse step back; slots that were at t = 0 restart from noise at T-1."""
+        c = self.shape[0]
+        slots = batch.slots
+        g = generator if generator is not None else self._gen
+        z = torch.randn((slots.numel(), *self.shape), generator=g).to(self.device)
+        eps = teacher_out[:, :c].float()
+        v = teacher_out[:, c:2 * c].float() if self.learned else None
+        x_prev = reverse_step(self.terms, batch.x_t.float(), batch.t, eps, v, z, self.variance_type)
+        t = self.t[slots]
+        done = t == 0
+        fresh = torch.randn((int(done.sum()), *self.shape), generator=g).to(self.device) if bool(done.any()) else None
+        d = slots.to(self.device)
+        self.x[d] = x_prev
+        if fresh is not None:
+            self.x[slots[done].to(self.device)] = fresh
+            self.restarts += int(done.sum())
+        self.t[slots] = torch.where(done, torch.full_like(t, self.T - 1), t - 1)
+        self.steps_done[slots] += 1
+
+    _gen: torch.Generator | None = None
+
+    def bind_generator(self, generator: torch.Generator) -> None:
+        """The generator for the reverse steps' noise (the engine's per-rank data generator)."""
+        self._gen = generator
+
+    # 3. Checkpoint state -------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"x": self.x.detach().cpu(), "t": self.t.clone(), "steps_done": self.steps_done.clone(),
+                "restarts": torch.tensor(self.restarts)}
+
+    def load_state_tensors(self, tensors: dict[str, Any]) -> None:
+        x = tensors.get("x")
+        if x is None or tuple(x.shape) != (self.n, *self.shape):
+            got = "none" if x is None else "x".join(map(str, x.shape))
+            raise O2MError(f"checkpoint buffer is {got}, this run's is {self.n}x{'x'.join(map(str, self.shape))} "
+                           "(--rho, --batch-size or the teacher changed); resume with the same settings")
+        self.x = x.to(self.device)
+        self.t = tensors["t"].clone()
+        self.steps_done = tensors["steps_done"].clone()
+        self.restarts = int(tensors["restarts"])
