@@ -25,6 +25,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py
 	$(BIN)/python benchmarks/bench_prune.py
+	$(BIN)/python benchmarks/bench_distill.py
+	$(BIN)/python benchmarks/bench_dkdm.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

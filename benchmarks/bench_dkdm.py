@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--init-steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating timing rounds (best kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (best kept)")
     ap.add_argument("--only", choices=["digits", "cifar10"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
