@@ -15,23 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from common import cifar10_teacher, header, machine_info, template
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device, synchronize
 from o2mcli.distill.plan import TimestepPlan, uniform_boundaries
 from o2mcli.distill.sources import ImageSource
 from o2mcli.engine.dist import DistState
-from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
-from o2mcli.models.io import build_unet, load_model, save_model_file
+from o2mcli.models.io import load_model
 from o2mcli.stages.distill import DistillConfig, make_distiller
-from o2mcli.stages.prune import PruneConfig, run_prune
 
 
 def _teachers(work: Path, only: str | None) -> dict[str, tuple[Path, torch.Tensor]]:
@@ -39,20 +37,17 @@ def _teachers(work: Path, only: str | None) -> dict[str, tuple[Path, torch.Tenso
     if only in (None, "digits"):
         out["digits teacher"] = (BUILTIN_MODELS["digits-teacher"], load_dataset("digits").to_model_range())
     if only in (None, "cifar10"):
-        torch.manual_seed(0)
-        path = work / "cifar10_teacher.safetensors"
-        save_model_file(path, build_unet(DDPM_CIFAR10_32, None, path), scheduler_config("fixed"), kind="teacher")
-        out["ddpm-cifar10-32 config"] = (path, torch.rand(256, 3, 32, 32) * 2 - 1)
+        out["ddpm-cifar10-32 config"] = (cifar10_teacher(work), torch.rand(256, 3, 32, 32) * 2 - 1)
     return out
 
 
-def measure(template: Path, teacher_path: Path, images: torch.Tensor, k: int, p_own: float, kd: str, batch: int,
+def measure(tpl: Path, teacher_path: Path, images: torch.Tensor, k: int, p_own: float, kd: str, batch: int,
             steps: int, warmup: int, device: torch.device) -> dict:
-    cfg = DistillConfig(template=str(template), students=k, p_own=p_own, kd=kd, batch_size=batch, steps=steps)
+    cfg = DistillConfig(template=str(tpl), students=k, p_own=p_own, kd=kd, batch_size=batch, steps=steps)
     teacher = load_model(teacher_path, "cpu")
     plan = TimestepPlan(tuple(uniform_boundaries(teacher.num_train_timesteps, k)), p_own)
-    eng = make_distiller(cfg, load_model(template, "cpu").unet, teacher, ImageSource, images, plan, device,
-                         DistState())
+    eng = make_distiller(cfg, load_model(tpl, "cpu").unet, teacher, plan, device, DistState(),
+                         lambda terms, dev: ImageSource(images, terms, dev))
     for _ in range(warmup):
         eng.step()
     eng.profile = True
@@ -86,26 +81,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, (teacher_path, images) in _teachers(work, args.only).items():
-            template = run_prune(PruneConfig(teacher=str(teacher_path), ratio=0.3, throughput=False, device="cpu",
-                                             out=work / name.replace(" ", "_")))
+            tpl = template(teacher_path, work, name)
             small = name.startswith("digits")
             batch = args.batch or (32 if small else 8)
             steps = args.steps or (20 if small else 4)
-            one = measure(template, teacher_path, images, 1, 0.0, args.kd, batch, steps, args.warmup, device)
-            four = measure(template, teacher_path, images, 4, args.p_own, args.kd, batch, steps, args.warmup, device)
+            one = measure(tpl, teacher_path, images, 1, 0.0, args.kd, batch, steps, args.warmup, device)
+            four = measure(tpl, teacher_path, images, 4, args.p_own, args.kd, batch, steps, args.warmup, device)
             for r in (one, four):
                 r.update(teacher=name, batch=batch, steps=steps)
                 r["vs_K_separate_O2OKD_runs"] = r["seconds_per_step"] / (r["K"] * one["seconds_per_step"])
                 rows.append(r)
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "kd": args.kd}
+    info = {**machine_info(device), "kd": args.kd}
     if args.json:
         print(json.dumps({"machine": info, "rows": rows}, indent=2))
         return
-    print(f"device {info['device']} ({info['gpu'] or info['cpu']}, {info['threads']} threads), torch {info['torch']}; "
-          f"{args.warmup} warm-up steps, kd={args.kd}")
+    print(header(info, f"{args.warmup} warm-up steps, kd={args.kd}"))
     print("| teacher | batch/student | timed steps | K | p_own | s/step | student img/s | teacher share of step | teacher fwd / student sample "
           "| cost vs K separate O2OKD runs |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

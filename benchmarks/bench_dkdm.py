@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from common import cifar10_teacher, header, machine_info, template
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device, synchronize
@@ -34,10 +34,8 @@ from o2mcli.distill.plan import TimestepPlan
 from o2mcli.distill.sources import ImageSource
 from o2mcli.distill.sources.buffer import DynamicBuffer
 from o2mcli.engine.dist import DistState
-from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
-from o2mcli.models.io import build_unet, load_model, save_model_file
+from o2mcli.models.io import load_model
 from o2mcli.stages.distill import DistillConfig, _learned, make_distiller
-from o2mcli.stages.prune import PruneConfig, run_prune
 
 
 def _setups(work: Path, only: str | None) -> list[dict]:
@@ -47,10 +45,7 @@ def _setups(work: Path, only: str | None) -> list[dict]:
                     "images": load_dataset("digits").to_model_range(), "batch": 64, "steps": 20,
                     "init_slots": 512, "exact": True})
     if only in (None, "cifar10"):
-        torch.manual_seed(0)
-        path = work / "cifar10_teacher.safetensors"
-        save_model_file(path, build_unet(DDPM_CIFAR10_32, None, path), scheduler_config("fixed"), kind="teacher")
-        out.append({"name": "ddpm-cifar10-32 config", "teacher": path, "images": torch.rand(256, 3, 32, 32) * 2 - 1,
+        out.append({"name": "ddpm-cifar10-32 config", "teacher": cifar10_teacher(work), "images": torch.rand(256, 3, 32, 32) * 2 - 1,
                     "batch": 8, "steps": 3, "init_slots": 16, "exact": False})
     return out
 
@@ -85,22 +80,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for su in _setups(work, args.only):
-            template = run_prune(PruneConfig(teacher=str(su["teacher"]), ratio=0.3, throughput=False, device="cpu",
-                                             out=work / su["name"].replace(" ", "_")))
+            tpl = template(su["teacher"], work, su["name"])
             teacher = load_model(su["teacher"], "cpu")
             T = teacher.num_train_timesteps
             plan = TimestepPlan((0, T), 0.0)
             b = su["batch"]
             engines = {}
             for mode in ("o2mkd", "dkdm"):
-                cfg = DistillConfig(template=str(template), mode=mode, students=1, batch_size=b)
+                cfg = DistillConfig(template=str(tpl), mode=mode, students=1, batch_size=b)
                 if mode == "o2mkd":
                     def src(terms, dev, im=su["images"]):
                         return ImageSource(im, terms, dev)
                 else:
                     def src(terms, dev, t=teacher, n=max(4 * b, 64)):
                         return _buffer(t, n, terms, dev)
-                eng = make_distiller(cfg, load_model(template, "cpu").unet, load_model(su["teacher"], "cpu"), plan,
+                eng = make_distiller(cfg, load_model(tpl, "cpu").unet, load_model(su["teacher"], "cpu"), plan,
                                      device, DistState(), src)
                 if mode == "dkdm":
                     eng.source.initialize(eng.teacher, eng.gen_data, 1, 1024)
@@ -132,13 +126,11 @@ def main() -> None:
                          "dkdm_step_s": best["dkdm"], "step_ratio": best["dkdm"] / best["o2mkd"],
                          "init_slots": su["init_slots"], "init_steps": args.init_steps, "init": init,
                          "paper_buffer_slots_rho0.4": int(0.4 * T * b)})
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    info = machine_info(device)
     if args.json:
         print(json.dumps({"machine": info, "rows": rows}, indent=2))
         return
-    print(f"device {info['device']} ({info['gpu'] or info['cpu']}, {info['threads']} threads), torch {info['torch']}")
+    print(header(info))
     print("| teacher | batch | data-based KD step (s) | DKDM step (s) | ratio | init slots | exact: forwards, s "
           f"| DDIM {args.init_steps}: forwards, s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from common import cifar10_teacher, header, machine_info
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.devices import resolve_device
 from o2mcli.diffusion.sampler import measure_throughput
-from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
-from o2mcli.models.io import build_unet, load_model, save_model_file
+from o2mcli.models.io import load_model
 from o2mcli.models.stats import count_macs, count_params
 from o2mcli.stages.prune import PruneConfig, run_prune
 
@@ -34,10 +33,7 @@ RATIOS = (0.3, 0.5)
 def _teachers(work: Path, only: str | None) -> dict[str, Path]:
     out = {}
     if only in (None, "cifar10"):
-        torch.manual_seed(0)
-        path = work / "cifar10_teacher.safetensors"
-        save_model_file(path, build_unet(DDPM_CIFAR10_32, None, path), scheduler_config("fixed"), kind="teacher")
-        out["ddpm-cifar10-32 config"] = path
+        out["ddpm-cifar10-32 config"] = cifar10_teacher(work)
     if only in (None, "digits"):
         out["digits teacher"] = BUILTIN_MODELS["digits-teacher"]
     return out
@@ -80,15 +76,11 @@ def main() -> None:
                     "MACs_ratio": count_macs(base) / count_macs(u), "images_per_s": best[k],
                     "speedup": best[k] / best["teacher"],
                     "prune_seconds": prune_s.get(float(k.split()[-1])) if k != "teacher" else None})
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "steps": args.steps, "batch": args.batch, "rounds": args.rounds}
+    info = {**machine_info(device), "steps": args.steps, "batch": args.batch, "rounds": args.rounds}
     if args.json:
         print(json.dumps({"machine": info, "rows": results}, indent=2))
         return
-    print(f"device {info['device']} ({info['gpu'] or info['cpu']}, {info['threads']} threads), torch {info['torch']}; "
-          f"DDIM {args.steps} steps, batch {args.batch}, best of {args.rounds} alternating rounds")
+    print(header(info, f"DDIM {args.steps} steps, batch {args.batch}, best of {args.rounds} alternating rounds"))
     print("| teacher | model | block_out_channels | params (M) | MACs (G) | teacher/model MACs | img/s | speedup |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:

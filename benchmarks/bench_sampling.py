@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 
+from common import header, machine_info
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.devices import resolve_device
 from o2mcli.diffusion.sampler import measure_throughput
@@ -46,14 +46,11 @@ def main() -> None:
         out.append({"model": name, "params_M": count_params(unet) / 1e6, "MACs_G": count_macs(unet) / 1e9,
                     "images_per_s": tp["images_per_s"], "forwards_per_s": tp["images_per_s"] * args.steps / args.batch,
                     "steps": args.steps, "batch": args.batch})
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    info = machine_info(device)
     if args.json:
         print(json.dumps({"machine": info, "rows": out}, indent=2))
         return
-    print(f"device {info['device']} ({info['gpu'] or info['cpu']}, {info['threads']} threads), torch {info['torch']}; "
-          f"DDIM {args.steps} steps, batch {args.batch}")
+    print(header(info, f"DDIM {args.steps} steps, batch {args.batch}"))
     print(f"| {'model':34s} | params (M) | MACs (G) | img/s   | UNet forwards/s |")
     print(f"|{'-' * 36}|-----------:|---------:|--------:|----------------:|")
     for r in out:

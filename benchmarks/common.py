@@ -1,0 +1,39 @@
+"""Shared pieces of the benchmark scripts: the machine record, the CIFAR10-shaped teacher, a template."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
+from o2mcli.models.io import build_unet, save_model_file
+from o2mcli.stages.prune import PruneConfig, run_prune
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    return {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def header(info: dict, extra: str = "") -> str:
+    """One line naming the device, threads and torch version."""
+    line = f"device {info['device']} ({info['gpu'] or info['cpu']}, {info['threads']} threads), torch {info['torch']}"
+    return line + (f"; {extra}" if extra else "")
+
+
+def cifar10_teacher(work: Path) -> Path:
+    """The google/ddpm-cifar10-32 configuration with random weights (seed 0), as an o2m teacher file."""
+    torch.manual_seed(0)
+    path = work / "cifar10_teacher.safetensors"
+    save_model_file(path, build_unet(DDPM_CIFAR10_32, None, path), scheduler_config("fixed"), kind="teacher")
+    return path
+
+
+def template(teacher: Path, work: Path, name: str, ratio: float = 0.3) -> Path:
+    """``o2m prune``'s library call, magnitude importance, no throughput measurement."""
+    return run_prune(PruneConfig(teacher=str(teacher), ratio=ratio, throughput=False, device="cpu",
+                                 out=work / f"{name}-{ratio}".replace(" ", "_")))

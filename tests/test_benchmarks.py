@@ -1,0 +1,27 @@
+"""The benchmark scripts stay runnable (they measure speed; these tests only check they work)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("bench_*.py")))
+def test_benchmark_imports(name: str, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    mod = importlib.import_module(name)
+    assert callable(mod.main) and mod.__doc__
+
+
+def test_distill_benchmark_runs_on_digits() -> None:
+    res = subprocess.run([sys.executable, str(BENCH / "bench_distill.py"), "--only", "digits", "--steps", "1",
+                          "--warmup", "0", "--batch", "4", "--device", "cpu", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '"K": 4' in res.stdout and '"teacher_share"' in res.stdout
