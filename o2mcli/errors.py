@@ -12,6 +12,3 @@ class O2MError(Exception):
         # One line, always: a multi-line message would read like a traceback.
         super().__init__(" ".join(str(message).split()))
 
-
-class NotImplementedStage(O2MError):
-    """A pipeline stage whose issue has not landed yet."""

@@ -39,14 +39,6 @@ def test_train_sample_score_chain_with_defaults(in_tmp: Path) -> None:
     assert Path(read_manifest(in_tmp / "samples-2").parents[0].path) == (in_tmp / "second.safetensors").resolve()
 
 
-@pytest.mark.parametrize("cmd, issue", [("merge", 6)])
-def test_pending_stages_refuse_clearly(in_tmp: Path, cmd: str, issue: int) -> None:
-    res = runner.invoke(app, [cmd, "teacher.safetensors", "--ratio", "0.5"])
-    assert res.exit_code == 2
-    assert res.output.strip() == f"error: o2m {cmd} is not implemented yet (issue #{issue}); nothing was written"
-    assert list(in_tmp.iterdir()) == []
-
-
 def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
     help_ = subprocess.run([sys.executable, "-m", "o2mcli", "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and all(c in help_.stdout for c in

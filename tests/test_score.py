@@ -207,7 +207,7 @@ def test_run_score_end_to_end(tmp_path: Path, tiny_model_file: Path, samples_dir
     real = make_samples_dir(tmp_path / "real", tiny_model_file, digit_images(0, 100), scheduler="ddpm", steps=2)
     out = run_score(small_cfg([samples_dir, real], tmp_path / "scores"))
     man = read_manifest(out)  # verifies every artifact's hash
-    assert man.kind == "scores" and {a.path for a in man.artifacts} == {"report.json", "report.md"}
+    assert man.kind == "scores" and {a.path for a in man.artifacts} == {"report.json", "report.md", "fid_vs_macs.png"}
     assert [p.path for p in man.parents] == [str(samples_dir.resolve()), str(real.resolve())]
     assert man.config["throughput_batch"] == 2
     report = json.loads((out / "report.json").read_text())
@@ -228,6 +228,7 @@ def test_run_score_end_to_end(tmp_path: Path, tiny_model_file: Path, samples_dir
     md = (out / "report.md").read_text()
     assert "| Model | Params (M) | MACs (G) | Throughput (img/s) | FID | KID x1e3 | n |" in md
     assert "tiny.safetensors (ddim, 2 steps)" in md and "Device: cpu" in md and "Reference: digits" in md
+    assert "rows differ in sampler" in md  # ddim vs ddpm: the report says the FIDs do not compare
 
 
 def test_student_group_sums_params_and_counts_one_students_macs(tmp_path: Path) -> None:

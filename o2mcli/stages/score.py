@@ -142,6 +142,7 @@ def run_score(cfg: ScoreConfig) -> Path:
     from o2mcli.scoring.features import get_extractor, resolve_name
     from o2mcli.scoring.metrics import fid_from_features, kid_from_features, size_warnings
     from o2mcli.scoring.report import markdown_report
+    from o2mcli.viz import line_plot
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
@@ -196,7 +197,12 @@ def run_score(cfg: ScoreConfig) -> Path:
             "warnings": warnings,
         })
 
-    # 5. The report, written whole or not at all.
+    # 5. The report, written whole or not at all. Rows compare only at equal sampling settings.
+    settings = sorted({(r["scheduler"], r["steps"], str(r["seed"]), r["n_samples"]) for r in rows})
+    if len(settings) > 1:
+        notes.append("rows differ in sampler, steps, seed or sample count ("
+                     + "; ".join(f"{a} {b} steps seed {c} n={d}" for a, b, c, d in settings)
+                     + "): compare FIDs only between rows with equal settings")
     report = {
         "rows": rows,
         "device": str(device),
@@ -213,6 +219,9 @@ def run_score(cfg: ScoreConfig) -> Path:
     with atomic_dir(out, force=cfg.force) as tmp:
         atomic_write_json(tmp / "report.json", report)
         atomic_write_bytes(tmp / "report.md", markdown_report(report).encode())
+        line_plot({r["name"]: ([r["macs"] / 1e9], [r["fid"]]) for r in rows}, tmp / "fid_vs_macs.png",
+                  title="FID against MACs (O2MKD paper, Fig. 6 style)", xlabel="GMACs per denoising step",
+                  ylabel="FID")
         write_manifest(tmp, "scores", cfg.model_dump(mode="json"), parents=[parent_ref(d) for d in dirs],
                        summary=summary)
     return out

@@ -1,0 +1,37 @@
+"""``o2m merge``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from o2mcli.cli.app import app, handles_errors
+
+
+@app.command()
+@handles_errors
+def merge(
+    inputs: List[str] = typer.Argument(..., help="A students directory (o2m distill's output), or student files."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="A .safetensors file (default merged.safetensors, "
+                                       "or merged-2.safetensors...) or a directory."),
+    method: str = typer.Option("task-arithmetic", help="task-arithmetic (theta_0 + lambda sum w_k task vectors) or "
+                                                       "average (weighted mean)."),
+    lam: Optional[str] = typer.Option(None, "--lambda", help="Task-vector scale; default 1/K (the plain average)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Per-student weights w_k, e.g. 1,1,2,1."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Merge the K students of one run into one UNet by task arithmetic."""
+    from o2mcli.stages.merge import MergeConfig, parse_number, run_merge
+
+    if out is None:
+        out, i = Path("merged.safetensors"), 2
+        while out.exists():
+            out, i = Path(f"merged-{i}.safetensors"), i + 1
+    cfg = MergeConfig(inputs=tuple(inputs), out=out, method=method,
+                      lam=parse_number(lam, "--lambda") if lam is not None else None,
+                      weights=tuple(parse_number(w, "--weights") for w in weights.split(",")) if weights else None,
+                      force=force)
+    path = run_merge(cfg)
+    typer.echo(f"wrote {path}: {cfg.method} of the students in {', '.join(inputs)}")

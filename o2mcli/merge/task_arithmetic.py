@@ -1,0 +1,22 @@
+"""Task arithmetic (Ilharco et al. 2023): theta = theta_0 + lambda * sum_k w_k (theta_k - theta_0)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def task_arithmetic(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], weights: list[float],
+                    lam: float) -> dict[str, torch.Tensor]:
+    """Add the weighted task vectors theta_k - theta_0 of ``models`` to ``base``, scaled by ``lam``.
+
+    Computed in float64 so that identical students merge back to themselves exactly in float32.
+    """
+    out = {}
+    for key, b in base.items():
+        if not b.dtype.is_floating_point:
+            out[key] = models[0][key].clone()
+            continue
+        b64 = b.double()
+        delta = sum(w * (m[key].double() - b64) for w, m in zip(weights, models))
+        out[key] = (b64 + lam * delta).to(b.dtype)
+    return out

@@ -1,0 +1,200 @@
+"""``o2m merge``: task-arithmetic merge of the K students of one run into one UNet.
+
+theta = theta_0 + lambda * sum_k w_k (theta_k - theta_0), with theta_0 the students' shared
+initialization (the template, or the teacher for ``--init teacher`` runs), found through the
+students' provenance and verified by sha256. The default lambda = 1/K with unit weights is the
+plain average. The output is one self-describing ``.safetensors`` file (serving all timesteps),
+or, when ``out`` does not end in ``.safetensors``, a ``merged`` stage directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from o2mcli.errors import O2MError
+
+ARTIFACT = "merged.safetensors"
+
+
+class MergeConfig(BaseModel):
+    """Every setting of a merge (recorded in the output's provenance and manifest)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inputs: tuple[str, ...]
+    out: Path = Path("merged.safetensors")
+    method: Literal["task-arithmetic", "average"] = "task-arithmetic"
+    lam: Optional[float] = None
+    weights: Optional[tuple[float, ...]] = None
+    force: bool = False
+
+
+@dataclass
+class StudentRef:
+    """One student file and what its provenance says about where it started."""
+
+    path: Path
+    timestep_range: tuple[int, int]
+    provenance: dict
+    sha256: str
+
+
+def parse_number(text: str, name: str) -> float:
+    """A finite float, or a one-line error naming the option."""
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise O2MError(f"{name} {text!r}: not a number") from e
+    if not math.isfinite(v):
+        raise O2MError(f"{name} {text!r}: must be finite")
+    return v
+
+
+# 1. Finding the students and their shared initialization ------------------------------------------------
+
+def _file_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise O2MError(f"{path}: corrupt or unreadable safetensors file ({type(e).__name__})") from e
+    if meta.get("format") != "o2m-unet/1":
+        raise O2MError(f"{path}: not an o2m student file (no o2m metadata)")
+    return meta
+
+
+def collect_students(inputs: tuple[str, ...]) -> list[StudentRef]:
+    """Every student named by ``inputs`` (students directories or student files), verified."""
+    from o2mcli.fsutil import sha256_file
+    from o2mcli.manifest import is_stage_dir, read_manifest, require_kind
+
+    found: list[StudentRef] = []
+    for spec in inputs:
+        p = Path(spec)
+        if not p.exists():
+            raise O2MError(f"{p}: no such students directory or student file")
+        if p.is_dir():
+            if not is_stage_dir(p):
+                raise O2MError(f"{p}: not an o2m students directory (no manifest.json)")
+            man = read_manifest(p, verify=True)  # a missing or altered student file is refused here
+            require_kind(man, p, ("students",))
+            files = [(p / m.artifact, tuple(m.timestep_range)) for m in man.models]
+        else:
+            files = [(p, tuple(json.loads(_file_meta(p).get("o2m.timestep_range", "[0, 1000]"))))]
+        for f, rng in files:
+            meta = _file_meta(f)
+            if meta.get("o2m.kind") != "students":
+                raise O2MError(f"{f}: a {meta.get('o2m.kind', 'model')} file, not a distilled student")
+            found.append(StudentRef(f, rng, json.loads(meta.get("o2m.provenance", "{}")), sha256_file(f)))
+    if len(found) < 2:
+        raise O2MError(f"{', '.join(inputs)}: holds {len(found)} student; merging needs at least 2")
+    return found
+
+
+def shared_init(students: list[StudentRef]):
+    """theta_0: the initialization every student started from, loaded and checked against its recorded sha256."""
+    from o2mcli.models.io import load_model
+
+    first = students[0]
+    for s in students:
+        if not s.provenance.get("init_sha256"):
+            raise O2MError(f"{s.path}: records no shared initialization (trained from --student-config's random "
+                           "init?); task arithmetic needs theta_0, use --method average")
+        if s.provenance["init_sha256"] != first.provenance["init_sha256"]:
+            raise O2MError(f"{s.path} and {first.path}: students of different initializations "
+                           f"({s.provenance['init_sha256'][:12]} vs {first.provenance['init_sha256'][:12]}); "
+                           "merge the students of one run")
+    prov = first.provenance
+    path = Path(prov.get("template") if prov.get("init") == "template" else prov.get("teacher") or "")
+    if not str(path) or not path.exists():
+        raise O2MError(f"{first.path}: its initialization {path} is gone; task arithmetic needs theta_0")
+    base = load_model(path, "cpu")
+    if base.sha256 != prov["init_sha256"]:
+        raise O2MError(f"{path}: changed since the students started from it (sha256 {base.sha256[:12]}, recorded "
+                       f"{prov['init_sha256'][:12]})")
+    return path, base
+
+
+def check_same_shapes(base: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
+                      students: list[StudentRef]) -> None:
+    """Refuse, naming the tensor, any student whose tensors differ from theta_0's in name or shape."""
+    for s, st in zip(students, states):
+        for k, v in base.items():
+            if k not in st:
+                raise O2MError(f"{s.path}: lacks tensor {k} that the shared initialization has")
+            if tuple(st[k].shape) != tuple(v.shape):
+                raise O2MError(f"{s.path}: tensor {k} is {tuple(st[k].shape)}, the shared initialization's is "
+                               f"{tuple(v.shape)}")
+        extra = sorted(set(st) - set(base))
+        if extra:
+            raise O2MError(f"{s.path}: has tensor {extra[0]} that the shared initialization lacks")
+
+
+# 2. The stage ----------------------------------------------------------------------------------------------
+
+def run_merge(cfg: MergeConfig) -> Path:
+    """Merge the students named by ``cfg.inputs``; write one file or a ``merged`` directory at ``cfg.out``."""
+    from safetensors.torch import load_file
+
+    from o2mcli.fsutil import atomic_dir, check_output_free
+    from o2mcli.manifest import parent_ref, write_manifest
+    from o2mcli.merge import get_method
+    from o2mcli.models.io import model_record, save_model_file
+
+    # 1. Refuse bad outputs and inputs before any work.
+    out = Path(cfg.out)
+    check_output_free(out, cfg.force)
+    students = collect_students(cfg.inputs)
+    k = len(students)
+    weights = list(cfg.weights) if cfg.weights is not None else [1.0] * k
+    if len(weights) != k:
+        raise O2MError(f"--weights: {len(weights)} values for {k} students")
+    if cfg.method == "average" and sum(weights) <= 0:
+        raise O2MError(f"--weights {weights}: must sum to a positive number for an average")
+    lam = cfg.lam if cfg.lam is not None else 1.0 / k
+
+    # 2. theta_0 and the students' tensors.
+    base_path, base = (None, None)
+    if cfg.method == "task-arithmetic":
+        base_path, base = shared_init(students)
+    states = [load_file(str(s.path)) for s in students]
+    reference = base.unet.state_dict() if base is not None else states[0]
+    check_same_shapes(reference, states, students)
+
+    # 3. Merge and build the model from theta_0's (or the first student's) config.
+    merged = get_method(cfg.method)(reference if base is not None else None, states, weights, lam)
+    from o2mcli.models.io import load_model
+
+    template = base.unet if base is not None else load_model(students[0].path).unet
+    template.load_state_dict(merged)
+    sched = (base or load_model(students[0].path)).scheduler_config
+    T = int(sched.get("num_train_timesteps", 1000))
+    provenance = {"stage": "merge", "method": cfg.method, "lambda": lam, "weights": weights,
+                  "students": [{"path": str(s.path.resolve()), "sha256": s.sha256, "range": list(s.timestep_range)}
+                               for s in students],
+                  "theta_0": str(base_path.resolve()) if base_path else None,
+                  "theta_0_sha256": base.sha256 if base is not None else None,
+                  "teacher": students[0].provenance.get("teacher"),
+                  "teacher_sha256": students[0].provenance.get("teacher_sha256")}
+
+    # 4. Write: one self-describing file, or a stage directory.
+    if out.suffix == ".safetensors":
+        save_model_file(out, template, sched, kind="merged", timestep_range=(0, T), provenance=provenance,
+                        force=cfg.force)
+        return out
+    with atomic_dir(out, force=cfg.force) as tmp:
+        save_model_file(tmp / ARTIFACT, template, sched, kind="merged", timestep_range=(0, T), provenance=provenance)
+        parents = [parent_ref(Path(x)) for x in cfg.inputs] + ([parent_ref(base_path)] if base_path else [])
+        write_manifest(tmp, "merged", {**cfg.model_dump(mode="json"), "lam": lam, "weights": weights},
+                       parents=parents, models=[model_record("merged", ARTIFACT, template, (0, T))],
+                       scheduler_config=sched, summary={"students": k, "method": cfg.method, "lambda": lam})
+    return out
