@@ -13,7 +13,6 @@ the distinct batches of a step go through the teacher in one call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import cifar10_teacher, header, machine_info, template
+from common import cifar10_teacher, header, machine_info, parser, template
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device, synchronize
@@ -66,15 +65,12 @@ def measure(tpl: Path, teacher_path: Path, images: torch.Tensor, k: int, p_own: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, help="timed steps (default: 20 digits, 4 cifar10)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, help="batch per student per step (default: 32 digits, 8 cifar10)")
     ap.add_argument("--p-own", type=float, default=0.5)
     ap.add_argument("--kd", default="output")
-    ap.add_argument("--only", choices=["digits", "cifar10"])
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = resolve_device(args.device)
     rows = []

@@ -17,7 +17,6 @@ weights) and its ratio-0.3 template, in one run on one device:
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import cifar10_teacher, header, machine_info, template
+from common import cifar10_teacher, header, machine_info, parser, template
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device, synchronize
@@ -68,12 +67,9 @@ def _time_steps(eng, steps: int, device: torch.device) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
+    ap = parser(__doc__)
     ap.add_argument("--init-steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (best kept)")
-    ap.add_argument("--only", choices=["digits", "cifar10"])
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = resolve_device(args.device)
     rows = []

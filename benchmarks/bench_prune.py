@@ -11,15 +11,13 @@ each, so only the ratios between rows of one run are meaningful.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
-from common import cifar10_teacher, header, machine_info
+from common import cifar10_teacher, header, machine_info, parser
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.devices import resolve_device
 from o2mcli.diffusion.sampler import measure_throughput
@@ -40,13 +38,10 @@ def _teachers(work: Path, only: str | None) -> dict[str, Path]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=5, help="DDIM steps per sampling run")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; the best of each is kept")
-    ap.add_argument("--only", choices=["cifar10", "digits"])
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = resolve_device(args.device)
     results = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import torch
 from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
 from o2mcli.models.io import build_unet, save_model_file
 from o2mcli.stages.prune import PruneConfig, run_prune
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --device, --only (one teacher) and --json."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--only", choices=["digits", "cifar10"], help="one teacher instead of both")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap
 
 
 def machine_info(device: torch.device) -> dict:

@@ -46,6 +46,29 @@ def assert_refused(result, *words: str) -> None:
         assert w in lines[0], lines[0]
 
 
+def kill_after_checkpoint(cmd: list[str], state: Path, min_step: int, env: dict) -> bool:
+    """Run ``cmd``; SIGKILL it once ``state`` (a checkpoint JSON) reaches ``min_step``. False if it finished first."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text() or "{}").get("step", 0) >= min_step:
+                break
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
 def tiny_scheduler(variance: str = "fixed", T: int = 1000) -> dict:
     return scheduler_config(variance, T)
 

@@ -1,4 +1,4 @@
-"""The CLI as users type it: chaining defaults, entry points, commands not built yet."""
+"""The CLI as users type it: chaining defaults, entry points, the debug traceback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from o2mcli.cli import app

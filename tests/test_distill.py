@@ -6,18 +6,16 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_refused, cli, tiny_scheduler
+from conftest import assert_refused, cli, kill_after_checkpoint, tiny_scheduler
 from o2mcli.errors import O2MError
 from o2mcli.manifest import read_manifest
 from o2mcli.models.configs import unet_config
@@ -205,19 +203,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, template: Path
     subprocess.run(_cmd(template, ref), check=True, env=env, capture_output=True)
     out = tmp_path / "run"
     state = tmp_path / "run.partial" / "checkpoint.json"
-    proc = subprocess.Popen(_cmd(template, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text() or "{}").get("step", 0) >= 4:
-                break
-        except (OSError, json.JSONDecodeError):
-            pass
-        time.sleep(0.02)
-    if proc.poll() is not None:
+    if not kill_after_checkpoint(_cmd(template, out), state, 4, env):
         pytest.skip("distillation finished before it could be killed (machine too fast for this check)")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     assert not out.exists()
     args = _cmd(template, out)[3:]
     assert_refused(cli(*args), "--resume")

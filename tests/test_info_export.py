@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import o2mcli.chain
 from conftest import assert_refused, cli, make_model_stage, tiny_scheduler, tiny_unet
-from o2mcli.cli import app
-from o2mcli.fsutil import atomic_dir, sha256_file
-from o2mcli.manifest import write_manifest
-from o2mcli.models.io import load_model, model_record, save_model_file
+from o2mcli.fsutil import sha256_file
+from o2mcli.models.io import load_model, save_model_file
 from o2mcli.models.stats import count_macs, count_params
 from o2mcli.stages.sample import SampleConfig, run_sample
 

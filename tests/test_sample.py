@@ -9,13 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import assert_refused, cli, make_model_stage, tiny_scheduler, tiny_unet
-from o2mcli.cli import app
-from o2mcli.fsutil import atomic_dir, sha256_file
-from o2mcli.manifest import read_manifest, write_manifest
-from o2mcli.models.io import model_record, save_model_file
+from conftest import assert_refused, cli, make_model_stage, tiny_scheduler
+from o2mcli.fsutil import sha256_file
+from o2mcli.manifest import read_manifest
 from o2mcli.stages.sample import SampleConfig, run_sample
 
 

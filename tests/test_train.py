@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import kill_after_checkpoint
 from o2mcli.cli import app
 from o2mcli.manifest import read_manifest
 from o2mcli.models import load_model
@@ -102,16 +100,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
     out = tmp_path / "run.safetensors"
     state = tmp_path / "run.safetensors.partial" / "checkpoint.json"
-    proc = subprocess.Popen(_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= 8:
-            break
-        time.sleep(0.05)
-    if proc.poll() is not None:
+    if not kill_after_checkpoint(_cmd(out), state, 8, env):
         pytest.skip("training finished before it could be killed (machine too fast for this check)")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     assert not out.exists()
     res = runner.invoke(app, ["train", *TINY, "--steps", "24", "--save-every", "4", "--seed", "3", "-o", str(out)])
     assert res.exit_code == 2 and "--resume" in res.output

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.data import load_dataset
