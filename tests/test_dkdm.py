@@ -114,13 +114,12 @@ def test_buffer_initialization_is_uniform(init_steps) -> None:
 def test_slots_advance_one_step_per_use_and_restart_at_zero() -> None:
     buf = DynamicBuffer((1, 8, 8), 64, _terms(), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    buf.bind_generator(g)
     buf.t = torch.arange(64) % T_SMALL
     buf.x = torch.randn(64, 1, 8, 8)
     before_t, before_x = buf.t.clone(), buf.x.clone()
     batch = buf.draw(0, T_SMALL, 16, g)
     assert batch.slots.unique().numel() == 16 and torch.equal(batch.t, before_t[batch.slots])
-    buf.after_teacher(batch, torch.zeros(16, 1, 8, 8))
+    buf.after_teacher(batch, torch.zeros(16, 1, 8, 8), g)
     used = torch.zeros(64, dtype=torch.bool)
     used[batch.slots] = True
     was0 = used & (before_t == 0)

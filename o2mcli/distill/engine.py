@@ -120,7 +120,7 @@ class Distiller:
             offset += n
             teacher_out[r] = split_outputs(t_raw[sl], self.channels, self.teacher_learned,
                                            {n: f[sl] for n, f in t_feats.items()})
-            self.source.after_teacher(batches[r], t_raw[sl])
+            self.source.after_teacher(batches[r], t_raw[sl], self.gen_data)
         clock("teacher")
 
         parts_all = []

@@ -155,8 +155,6 @@ def make_distiller(cfg: DistillConfig, student_unet, teacher, plan, device, dist
     sched = DDPMScheduler.from_config({k: v for k, v in teacher.scheduler_config.items() if not k.startswith("_")})
     terms = DiffusionTerms(sched.betas)
     source = make_source(terms, device)
-    if hasattr(source, "bind_generator"):
-        source.bind_generator(gen_data)
     init_unet = copy.deepcopy(teacher.unet if cfg.init == "teacher" else student_unet).cpu()
     tunet = teacher.unet.cpu()
     s_ch: dict[str, int] = {}

@@ -142,11 +142,11 @@ class DynamicBuffer:
         return Batch(x_t=self.x[d], t=self.t[slots].to(self.device), slots=slots)
 
     @torch.no_grad()
-    def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator) -> None:
         """Write the teacher's reverse step back; slots that were at t = 0 restart from noise at T-1."""
         c = self.shape[0]
         slots = batch.slots
-        g = generator if generator is not None else self._gen
+        g = generator
         z = torch.randn((slots.numel(), *self.shape), generator=g).to(self.device)
         eps = teacher_out[:, :c].float()
         v = teacher_out[:, c:2 * c].float() if self.learned else None
@@ -161,12 +161,6 @@ class DynamicBuffer:
             self.restarts += int(done.sum())
         self.t[slots] = torch.where(done, torch.full_like(t, self.T - 1), t - 1)
         self.steps_done[slots] += 1
-
-    _gen: torch.Generator | None = None
-
-    def bind_generator(self, generator: torch.Generator) -> None:
-        """The generator for the reverse steps' noise (the engine's per-rank data generator)."""
-        self._gen = generator
 
     # 3. Checkpoint state -------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ class ImageSource:
         t, noise = t.to(self.device), noise.to(self.device)
         return Batch(x_t=q_sample(self.terms, x0, t, noise), t=t, noise=noise, x0=x0)
 
-    def after_teacher(self, batch: Batch, teacher_out: torch.Tensor) -> None:
+    def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator) -> None:
         """Real data does not depend on the teacher."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
