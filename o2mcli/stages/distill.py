@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -309,10 +310,18 @@ def run_distill(cfg: DistillConfig) -> Path:
         if dist.is_main:
             work.mkdir(parents=True, exist_ok=True)
         barrier(dist)
+
+        def save(step: int) -> None:
+            """Every rank contributes its state (RNGs, buffer); rank 0 writes the checkpoint atomically."""
+            tensors, meta = engine.state(step)
+            if dist.is_main:
+                meta.update(config_fingerprint=_fingerprint(cfg), init_info=init_info)
+                save_checkpoint(work, tensors, meta)
+            barrier(dist)
+
         if dkdm and not cfg.resume:
             buf = engine.source
             if dist.is_main:
-                import sys
                 print(buf.describe() + (f" x {dist.world} ranks" if dist.enabled else "") + "; initializing by "
                       + (f"{cfg.init_steps}-step DDIM jumps" if cfg.init_steps else "exact shuffle denoise"),
                       file=sys.stderr)
@@ -320,12 +329,8 @@ def run_distill(cfg: DistillConfig) -> Path:
             buf.initialize(engine.teacher, engine.gen_data, cfg.init_steps, cfg.init_batch)
             init_info = {"seconds": round(time.perf_counter() - t0, 3), "teacher_forwards": buf.init_forwards,
                          "slots": buf.n, "bytes": buf.bytes, "init_steps": cfg.init_steps}
-            tensors, meta = engine.state(0)
-            if dist.is_main:
-                meta.update(config_fingerprint=_fingerprint(cfg), init_info=init_info)
-                save_checkpoint(work, tensors, meta)
+            save(0)
             last_good = 0
-            barrier(dist)
         log = JsonlLog(work / "metrics.jsonl", keep_until_step=start if cfg.resume else None) if dist.is_main else None
 
         # 5. The loop.
@@ -351,12 +356,8 @@ def run_distill(cfg: DistillConfig) -> Path:
                                    "images_per_s": ips})
                     bar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / len(rows):.4f}")
             if at_save:
-                tensors, meta = engine.state(done)
-                if dist.is_main:
-                    meta.update(config_fingerprint=_fingerprint(cfg), init_info=init_info)
-                    save_checkpoint(work, tensors, meta)
+                save(done)
                 last_good = done
-                barrier(dist)
         seconds = time.perf_counter() - t_run
         if log is not None:
             log.close()
