@@ -85,10 +85,14 @@ def test_merge_students_into_one_file(students: Path, in_tmp: Path) -> None:
     torch.testing.assert_close(out[k], want.float(), rtol=1e-6, atol=1e-7)
 
 
-def test_merge_to_a_stage_directory(students: Path, in_tmp: Path) -> None:
-    assert cli("merge", students, "-o", "merged", "--method", "average").exit_code == 0
+def test_merge_to_a_stage_directory(students: Path, in_tmp: Path, monkeypatch) -> None:
+    assert cli("merge", "-o", "merged", "--method", "average").exit_code == 0  # the newest students here
     man = read_manifest(in_tmp / "merged")
     assert man.kind == "merged" and man.summary["students"] == 3 and man.models[0].timestep_range == (0, 1000)
+    assert man.parents[0].path == str(students.resolve())
+    (in_tmp / "empty").mkdir()
+    monkeypatch.chdir(in_tmp / "empty")
+    assert_refused(cli("merge"), "no students found here")
 
 
 def test_merge_refusals(students: Path, in_tmp: Path) -> None:

@@ -13,7 +13,8 @@ from o2mcli.cli.app import app, handles_errors
 @app.command()
 @handles_errors
 def merge(
-    inputs: List[str] = typer.Argument(..., help="A students directory (o2m distill's output), or student files."),
+    inputs: Optional[List[str]] = typer.Argument(None, help="A students directory (o2m distill's output), or "
+                                                 "student files; default: the newest students directory here."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="A .safetensors file (default merged.safetensors, "
                                        "or merged-2.safetensors...) or a directory."),
     method: str = typer.Option("task-arithmetic", help="task-arithmetic (theta_0 + lambda sum w_k task vectors) or "
@@ -23,7 +24,11 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Merge the K students of one run into one UNet by task arithmetic."""
+    from o2mcli.chain import find_newest_model
     from o2mcli.stages.merge import MergeConfig, parse_number, run_merge
+
+    if not inputs:
+        inputs = [str(find_newest_model(Path("."), kinds=("students",)))]
 
     if out is None:
         out, i = Path("merged.safetensors"), 2
