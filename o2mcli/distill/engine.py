@@ -25,7 +25,7 @@ from o2mcli.distill.losses.base import KDLoss, Outputs
 from o2mcli.distill.objective import Objective
 from o2mcli.distill.plan import TimestepPlan
 from o2mcli.distill.sources.base import Batch, DataSource
-from o2mcli.engine.checkpoint import load_optimizer, optimizer_tensors
+from o2mcli.engine.checkpoint import adamw_with_warmup, load_optimizer, optimizer_tensors
 from o2mcli.engine.dist import DistState, all_reduce_mean, broadcast_flag, gather_tensors
 from o2mcli.engine.ema import EMA
 from o2mcli.errors import O2MError
@@ -53,9 +53,8 @@ class Student:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.model = DDP(model)
         self.tap = FeatureTap(model, kd.points if kd.needs_features else [])
-        self.opt = torch.optim.AdamW(list(model.parameters()) + list(kd.parameters()), lr=hyper.lr,
-                                     weight_decay=hyper.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, hyper.lr_warmup)))
+        self.params = list(model.parameters()) + list(kd.parameters())  # what the optimizer and clipping see
+        self.opt, self.sched = adamw_with_warmup(self.params, hyper.lr, hyper.weight_decay, hyper.lr_warmup)
         self.ema = EMA(model, hyper.ema_decay)
 
 
@@ -136,7 +135,7 @@ class Distiller:
             loss.backward()
             # DDP averaged the UNet's gradients; the KD module's (CRD heads) are averaged here.
             all_reduce_mean([p.grad for p in st.kd.parameters() if p.grad is not None], self.dist)
-            torch.nn.utils.clip_grad_norm_(list(st.raw.parameters()) + list(st.kd.parameters()), self.hyper.grad_clip)
+            torch.nn.utils.clip_grad_norm_(st.params, self.hyper.grad_clip)
             st.opt.step()
             st.sched.step()
             st.ema.update(st.raw)

@@ -62,3 +62,29 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if step != state.get("step"):
         raise O2MError(f"{directory}: checkpoint tensors (step {step}) and state (step {state.get('step')}) disagree")
     return tensors, state
+
+
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished run keeps its checkpoint and log: beside the output, never inside it."""
+    return out.with_name(out.name + ".partial")
+
+
+def check_partial(out: Path, resume: bool, force: bool) -> Path:
+    """The run's partial directory, after refusing a resume with nothing to resume or an unasked restart.
+
+    With ``force`` and no ``resume`` an existing partial directory may be discarded; the caller
+    removes it (under torchrun, rank 0 only).
+    """
+    work = partial_dir(out)
+    if resume and not work.exists():
+        raise O2MError(f"{work}: nothing to resume (no interrupted run for {out})")
+    if work.exists() and not resume and not force:
+        raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
+    return work
+
+
+def adamw_with_warmup(params, lr: float, weight_decay: float, warmup: int):
+    """AdamW and a linear warm-up to ``lr`` over ``warmup`` steps, constant after (every trainer's optimizer)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    return opt, sched

@@ -74,11 +74,6 @@ class _Quiet(list):
         """Silent."""
 
 
-def partial_dir(out: Path) -> Path:
-    """Where an unfinished run keeps its checkpoint and log: beside the output."""
-    return out.with_name(out.name + ".partial")
-
-
 def _fingerprint(cfg: DistillConfig) -> dict:
     # `steps` may grow on resume (constant LR after warm-up); paths and devices may move.
     return cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out",
@@ -213,7 +208,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     from o2mcli.distill.plan import TimestepPlan, parse_boundaries, uniform_boundaries
     from o2mcli.distill.sources import ImageSource
     from o2mcli.distill.sources.buffer import DynamicBuffer, buffer_slots
-    from o2mcli.engine.checkpoint import load_checkpoint, save_checkpoint
+    from o2mcli.engine.checkpoint import check_partial, load_checkpoint, save_checkpoint
     from o2mcli.engine.dist import barrier, init_distributed, local_device, shutdown
     from o2mcli.engine.run import JsonlLog, progress
     from o2mcli.fsutil import check_output_free
@@ -221,12 +216,8 @@ def run_distill(cfg: DistillConfig) -> Path:
 
     # 1. Refuse bad outputs and options before any work.
     out = Path(cfg.out)
-    work = partial_dir(out)
     check_output_free(out, cfg.force)
-    if cfg.resume and not work.exists():
-        raise O2MError(f"{work}: nothing to resume (no interrupted run for {out})")
-    if work.exists() and not cfg.resume and not cfg.force:
-        raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
+    work = check_partial(out, cfg.resume, cfg.force)
     kd_class(cfg.kd)  # an unknown --kd is refused before any loading
     dkdm = cfg.mode == "dkdm"
     if dkdm and cfg.data is not None:

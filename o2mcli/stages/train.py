@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from o2mcli.data import load_dataset
 from o2mcli.devices import autocast, resolve_device
 from o2mcli.diffusion.gaussian import DiffusionTerms, mean_flat, vlb_loss
-from o2mcli.engine.checkpoint import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
+from o2mcli.engine.checkpoint import (adamw_with_warmup, check_partial, load_checkpoint, load_optimizer,
+                                      optimizer_tensors, save_checkpoint)
 from o2mcli.engine.ema import EMA
 from o2mcli.engine.run import JsonlLog, progress, read_jsonl, seed_everything
 from o2mcli.errors import O2MError
@@ -60,23 +61,14 @@ class TrainConfig(BaseModel):
         return v
 
 
-def partial_dir(out: Path) -> Path:
-    """Where an unfinished run keeps its checkpoint and log: beside the output, never inside it."""
-    return out.with_name(out.name + ".partial")
-
-
 def run_train(cfg: TrainConfig) -> Path:
     """Train a DDPM teacher; write a ``teacher`` stage directory, or one ``.safetensors`` if ``out`` ends so."""
     # 1. Refuse bad outputs before any work.
     out = Path(cfg.out)
-    work = partial_dir(out)
     check_output_free(out, cfg.force)
+    work = check_partial(out, cfg.resume, cfg.force)
     if work.exists() and not cfg.resume:
-        if not cfg.force:
-            raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
-        shutil.rmtree(work)
-    if cfg.resume and not work.exists():
-        raise O2MError(f"{work}: nothing to resume (no interrupted run for {out})")
+        shutil.rmtree(work)  # --force: start over
     if cfg.attention_level is not None and not 0 <= cfg.attention_level < len(cfg.block_out_channels):
         raise O2MError(f"--attention-level {cfg.attention_level}: must index one of {len(cfg.block_out_channels)} levels")
 
@@ -99,8 +91,7 @@ def run_train(cfg: TrainConfig) -> Path:
     scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps)
     model = build_unet(ucfg, None, out).to(device).train()
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.lr_warmup)))
+    opt, sched = adamw_with_warmup(model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup)
     from diffusers import DDPMScheduler
     noise_sched = DDPMScheduler.from_config({k: v for k, v in scfg.items() if not k.startswith("_")})
     terms = DiffusionTerms(noise_sched.betas)
