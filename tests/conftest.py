@@ -18,13 +18,21 @@ from o2mcli.manifest import write_manifest  # noqa: E402
 from o2mcli.models.io import build_unet, model_record, save_model_file  # noqa: E402
 
 
-def tiny_unet(variance: str = "fixed", channels: int = 1, size: int = 8, attention: bool = True, seed: int = 0):
-    """A random UNet2DModel with block_out_channels (4, 8) and 2 GroupNorm groups."""
+def tiny_unet(variance: str = "fixed", channels: int = 1, size: int = 8, attention: bool = True, seed: int = 0,
+              block_out_channels: tuple[int, ...] = (4, 8), head_dim: int | None = 4):
+    """A random UNet2DModel with block_out_channels (4, 8) by default and 2 GroupNorm groups."""
     torch.manual_seed(seed)
-    cfg = unet_config(sample_size=size, channels=channels, variance=variance, block_out_channels=(4, 8),
+    cfg = unet_config(sample_size=size, channels=channels, variance=variance, block_out_channels=block_out_channels,
                       layers_per_block=1, norm_num_groups=2, attention_level=1 if attention else None)
-    cfg["attention_head_dim"] = 4
+    cfg["attention_head_dim"] = head_dim
     return build_unet(cfg, None, Path("tiny"))
+
+
+def tiny_teacher_file(path: Path, variance: str = "fixed", seed: int = 0, T: int = 1000) -> Path:
+    """A (8, 16) teacher on 1x8x8 images saved as an o2m file: room to prune to (4, 8)."""
+    unet = tiny_unet(variance, seed=seed, block_out_channels=(8, 16))
+    save_model_file(path, unet, scheduler_config(variance, T), kind="teacher")
+    return path
 
 
 def cli(*args):

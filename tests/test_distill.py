@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_refused, cli, kill_after_checkpoint, tiny_scheduler
+from conftest import assert_refused, cli, kill_after_checkpoint, tiny_scheduler, tiny_teacher_file
 from o2mcli.errors import O2MError
 from o2mcli.manifest import read_manifest
 from o2mcli.models.configs import unet_config
@@ -27,12 +27,7 @@ FAST = ["--batch-size", "8", "--log-every", "2", "--lr", "1e-3", "--device", "cp
 
 
 def _teacher(path: Path, variance: str = "fixed", seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = unet_config(sample_size=8, channels=1, variance=variance, block_out_channels=(8, 16), layers_per_block=1,
-                      norm_num_groups=2, attention_level=1)
-    cfg["attention_head_dim"] = 4
-    save_model_file(path, build_unet(cfg, None, path), tiny_scheduler(variance), kind="teacher")
-    return path
+    return tiny_teacher_file(path, variance, seed)
 
 
 @pytest.fixture

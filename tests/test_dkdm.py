@@ -10,14 +10,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from conftest import assert_refused, cli
+from conftest import assert_refused, cli, tiny_teacher_file, tiny_unet
 from o2mcli.diffusion.gaussian import DiffusionTerms, normal_kl, reverse_kl
 from o2mcli.distill.sources.base import Batch
 from o2mcli.distill.sources.buffer import DynamicBuffer, buffer_slots
 from o2mcli.errors import O2MError
 from o2mcli.manifest import read_manifest
-from o2mcli.models.configs import scheduler_config, unet_config
-from o2mcli.models.io import build_unet, save_model_file
 from o2mcli.stages.prune import PruneConfig, run_prune
 
 FAST = ["--batch-size", "8", "--log-every", "2", "--lr", "1e-3", "--device", "cpu", "--rho", "0.1",
@@ -26,16 +24,11 @@ T_SMALL = 20
 
 
 def _unet(variance: str, seed: int = 0, channels=(8, 16)):
-    torch.manual_seed(seed)
-    cfg = unet_config(sample_size=8, channels=1, variance=variance, block_out_channels=channels, layers_per_block=1,
-                      norm_num_groups=2, attention_level=1)
-    cfg["attention_head_dim"] = 4
-    return build_unet(cfg, None, Path("unet"))
+    return tiny_unet(variance, seed=seed, block_out_channels=channels)
 
 
 def _teacher_file(path: Path, variance: str = "learned") -> Path:
-    save_model_file(path, _unet(variance), scheduler_config(variance, T_SMALL), kind="teacher")
-    return path
+    return tiny_teacher_file(path, variance, T=T_SMALL)
 
 
 @pytest.fixture

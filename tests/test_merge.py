@@ -9,24 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_refused, cli, tiny_scheduler
+from conftest import assert_refused, cli, tiny_teacher_file
 from o2mcli.manifest import read_manifest
 from o2mcli.merge.average import weighted_average
 from o2mcli.merge.task_arithmetic import task_arithmetic
-from o2mcli.models.configs import unet_config
-from o2mcli.models.io import build_unet, load_model, save_model_file
+from o2mcli.models.io import load_model
 from o2mcli.stages.prune import PruneConfig, run_prune
 
 FAST = ["--batch-size", "8", "--log-every", "2", "--lr", "1e-3", "--device", "cpu"]
 
 
 def _teacher(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = unet_config(sample_size=8, channels=1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=2,
-                      attention_level=1)
-    cfg["attention_head_dim"] = 4
-    save_model_file(path, build_unet(cfg, None, path), tiny_scheduler(), kind="teacher")
-    return path
+    return tiny_teacher_file(path, seed=seed)
 
 
 @pytest.fixture

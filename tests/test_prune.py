@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_refused, cli, tiny_scheduler
+from conftest import assert_refused, cli, tiny_scheduler, tiny_unet
 from o2mcli.errors import O2MError
 from o2mcli.manifest import read_manifest
 from o2mcli.models.configs import unet_config
@@ -28,11 +28,7 @@ T = torch.tensor([0, 421, 999])
 
 def unet8(variance: str = "fixed", attention: bool = True, head_dim: int | None = 4, seed: int = 0):
     """A random UNet with block_out_channels (8, 16), 2 GroupNorm groups, on 1x8x8 images."""
-    torch.manual_seed(seed)
-    cfg = unet_config(sample_size=8, channels=1, variance=variance, block_out_channels=(8, 16), layers_per_block=1,
-                      norm_num_groups=2, attention_level=1 if attention else None)
-    cfg["attention_head_dim"] = head_dim
-    return build_unet(cfg, None, Path("unet8"))
+    return tiny_unet(variance, attention=attention, seed=seed, block_out_channels=(8, 16), head_dim=head_dim)
 
 
 def _processors(model, proc) -> None:
