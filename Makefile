@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.o2m-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench table clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 # pytest exits 5 when it collects no test; make turns any non-zero exit into a failure.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The comparison table on the embedded default (about 45 minutes on 2 CPU cores): writes docs/results.md.
+table: $(STAMP)
+	O2M=$(BIN)/o2m bash recipes/digits-table.sh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py

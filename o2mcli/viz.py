@@ -45,7 +45,8 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
     """A small line/scatter plot with axes and a legend, written as PNG."""
     from PIL import Image, ImageDraw
 
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # matplotlib's tab10
     W, H = size
     left, right, top, bottom = 70, 20, 30, 45
     img = Image.new("RGB", size, "white")

@@ -169,6 +169,28 @@ def test_k1_is_o2okd_and_p_own_zero_trains_every_student_alike(in_tmp: Path, tem
     assert read_manifest(in_tmp / "own").summary["own_range_fraction"] == [1.0, 1.0, 1.0]
 
 
+def test_kd_none_is_plain_training_without_the_teacher(in_tmp: Path, template: Path, monkeypatch) -> None:
+    """The "w/o KD" row: --kd none trains on L_diff alone, exactly as --alpha 0, and never runs the teacher."""
+    assert cli("distill", template, "-k", "1", "--kd", "output", "--alpha", "0", "--steps", "3", *FAST,
+               "-o", "alpha0").exit_code == 0
+    from o2mcli.distill.engine import Distiller
+
+    def no_teacher(self, order, batches):
+        raise AssertionError("the teacher ran under --kd none")
+
+    monkeypatch.setattr(Distiller, "_run_teacher", no_teacher)
+    res = cli("distill", template, "-k", "1", "--kd", "none", "--steps", "3", *FAST, "-o", "none")
+    assert res.exit_code == 0, res.output
+    (a,), (b,) = _weights(in_tmp / "alpha0"), _weights(in_tmp / "none")
+    assert _same(a, b)
+    s = read_manifest(in_tmp / "none").summary
+    assert s["teacher_forwards_per_student_sample"] == 0 and "no KD" in s["losses"]
+    assert set(json.loads((in_tmp / "none" / "metrics.jsonl").read_text().splitlines()[0])) >= {"diff", "loss"}
+    assert_refused(cli("distill", template, "--mode", "dkdm", "--kd", "none", "--steps", "1", *FAST, "-o", "d"),
+                   "--kd none", "dkdm")
+    assert not (in_tmp / "d").exists()
+
+
 def test_init_from_teacher_and_learned_variance(in_tmp: Path) -> None:
     teacher = _teacher(in_tmp / "learned.safetensors", "learned")
     run_prune(PruneConfig(teacher=str(teacher), ratio=0.5, throughput=False, out=in_tmp / "tpl"))

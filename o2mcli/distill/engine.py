@@ -91,6 +91,9 @@ class Distiller:
         self.teacher_tap = FeatureTap(self.teacher, names)
         self.own_steps = self.own_steps or [0] * len(self.students)
         self.teacher.eval().requires_grad_(False)
+        # ``--kd none`` on real data ("w/o KD") never needs the teacher: skip its forward entirely.
+        self.uses_teacher = (any(s.kd.needs_teacher for s in self.students) or self.objective.needs_teacher
+                             or getattr(self.source, "needs_teacher", True))
 
     # 1. One step ------------------------------------------------------------------------------------
 
@@ -104,22 +107,9 @@ class Distiller:
             self.own_steps[k] += r != (0, self.plan.T)
 
         clock("data")
-        # The teacher runs once over every distinct batch of this step.
-        x = torch.cat([batches[r].x_t for r in order])
-        t = torch.cat([batches[r].t for r in order])
-        with torch.no_grad(), autocast(self.device):
-            t_raw = self.teacher(x, t).sample.float()
-        t_feats = {n: f.detach().float() for n, f in self.teacher_tap.pop().items()}
-        self.teacher_samples += x.shape[0]
-        teacher_out = {}
-        offset = 0
-        for r in order:
-            n = batches[r].x_t.shape[0]  # a buffer range may hold fewer than b slots
-            sl = slice(offset, offset + n)
-            offset += n
-            teacher_out[r] = split_outputs(t_raw[sl], self.channels, self.teacher_learned,
-                                           {n: f[sl] for n, f in t_feats.items()})
-            self.source.after_teacher(batches[r], t_raw[sl], self.gen_data)
+        teacher_out: dict[tuple[int, int], Outputs | None] = dict.fromkeys(order)
+        if self.uses_teacher:
+            teacher_out = self._run_teacher(order, batches)
         clock("teacher")
 
         parts_all = []
@@ -142,6 +132,25 @@ class Distiller:
             parts_all.append({k: v.detach() for k, v in parts.items()})
         clock("students")
         return parts_all
+
+    def _run_teacher(self, order: list[tuple[int, int]], batches: dict) -> dict[tuple[int, int], Outputs]:
+        """The teacher, once over every distinct batch of this step; its outputs split back per range."""
+        x = torch.cat([batches[r].x_t for r in order])
+        t = torch.cat([batches[r].t for r in order])
+        with torch.no_grad(), autocast(self.device):
+            t_raw = self.teacher(x, t).sample.float()
+        t_feats = {n: f.detach().float() for n, f in self.teacher_tap.pop().items()}
+        self.teacher_samples += x.shape[0]
+        teacher_out = {}
+        offset = 0
+        for r in order:
+            n = batches[r].x_t.shape[0]  # a buffer range may hold fewer than b slots
+            sl = slice(offset, offset + n)
+            offset += n
+            teacher_out[r] = split_outputs(t_raw[sl], self.channels, self.teacher_learned,
+                                           {n: f[sl] for n, f in t_feats.items()})
+            self.source.after_teacher(batches[r], t_raw[sl], self.gen_data)
+        return teacher_out
 
     def _clock(self):
         """Adds the time since the previous call to ``timings[name]``; a no-op unless profiling."""

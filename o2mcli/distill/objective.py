@@ -41,7 +41,12 @@ class Objective:
     kl_weight: float = 0.0
     kl: KLTerm | None = None
 
-    def __call__(self, kd: KDLoss, student: Outputs, teacher: Outputs, batch: Batch,
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the objective reads the teacher whatever the KD loss (DKDM's L'_simple, the KL term)."""
+        return self.base == "output" or (self.kl is not None and self.kl_weight > 0)
+
+    def __call__(self, kd: KDLoss, student: Outputs, teacher: Outputs | None, batch: Batch,
                  terms: DiffusionTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | float = 0.0
@@ -51,7 +56,8 @@ class Objective:
         elif self.base == "output":
             parts["simple"] = mean_flat((student.eps - teacher.eps) ** 2).mean()
             total = parts["simple"]
-        if not (self.base == "output" and isinstance(kd, OutputKD)):  # DKDM's L'_simple already is output KD
+        if kd.needs_teacher and not (self.base == "output" and isinstance(kd, OutputKD)):
+            # (DKDM's L'_simple already is output KD; ``none`` adds nothing)
             parts["kd"] = kd(student, teacher)
             total = total + self.alpha * parts["kd"]
         if self.kl is not None and self.kl_weight > 0:

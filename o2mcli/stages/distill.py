@@ -223,6 +223,9 @@ def run_distill(cfg: DistillConfig) -> Path:
     if dkdm and cfg.data is not None:
         raise O2MError(f"--data {cfg.data}: DKDM takes no data (the teacher is its only input); drop --data, "
                        "or use --mode o2mkd to distil on images")
+    if dkdm and cfg.kd == "none":
+        raise O2MError("--kd none with --mode dkdm: a data-free student learns only from the teacher; "
+                       "use --kd none with --mode o2mkd (plain training on the data)")
     if not cfg.rho > 0:
         raise O2MError(f"--rho {cfg.rho}: must be positive (the buffer holds rho*T*b samples)")
 
@@ -423,10 +426,11 @@ def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, 
 def _losses_text(cfg, engine, records) -> str:
     learned = bool(records) and _learned(records[0].unet_config)
     obj = engine.objective
-    kd = "" if (cfg.mode == "dkdm" and cfg.kd == "output") else f" + {cfg.alpha} * L_KD({cfg.kd})"
+    kd = "" if (cfg.mode == "dkdm" and cfg.kd == "output") or cfg.kd == "none" else f" + {cfg.alpha} * L_KD({cfg.kd})"
     if cfg.mode == "dkdm":
         if obj.kl is not None:
             return f"||eps_T - eps_S||^2{kd} + {obj.kl_weight} * KL(p_T || p_S) (learned variances)"
         return (f"||eps_T - eps_S||^2{kd} only: fixed-variance "
                 + ("teacher" if not _learned(engine.teacher.config) else "student") + ", no KL term")
+    kd += " (no KD: the teacher was never run)" if cfg.kd == "none" else ""
     return f"L_diff{kd}" + (" (L_diff includes the improved-DDPM vlb term: learned-variance student)" if learned else "")

@@ -7,12 +7,13 @@ import torch
 from o2mcli.distill.losses.at import AttentionTransfer
 from o2mcli.distill.losses.base import KDLoss, Outputs
 from o2mcli.distill.losses.crd import ContrastiveRD
+from o2mcli.distill.losses.none import NoKD
 from o2mcli.distill.losses.output import OutputKD
 from o2mcli.distill.losses.sp import SimilarityPreserving
 from o2mcli.errors import O2MError
 
 KD_LOSSES: dict[str, type[KDLoss]] = {c.name: c for c in (OutputKD, AttentionTransfer, SimilarityPreserving,
-                                                            ContrastiveRD)}
+                                                            ContrastiveRD, NoKD)}
 
 __all__ = ["KD_LOSSES", "KDLoss", "Outputs", "kd_class", "build_kd_loss"]
 

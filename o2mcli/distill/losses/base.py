@@ -27,6 +27,7 @@ class KDLoss(nn.Module):
 
     name: ClassVar[str] = ""
     needs_features: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True  # False only for ``none``: the engine then skips the teacher
 
     def __init__(self, student_channels: dict[str, int], teacher_channels: dict[str, int],
                  generator: torch.Generator | None = None) -> None:

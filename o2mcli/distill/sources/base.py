@@ -23,6 +23,7 @@ class DataSource(Protocol):
     """Draws batches on a timestep range; may update itself from the teacher's output."""
 
     name: str
+    needs_teacher: bool  # whether after_teacher reads the teacher's output
 
     def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch: ...
 

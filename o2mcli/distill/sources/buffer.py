@@ -48,6 +48,7 @@ class DynamicBuffer:
     """The data source of DKDM: no images anywhere, only the teacher."""
 
     name = "dkdm-buffer"
+    needs_teacher = True  # its slots advance by the teacher's reverse steps
 
     def __init__(self, shape: tuple[int, int, int], slots: int, terms: DiffusionTerms, device: torch.device,
                  variance_type: str = "fixed_small", learned: bool = False) -> None:

@@ -13,6 +13,7 @@ class ImageSource:
     """Batches of real images noised to timesteps drawn on ``[lo, hi)``; all randomness from ``generator``."""
 
     name = "images"
+    needs_teacher = False
 
     def __init__(self, images: torch.Tensor, terms: DiffusionTerms, device: torch.device) -> None:
         self.images = images.to(device)  # [-1, 1], (N, C, H, W)
