@@ -13,23 +13,19 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 METHODS = {  # samples-dir suffix -> (method, data, students)
     "nokd": ("no KD (plain training)", "digits", "1"),
     "o2okd": ("O2OKD", "digits", "1"),
+    "o2okd-4x": ("O2OKD, 4x steps (a K=4 run's total compute)", "digits", "1"),
     "o2mkd": ("O2MKD", "digits", "4"),
     "o2mkd-merged": ("O2MKD, merged", "digits", "4 -> 1"),
     "dkdm": ("DKDM", "none", "1"),
     "dfo2mkd": ("data-free O2MKD", "none", "4"),
     "dfo2mkd-merged": ("data-free O2MKD, merged", "none", "4 -> 1"),
 }
-
-
-def _num(x: float, digits: int = 3) -> str:
-    return "n/a" if x != x else f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.2f}"
 
 
 def parse_name(name: str) -> tuple[str, str]:
@@ -91,6 +87,7 @@ def checks(by: dict[tuple[str, str], dict]) -> list[str]:
 
         cmp("nokd", "o2okd", "KD helps (FID no KD > FID O2OKD)")
         cmp("o2okd", "o2mkd", "more students help (FID O2OKD > FID O2MKD K=4)")
+        cmp("o2okd-4x", "o2mkd", "more students help at equal total compute (FID O2OKD 4x steps > FID O2MKD K=4)")
         close("o2mkd-merged", "o2mkd", "merged close to unmerged (merged vs O2MKD K=4)")
         close("dkdm", "o2okd", "DKDM close to data-based KD (DKDM vs O2OKD)")
         close("dfo2mkd", "o2mkd", "data-free O2MKD vs data-based O2MKD")
@@ -110,7 +107,6 @@ def noise(by: dict[tuple[str, str], dict]) -> str:
 
 def fid_plot(by: dict[tuple[str, str], dict], path: Path) -> None:
     """FID against MACs per step, one line per method across the two templates (Figure 6 style)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from o2mcli.viz import line_plot
 
     series = {}
@@ -151,10 +147,14 @@ def main() -> None:
     took = {cmd: int(ms) / 1000 for ms, cmd in commands}
     by = {parse_name(r["name"]): r for r in report["rows"]}
 
+    def output_of(cmd: str) -> str:
+        words = cmd.split()
+        return words[words.index("-o") + 1] if "-o" in words[:-1] else ""
+
     def train_seconds(ratio: str, method: str) -> str:
         base = method.removesuffix("-merged")
-        s = [v for c, v in took.items() if c.startswith("o2m distill") and f"-o r{ratio}-{base}" in c]
-        m = [v for c, v in took.items() if c.startswith("o2m merge") and f"-o r{ratio}-{method}." in c]
+        s = [v for c, v in took.items() if c.startswith("o2m distill") and output_of(c) == f"r{ratio}-{base}"]
+        m = [v for c, v in took.items() if c.startswith("o2m merge") and output_of(c) == f"r{ratio}-{method}.safetensors"]
         return (f"{s[0]:.0f}" if s else "-") + (f" + {m[0]:.0f}" if m else "")
 
     # 1. The table.

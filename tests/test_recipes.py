@@ -23,3 +23,58 @@ def test_smoke_recipe_runs_the_whole_chain(tmp_path: Path) -> None:
                                                    "samples-dkdm"]
     assert all(r["fid"] == r["fid"] for r in report["rows"])  # finite numbers, not NaN
     assert (tmp_path / "smoke" / "scores" / "fid_vs_macs.png").is_file()
+
+
+def _results_md():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_md", RECIPES / "results_md.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_table_run(work: Path, fids: dict[str, float]) -> None:
+    """What recipes/digits-table.sh leaves behind, with made-up numbers: scores, command log, manifests."""
+    tp = {"batch_size": 64, "repeats": 2, "scheduler": "ddim", "steps": 50, "images_per_s": 30.0}
+    rows = [{"name": f"samples-{n}", "fid": f, "kid_mean": 0.01, "kid_std": 0.002, "params": 628_000 * (
+        4 if n.endswith(("o2mkd", "dfo2mkd")) else 1), "macs": 9_070_000, "n_samples": 1000, "n_reference": 1797,
+        "scheduler": "ddim", "steps": 50, "seed": 1 if n.endswith("seed1") else 0, "throughput": tp, "warnings": []}
+        for n, f in fids.items()]
+    (work / "scores").mkdir(parents=True)
+    (work / "scores" / "report.json").write_text(json.dumps({
+        "rows": rows, "device": "cpu", "features": {"name": "digits", "description": "classifier features"},
+        "kid": {"subsets": 100, "subset_size": 1000}, "notes": []}))
+    (work / "commands.tsv").write_text("12345\to2m distill r0.3-template --mode o2mkd -k 1 --kd none -o r0.3-nokd\n"
+                                       "67890\to2m distill r0.3-template --mode o2mkd -k 4 -o r0.3-o2mkd\n"
+                                       "99999\to2m distill r0.3-template -k 1 --steps 1600 -o r0.3-o2okd-4x\n"
+                                       "9000\to2m merge r0.3-o2mkd -o r0.3-o2mkd-merged.safetensors --force\n")
+    cfg = {"steps": 400, "batch_size": 64, "lr": 5e-4, "lr_warmup": 100, "ema_decay": 0.999, "seed": 0,
+           "alpha": 1.0, "p_own": 0.5, "rho": 0.4, "init_steps": 10}
+    for name in ("r0.3-o2okd", "r0.3-dkdm", "r0.3-o2mkd"):
+        (work / name).mkdir()
+        (work / name / "manifest.json").write_text(json.dumps({"config": cfg, "summary": {"buffer": {"slots": 25600}}}))
+
+
+def test_results_page_reports_the_expectations_as_measured(tmp_path: Path, monkeypatch) -> None:
+    """docs/results.md generation: every row in the table, each expectation judged by the numbers, both ways."""
+    fids = {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0, "r0.3-o2okd": 2.0, "r0.3-o2okd-4x": 1.5,
+            "r0.3-o2mkd": 2.5,
+            "r0.3-o2mkd-merged": 2.6, "r0.3-dkdm": 2.1, "r0.3-dfo2mkd": 1.9, "r0.3-dfo2mkd-merged": 2.0}
+    _fake_table_run(tmp_path / "work", fids)
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
+                                      "--seconds", "2400"])
+    _results_md().main()
+    page = (docs / "results.md").read_text()
+    assert (docs / "results-fid-vs-macs.png").is_file() and (docs / "results-report.json").is_file()
+    assert "40.0 minutes" in page and "400 optimizer steps x batch 64" in page and "25600 slots" in page
+    table = [line for line in page.splitlines() if line.startswith("| ")][1:]
+    assert len(table) == len(fids)
+    assert "| 0.3 | no KD (plain training) | digits | 1 |" in page and "| 0.3 | O2MKD | digits | 4 | 2.512 |" in page
+    assert "| 68 + 9 |" in page  # the merged row's cost: its distill run plus the merge
+    assert "KD helps (FID no KD > FID O2OKD): FID 5.000 vs 2.000: **holds**" in page
+    assert "more students help (FID O2OKD > FID O2MKD K=4): FID 2.000 vs 2.500: **does not hold**" in page
+    assert "at equal total compute (FID O2OKD 4x steps > FID O2MKD K=4): FID 1.500 vs 2.500: **does not hold**" in page
+    assert "merged close to unmerged (merged vs O2MKD K=4): FID 2.600 vs 2.500 (+4.0%)" in page
+    assert "scores 1.000 with sampling seed 0 and 1.100 with seed 1" in page
