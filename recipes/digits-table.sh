@@ -7,7 +7,7 @@
 #   O2MKD K=4       four students, one per quarter of [0, 1000), p_own 0.5
 #   O2MKD merged    the four students task-arithmetic merged (lambda 1/4: their average)
 #   DKDM            one student, data-free (dynamic buffer, rho 0.2, built by 10-step DDIM jumps;
-#                   the paper's rho 0.4 doubles the build time for no measured gain on digits)
+#                   the paper's rho 0.4 doubles the build time; the README's Results compares the two)
 #   DF-O2MKD K=4    four students, data-free (DKDM's buffer x O2MKD's plan), and its merge
 # Budgets (the same for every trained row): 400 steps x batch 64 per student, lr 5e-4, EMA 0.999,
 # seed 0. Every model is sampled with DDIM 50 steps, seed 0, $O2M_N images (default 1000) (the teacher
