@@ -33,6 +33,7 @@ SAMPLE="-n $N --scheduler ddim --steps 50 --seed 0 --no-png --force"
 mkdir -p "$WORK" "$DOCS"
 cd "$WORK"
 : > commands.tsv
+git -C "$HERE" rev-parse --short HEAD > commit.txt 2>/dev/null || echo unknown > commit.txt  # what ran
 
 # Runs one o2m command, logging its wall time and the command as a user types it.
 o2m() {

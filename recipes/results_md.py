@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,8 +36,8 @@ def parse_name(name: str) -> tuple[str, str]:
     return ratio.removeprefix("r"), method
 
 
-def machine() -> dict[str, str]:
-    """What the run was measured on."""
+def machine(work: Path) -> dict[str, str]:
+    """What the run was measured on (and the o2m commit it ran, recorded by the recipe at its start)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -56,11 +55,7 @@ def machine() -> dict[str, str]:
     except (OSError, StopIteration, ValueError):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = (work / "commit.txt").read_text().strip() if (work / "commit.txt").is_file() else "unknown"
     from importlib.metadata import version
 
     return {"cpu": cpu, "cores": str(cores), "memory": mem, "os": f"{platform.system()} {platform.release()}",
@@ -125,7 +120,8 @@ def budget_line(work: Path) -> str:
 
     o, d = cfg("r0.3-o2okd"), cfg("r0.3-dkdm")
     slots = json.loads((work / "r0.3-dkdm" / "manifest.json").read_text())["summary"]["buffer"]["slots"]
-    return (f"- Budgets, the same for every trained row: {o['steps']} optimizer steps x batch {o['batch_size']} per "
+    return (f"- Budgets, the same for every trained row but the 4x-steps one: {o['steps']} optimizer steps x batch "
+            f"{o['batch_size']} per "
             f"student, AdamW lr {o['lr']:g} with {o['lr_warmup']} warm-up steps, EMA {o['ema_decay']} (the EMA "
             f"weights are sampled), seed {o['seed']}. K=4 runs give each student that budget (the papers' "
             "per-student comparison), so they cost more in total: see the Train column. On data: L_diff + "
@@ -176,13 +172,16 @@ def main() -> None:
     a.docs.mkdir(parents=True, exist_ok=True)
     plot = a.docs / "results-fid-vs-macs.png"
     fid_plot(by, plot)
-    mach = machine()
+    mach = machine(a.work)
+    scores_man = a.work / "scores" / "manifest.json"
+    finished = (json.loads(scores_man.read_text())["created_at"][:16].replace("T", " ") if scores_man.is_file()
+                else f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}")
     first = report["rows"][0]
     tp = first["throughput"]
     page = [
         "# Results on the embedded default (digits)",
         "",
-        f"Produced by `recipes/digits-table.sh` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in "
+        f"Produced by `recipes/digits-table.sh`, scored {finished} UTC, in "
         f"{a.seconds / 60:.1f} minutes (wall time, whole recipe). Every number below is read from that run; "
         "rerun the recipe (`make table`) to regenerate this page.",
         "",
