@@ -93,7 +93,7 @@ class Distiller:
         self.teacher.eval().requires_grad_(False)
         # ``--kd none`` on real data ("w/o KD") never needs the teacher: skip its forward entirely.
         self.uses_teacher = (any(s.kd.needs_teacher for s in self.students) or self.objective.needs_teacher
-                             or getattr(self.source, "needs_teacher", True))
+                             or self.source.needs_teacher)
 
     # 1. One step ------------------------------------------------------------------------------------
 

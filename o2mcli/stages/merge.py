@@ -148,7 +148,7 @@ def run_merge(cfg: MergeConfig) -> Path:
     from o2mcli.fsutil import atomic_dir, check_output_free
     from o2mcli.manifest import parent_ref, write_manifest
     from o2mcli.merge import get_method
-    from o2mcli.models.io import model_record, save_model_file
+    from o2mcli.models.io import load_model, model_record, save_model_file
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
@@ -172,11 +172,10 @@ def run_merge(cfg: MergeConfig) -> Path:
 
     # 3. Merge and build the model from theta_0's (or the first student's) config.
     merged = get_method(cfg.method)(reference if base is not None else None, states, weights, lam)
-    from o2mcli.models.io import load_model
-
-    template = base.unet if base is not None else load_model(students[0].path).unet
+    shell = base if base is not None else load_model(students[0].path)
+    template = shell.unet
     template.load_state_dict(merged)
-    sched = (base or load_model(students[0].path)).scheduler_config
+    sched = shell.scheduler_config
     T = int(sched.get("num_train_timesteps", 1000))
     provenance = {"stage": "merge", "method": cfg.method, "lambda": lam, "weights": weights,
                   "students": [{"path": str(s.path.resolve()), "sha256": s.sha256, "range": list(s.timestep_range)}
