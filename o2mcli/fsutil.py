@@ -6,12 +6,40 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from o2mcli.errors import O2MError
+
+
+MAX_JSON_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def loads_bounded(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
+                  noun: str = "JSON"):
+    """``json.loads`` for files o2m did not necessarily write: size and nesting bounded before parsing."""
+    if len(text) > max_bytes:
+        raise O2MError(f"{what}: {len(text):,} bytes of JSON, more than the {max_bytes:,} o2m reads")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise O2MError(f"{what}: not UTF-8 JSON ({e.reason})") from e
+    depth = deepest = 0
+    for m in re.finditer(r"[\[\]{}]", _JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > max_depth:
+            raise O2MError(f"{what}: JSON nested more than {max_depth} levels deep")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise O2MError(f"{what}: unreadable {noun} ({e})") from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -69,12 +97,74 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def check_output_free(path: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force``; called before any work starts."""
+O2M_DIR_MARKERS = ("manifest.json", "o2m_export.json")  # a stage directory; an `o2m export` pipeline
+
+
+def _o2m_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose header says o2m wrote it (reads the header only)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= (16 << 20):
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and str(meta.get("format", "")).startswith("o2m")
+
+
+def written_by_o2m(path: Path) -> bool:
+    """An o2m output that ``--force`` may replace: a stage directory (manifest.json), an exported pipeline,
+    an o2m safetensors file, or an empty directory."""
     path = Path(path)
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        return any((path / m).is_file() for m in O2M_DIR_MARKERS) or not any(path.iterdir())
+    return path.is_file() and path.suffix == ".safetensors" and _o2m_safetensors(path)
+
+
+def _overlap(out: Path, inp: Path) -> str | None:
+    """How ``out`` collides with the input ``inp`` (is it, contains it, lies inside it), or None."""
+    o, i = out.resolve(), inp.resolve()
+    if o == i:
+        return "is"
+    if o in i.parents:
+        return "contains"
+    if i in o.parents:
+        return "lies inside"
+    return None
+
+
+def check_output_free(path: Path, force: bool, inputs: Iterable[Path | str | None] = ()) -> None:
+    """Refuse an output that would destroy something; called before any work starts.
+
+    Always refused: an output that is, contains or lies inside an input, the working directory or one of
+    its parents. An existing output needs ``force``, and ``force`` replaces only what o2m wrote.
+    """
+    path = Path(path)
+    if "\x00" in str(path):
+        raise O2MError(f"{str(path)!r}: output path contains a NUL byte")
+    here = Path.cwd().resolve()
+    target = path.resolve()
+    if target == here or target in here.parents:
+        raise O2MError(f"{path}: refusing to write over the working directory or one of its parents; "
+                       "name a new output with -o")
+    for inp in inputs:
+        if inp is None or not Path(inp).exists():
+            continue
+        how = _overlap(path, Path(inp))
+        if how:
+            raise O2MError(f"{path}: the output {how} the input {inp}; choose another -o (--force never "
+                           "replaces an input)")
     if path.exists() or path.is_symlink():
         if not force:
             raise O2MError(f"{path}: output already exists; pass --force to replace it")
+        if not written_by_o2m(path):
+            what = "a symbolic link" if path.is_symlink() else ("a directory" if path.is_dir() else "a file")
+            raise O2MError(f"{path}: exists and is {what} o2m did not write (no o2m manifest or model header); "
+                           "--force replaces only o2m outputs: move it away or choose another -o")
 
 
 @contextlib.contextmanager

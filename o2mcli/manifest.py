@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from o2mcli import __version__
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_write_json, contained, sha256_file
+from o2mcli.fsutil import atomic_write_json, contained, loads_bounded, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -27,6 +27,8 @@ MODEL_KINDS: tuple[str, ...] = ("teacher", "template", "students", "merged")
 
 
 def _check_rel(path: str) -> str:
+    if any(ord(ch) < 32 for ch in path):
+        raise ValueError(f"artifact path contains a control character: {path!r}")
     p = Path(path)
     if not path or p.is_absolute() or path.startswith(("/", "\\")) or ".." in p.parts or "\\" in path:
         raise ValueError(f"artifact path must be relative and inside the directory, got {path!r}")
@@ -141,9 +143,9 @@ def read_manifest(directory: Path, verify: bool = True) -> Manifest:
     if not mpath.is_file():
         raise O2MError(f"{directory}: not an o2m stage directory (no {MANIFEST_NAME})")
     try:
-        raw = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise O2MError(f"{mpath}: unreadable manifest ({e})") from e
+        raw = loads_bounded(mpath.read_bytes(), f"{mpath}", noun="manifest")
+    except OSError as e:
+        raise O2MError(f"{mpath}: unreadable manifest ({e.strerror or e})") from e
     try:
         man = Manifest.model_validate(raw)
     except ValidationError as e:

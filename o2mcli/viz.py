@@ -34,6 +34,27 @@ def grid_image(images: np.ndarray, ncol: int | None = None, min_cell: int = 32, 
     return Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
 
 
+def side_by_side(panels: Sequence[tuple[str, "object"]], pad: int = 12, caption_h: int = 22):
+    """PIL images side by side on white, each under its caption (e.g. the teacher's and the students' grids)."""
+    from PIL import Image, ImageDraw
+
+    from o2mcli.errors import O2MError
+
+    if not panels:
+        raise O2MError("side_by_side: no panels")
+    ims = [im.convert("RGB") for _, im in panels]
+    h = max(im.height for im in ims) + caption_h + 2 * pad
+    w = sum(im.width for im in ims) + pad * (len(ims) + 1)
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for (label, _), im in zip(panels, ims):
+        draw.text((x, pad // 2), label, fill=(0, 0, 0))
+        canvas.paste(im, (x, pad + caption_h))
+        x += im.width + pad
+    return canvas
+
+
 def save_png(img, path: Path) -> None:
     """Save a PIL image atomically."""
     with atomic_file(Path(path)) as tmp:

@@ -9,11 +9,18 @@
 #   DKDM            one student, data-free (dynamic buffer, rho 0.2, built by 10-step DDIM jumps;
 #                   the paper's rho 0.4 doubles the build time; the README's Results compares the two)
 #   DF-O2MKD K=4    four students, data-free (DKDM's buffer x O2MKD's plan), and its merge
+#   synthetic       the DKDM paper's baseline: the teacher samples a dataset (DDPM 50 steps) with as many
+#                   teacher forwards as the ratio-0.3 DKDM run spent (buffer build + training), and the
+#                   template trains on it plainly (--kd none)
+# Noise, measured in the same run: the teacher sampled with seeds 0 and 1 (sampling noise), and the
+# decisive ratio-0.5 rows (no KD, O2OKD, O2MKD, O2OKD 4x) trained again with seed 1 (training noise).
+# DKDM, data-free O2MKD, the baseline and the teacher are also sampled with DDPM 50 steps (ancestral,
+# respaced): the sampler that uses the learned variance DKDM's KL trains.
 # Budgets (the same for every trained row): 400 steps x batch 64 per student, lr 5e-4, EMA 0.999,
 # seed 0. Every model is sampled with DDIM 50 steps, seed 0, $O2M_N images (default 1000) (the teacher
 # also with seed 1, to show how much FID moves with the sampling seed alone), and
 # scored in one `o2m score` run (digits-classifier FID/KID against the 1797 digits; throughput
-# measured in that run). About 50 minutes on a 2-core CPU. Writes runs/digits-table/ (or $1),
+# measured in that run). About an hour on a 2-core CPU. Writes runs/digits-table/ (or $1),
 # and docs/results.md + docs/results-fid-vs-macs.png (or $O2M_DOCS/...).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,6 +37,7 @@ STEPS=${O2M_STEPS:-400}
 RHO=${O2M_RHO:-0.2}  # (O2M_STEPS, O2M_RHO, O2M_N: smaller budgets for a quick check of the recipe itself)
 TRAIN="--steps $STEPS --batch-size 64 --lr 5e-4 --seed 0 --force"
 SAMPLE="-n $N --scheduler ddim --steps 50 --seed 0 --no-png --force"
+DDPM="-n $N --scheduler ddpm --steps 50 --seed 0 --no-png --force"
 mkdir -p "$WORK" "$DOCS"
 cd "$WORK"
 : > commands.tsv
@@ -46,6 +54,7 @@ o2m() {
 
 START=$(date +%s)
 ROWS=(samples-teacher samples-teacher-seed1)
+DDPM_ROWS=(samples-ddpm-teacher)
 for R in 0.3 0.5; do
   T=r$R
   o2m prune digits-teacher --ratio "$R" --seed 0 --no-throughput -o "$T-template" --force
@@ -58,17 +67,50 @@ for R in 0.3 0.5; do
   o2m distill "$T-template" --mode dkdm -k 1 --rho $RHO --init-steps 10 $TRAIN -o "$T-dkdm"
   o2m distill "$T-template" --mode dkdm -k 4 --p-own 0.5 --rho $RHO --init-steps 10 $TRAIN -o "$T-dfo2mkd"
   o2m merge "$T-dfo2mkd" -o "$T-dfo2mkd-merged.safetensors" --force
-  for m in nokd o2okd o2okd-4x o2mkd o2mkd-merged dkdm dfo2mkd dfo2mkd-merged; do
+  METHODS_R=(nokd o2okd o2okd-4x o2mkd o2mkd-merged dkdm dfo2mkd dfo2mkd-merged)
+  if [ ! -d synthetic-data ]; then
+    # The DKDM paper's baseline at the DKDM run's teacher-forward budget: build + one forward per sample.
+    read -r IMAGES FWD < <("$PY" - "$T-dkdm/manifest.json" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[1]))
+fwd = m["summary"]["buffer"]["teacher_forwards"] + m["config"]["steps"] * m["config"]["batch_size"]
+print(fwd // 50, fwd)
+PYEOF
+)
+    o2m sample digits-teacher -n "$IMAGES" --scheduler ddpm --steps 50 --seed 7 --no-png -o synthetic-data --force
+    printf '{"images": %d, "steps": 50, "teacher_forwards": %d, "dkdm_forwards": %d}\n' \
+      "$IMAGES" "$((IMAGES * 50))" "$FWD" > synthetic.json
+  fi
+  o2m distill "$T-template" --mode o2mkd -k 1 --kd none --data synthetic-data $TRAIN -o "$T-synth"
+  METHODS_R+=(synth)
+  if [ "$R" = 0.5 ]; then
+    # Training noise: the decisive rows again with training seed 1 (sampled with the same seed 0).
+    SEED1=${TRAIN/--seed 0/--seed 1}
+    o2m distill "$T-template" --mode o2mkd -k 1 --kd none $SEED1 -o "$T-nokd-s1"
+    o2m distill "$T-template" --mode o2mkd -k 1 --kd output $SEED1 -o "$T-o2okd-s1"
+    o2m distill "$T-template" --mode o2mkd -k 4 --p-own 0.5 --kd output $SEED1 -o "$T-o2mkd-s1"
+    o2m distill "$T-template" --mode o2mkd -k 1 --kd output ${SEED1/--steps $STEPS/--steps $((4 * STEPS))} \
+      -o "$T-o2okd-4x-s1"
+    METHODS_R+=(nokd-s1 o2okd-s1 o2mkd-s1 o2okd-4x-s1)
+  fi
+  for m in "${METHODS_R[@]}"; do
     src="$T-$m"
     [ -d "$src" ] || src="$src.safetensors"
     o2m sample "$src" $SAMPLE -o "samples-$T-$m"
     ROWS+=("samples-$T-$m")
   done
+  for m in dkdm dfo2mkd synth; do
+    o2m sample "$T-$m" $DDPM -o "samples-ddpm-$T-$m"
+    DDPM_ROWS+=("samples-ddpm-$T-$m")
+  done
 done
 o2m sample digits-teacher $SAMPLE -o samples-teacher
 # The same teacher with another sampling seed: how much FID moves with the seed alone.
 o2m sample digits-teacher ${SAMPLE/--seed 0/--seed 1} -o samples-teacher-seed1
-o2m score "${ROWS[@]}" --ref digits -o scores --force
+o2m sample digits-teacher $DDPM -o samples-ddpm-teacher
+# Throughput is timed once per model and sampler, 1 run after a warm-up: on 8x8 digits it is an
+# overhead-dominated side number (benchmarks/ measures speed).
+o2m score "${ROWS[@]}" "${DDPM_ROWS[@]}" --ref digits --throughput-repeats 1 -o scores --force
 SECONDS_TOTAL=$(( $(date +%s) - START ))
 
 "$PY" "$HERE/results_md.py" --work . --seconds "$SECONDS_TOTAL" --docs "$DOCS"

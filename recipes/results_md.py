@@ -24,16 +24,63 @@ METHODS = {  # samples-dir suffix -> (method, data, students)
     "dkdm": ("DKDM", "none", "1"),
     "dfo2mkd": ("data-free O2MKD", "none", "4"),
     "dfo2mkd-merged": ("data-free O2MKD, merged", "none", "4 -> 1"),
+    "synth": ("synthetic-data baseline (DKDM paper): plain training on teacher samples", "teacher samples", "1"),
 }
+SEED_SUFFIX = "-s1"  # the second training seed of a row (ratio 0.5's decisive rows)
 
 
 def parse_name(name: str) -> tuple[str, str]:
-    """``samples-r0.3-o2mkd-merged`` -> ("0.3", "o2mkd-merged"); the teacher -> ("-", "teacher")."""
+    """``samples-r0.3-o2mkd-merged`` -> ("0.3", "o2mkd-merged"); the teacher -> ("-", "teacher").
+
+    A DDPM-sampled row (``samples-ddpm-...``) keeps its ``ddpm-`` prefix on the ratio's method:
+    ``samples-ddpm-r0.5-dkdm`` -> ("0.5", "ddpm-dkdm"); ``samples-ddpm-teacher`` -> ("-", "ddpm-teacher").
+    """
     rest = name.removeprefix("samples-")
+    prefix = ""
+    if rest.startswith("ddpm-"):
+        prefix, rest = "ddpm-", rest.removeprefix("ddpm-")
     if rest.startswith("teacher"):
-        return "-", rest
+        return "-", prefix + rest
     ratio, _, method = rest.partition("-")
-    return ratio.removeprefix("r"), method
+    return ratio.removeprefix("r"), prefix + method
+
+
+def method_label(method: str) -> tuple[str, str, str]:
+    """(method, data, students) for a table row; ``-s1`` rows are the second training seed."""
+    base = method.removeprefix("ddpm-")
+    seed = ""
+    if base.endswith(SEED_SUFFIX):
+        base, seed = base.removesuffix(SEED_SUFFIX), ", training seed 1"
+    name, data, k = METHODS[base]
+    return name + seed, data, k
+
+
+def verdict(gap: float, noise: float) -> str:
+    """A claim "FID a > FID b" from gap = FID a - FID b: beyond the noise either way, or a tie."""
+    if gap > noise:
+        return "holds"
+    if gap < -noise:
+        return "does not hold"
+    return "tie (within noise)"
+
+
+def noise_levels(by: dict[tuple[str, str], dict]) -> dict[str, float]:
+    """The noise measured in the run: FID's spread over sampling seeds (the teacher, seeds 0 and 1) and over
+    training seeds (each ``-s1`` row against its seed-0 twin); ``gauge`` is the larger, used for every verdict."""
+    out: dict[str, float] = {}
+    a, b = by.get(("-", "teacher")), by.get(("-", "teacher-seed1"))
+    out["sampling"] = abs(a["fid"] - b["fid"]) if a and b else 0.0
+    spreads = [abs(row["fid"] - by[(r, m.removesuffix(SEED_SUFFIX))]["fid"])
+               for (r, m), row in by.items() if m.endswith(SEED_SUFFIX) and (r, m.removesuffix(SEED_SUFFIX)) in by]
+    out["training"] = max(spreads) if spreads else 0.0
+    out["gauge"] = max(out["sampling"], out["training"])
+    return out
+
+
+def mean_fid(by: dict[tuple[str, str], dict], ratio: str, method: str) -> float | None:
+    """A row's FID, averaged with its second training seed where the run has one."""
+    vals = [by[(ratio, m)]["fid"] for m in (method, method + SEED_SUFFIX) if (ratio, m) in by]
+    return sum(vals) / len(vals) if vals else None
 
 
 def machine(work: Path) -> dict[str, str]:
@@ -64,40 +111,59 @@ def machine(work: Path) -> dict[str, str]:
 
 
 def checks(by: dict[tuple[str, str], dict]) -> list[str]:
-    """The papers' expectations, each stated with the numbers that confirm or contradict it."""
+    """The papers' expectations, each judged against the noise measured in the same run."""
     out = []
+    gauge = noise_levels(by)["gauge"]
     for ratio in sorted({r for r, _ in by if r != "-"}):
-        f = {m: by[(ratio, m)]["fid"] for (r, m) in by if r == ratio}
+        def claim(a: str, b: str, text: str, matches: bool = False) -> None:
+            fa, fb = mean_fid(by, ratio, a), mean_fid(by, ratio, b)
+            if fa is None or fb is None:
+                return
+            seeds = " (means over 2 training seeds)" if (ratio, a + SEED_SUFFIX) in by else ""
+            v = verdict(fa - fb, gauge)
+            if matches:  # "a matches b": a tie is what the claim predicts
+                v = {"tie (within noise)": "holds (a tie, within noise)", "holds": "does not hold (worse)",
+                     "does not hold": "holds (better)"}[v]
+            out.append(f"ratio {ratio}: {text}: FID {fa:.3f} vs {fb:.3f}{seeds}, gap {fa - fb:+.3f}, noise "
+                       f"{gauge:.3f}: **{v}**")
 
-        def cmp(a: str, b: str, claim: str) -> None:
-            if a in f and b in f:
-                ok = f[a] > f[b]
-                out.append(f"ratio {ratio}: {claim}: FID {f[a]:.3f} vs {f[b]:.3f}: "
-                           f"**{'holds' if ok else 'does not hold'}**")
-
-        def close(a: str, b: str, claim: str) -> None:
-            if a in f and b in f:
-                rel = (f[a] - f[b]) / f[b]
-                out.append(f"ratio {ratio}: {claim}: FID {f[a]:.3f} vs {f[b]:.3f} ({rel:+.1%})")
-
-        cmp("nokd", "o2okd", "KD helps (FID no KD > FID O2OKD)")
-        cmp("o2okd", "o2mkd", "more students help (FID O2OKD > FID O2MKD K=4)")
-        cmp("o2okd-4x", "o2mkd", "more students help at equal total compute (FID O2OKD 4x steps > FID O2MKD K=4)")
-        close("o2mkd-merged", "o2mkd", "merged close to unmerged (merged vs O2MKD K=4)")
-        close("dkdm", "o2okd", "DKDM close to data-based KD (DKDM vs O2OKD)")
-        close("dfo2mkd", "o2mkd", "data-free O2MKD vs data-based O2MKD")
-        cmp("dkdm", "dfo2mkd", "more students help without data too (FID DKDM > FID data-free O2MKD)")
+        claim("nokd", "o2okd", "KD helps (FID no KD > FID O2OKD)")
+        claim("o2okd", "o2mkd", "more students help (FID O2OKD > FID O2MKD K=4)")
+        claim("o2okd-4x", "o2mkd", "more students help at equal total compute (FID O2OKD 4x steps > FID O2MKD K=4)")
+        claim("o2mkd-merged", "o2mkd", "merged matches unmerged (FID merged = FID O2MKD K=4)", matches=True)
+        claim("dkdm", "o2okd", "DKDM matches data-based KD (FID DKDM = FID O2OKD)", matches=True)
+        claim("dfo2mkd", "o2mkd", "data-free O2MKD matches data-based O2MKD", matches=True)
+        claim("dkdm", "dfo2mkd", "more students help without data too (FID DKDM > FID data-free O2MKD)")
+        claim("synth", "dkdm", "DKDM beats the synthetic-data baseline, DDIM 50 (FID baseline > FID DKDM)")
+        claim("ddpm-synth", "ddpm-dkdm", "DKDM beats the synthetic-data baseline, DDPM 50 (FID baseline > FID DKDM)")
+        claim("ddpm-dkdm", "ddpm-dfo2mkd", "more students help without data, DDPM 50 (FID DKDM > FID data-free O2MKD)")
     return out
 
 
 def noise(by: dict[tuple[str, str], dict]) -> str:
-    """How far FID moves with the sampling seed alone: the teacher sampled with seeds 0 and 1."""
+    """How far FID moves with the sampling seed alone, and with the training seed."""
     a, b = by.get(("-", "teacher")), by.get(("-", "teacher-seed1"))
     if not (a and b):
         return "the run has no second teacher seed to gauge its noise."
-    return (f"as a gauge of its noise at this n, the same teacher scores {a['fid']:.3f} with sampling seed "
-            f"{a['seed']} and {b['fid']:.3f} with seed {b['seed']} (a {abs(a['fid'] - b['fid']):.3f} difference "
-            "from the seed alone).")
+    lv = noise_levels(by)
+    text = (f"as a gauge of its noise at this n, the same teacher scores {a['fid']:.3f} with sampling seed "
+            f"{a['seed']} and {b['fid']:.3f} with seed {b['seed']} (a {lv['sampling']:.3f} difference from the seed "
+            "alone)")
+    if lv["training"]:
+        text += (f"; a second training seed moves a row's FID by up to {lv['training']:.3f} (see the training-seed "
+                 "table)")
+    return text + (f". Every verdict below calls a gap smaller than {lv['gauge']:.3f}, the larger of the two, a tie.")
+
+
+def seed_table(by: dict[tuple[str, str], dict]) -> list[str]:
+    """Rows trained with two seeds: FID per seed, mean and spread."""
+    lines = ["| Template | Method | FID seed 0 | FID seed 1 | mean | spread |", "|---|---|---:|---:|---:|---:|"]
+    for (r, m), row in by.items():
+        if m.endswith(SEED_SUFFIX) and (r, m.removesuffix(SEED_SUFFIX)) in by:
+            f0, f1 = by[(r, m.removesuffix(SEED_SUFFIX))]["fid"], row["fid"]
+            lines.append(f"| {r} | {METHODS[m.removesuffix(SEED_SUFFIX)][0]} | {f0:.3f} | {f1:.3f} | "
+                         f"{(f0 + f1) / 2:.3f} | {abs(f0 - f1):.3f} |")
+    return lines if len(lines) > 2 else []
 
 
 def fid_plot(by: dict[tuple[str, str], dict], path: Path) -> None:
@@ -105,7 +171,7 @@ def fid_plot(by: dict[tuple[str, str], dict], path: Path) -> None:
     from o2mcli.viz import line_plot
 
     series = {}
-    for key in ["teacher", *METHODS]:  # (the seed-1 teacher row only gauges noise: not plotted)
+    for key in ["teacher", *METHODS]:  # (seed-1 and DDPM rows are not plotted: one sampler, one seed)
         pts = sorted((row["macs"] / 1e6, row["fid"]) for (r, m), row in by.items() if m == key)
         if pts:
             series[key] = ([p[0] for p in pts], [p[1] for p in pts])
@@ -131,6 +197,18 @@ def budget_line(work: Path) -> str:
             "jumps.")
 
 
+def synthetic_line(work: Path) -> str:
+    """The synthetic-data baseline's budget, read from the run (the recipe writes synthetic.json)."""
+    f = work / "synthetic.json"
+    if not f.is_file():
+        return ""
+    d = json.loads(f.read_text())
+    return (f"- Synthetic-data baseline (the DKDM paper's): {d['images']} images sampled from the teacher with DDPM "
+            f"{d['steps']} steps ({d['teacher_forwards']:,} teacher forwards, the same as the ratio-0.3 DKDM run's "
+            f"{d['dkdm_forwards']:,}: buffer build + one forward per training sample), then plain training "
+            "(`--kd none`) of the template on them with the same budget as every other row.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", type=Path, required=True, help="The digits-table run directory.")
@@ -148,25 +226,34 @@ def main() -> None:
         return words[words.index("-o") + 1] if "-o" in words[:-1] else ""
 
     def train_seconds(ratio: str, method: str) -> str:
-        base = method.removesuffix("-merged")
+        base = method.removeprefix("ddpm-").removesuffix("-merged")
+        merged = method.removeprefix("ddpm-")
         s = [v for c, v in took.items() if c.startswith("o2m distill") and output_of(c) == f"r{ratio}-{base}"]
-        m = [v for c, v in took.items() if c.startswith("o2m merge") and output_of(c) == f"r{ratio}-{method}.safetensors"]
+        m = [v for c, v in took.items() if c.startswith("o2m merge") and output_of(c) == f"r{ratio}-{merged}.safetensors"]
         return (f"{s[0]:.0f}" if s else "-") + (f" + {m[0]:.0f}" if m else "")
 
-    # 1. The table.
-    lines = ["| Template | Method | Data | Students | Params (M) | MACs/step (M) | Throughput (img/s) | "
-             "Train (s) | FID | KID x1e3 | n |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in report["rows"]:
-        ratio, m = parse_name(row["name"])
-        if m.startswith("teacher"):
-            method, data, k = f"teacher (shipped), sampling seed {row['seed']}", "-", "1"
-        else:
-            method, data, k = METHODS[m]
-        lines.append(f"| {ratio} | {method} | {data} | {k} | {row['params'] / 1e6:.3f} | {row['macs'] / 1e6:.2f} | "
-                     f"{row['throughput']['images_per_s']:.1f} | {'-' if m.startswith('teacher') else train_seconds(ratio, m)} | "
-                     f"{row['fid']:.3f} | {row['kid_mean'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f} | "
-                     f"{row['n_samples']} |")
-    table = "\n".join(lines)
+    def table(rows: list[dict]) -> str:
+        lines = ["| Template | Method | Data | Students | Params (M) | MACs/step (M) | Throughput (img/s) | "
+                 "Train (s) | FID | KID x1e3 | n |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            ratio, m = parse_name(row["name"])
+            if m.removeprefix("ddpm-").startswith("teacher"):
+                method, data, k = f"teacher (shipped), sampling seed {row['seed']}", "-", "1"
+            else:
+                method, data, k = method_label(m)
+            train = "-" if "teacher" in m else train_seconds(ratio, m)
+            lines.append(f"| {ratio} | {method} | {data} | {k} | {row['params'] / 1e6:.3f} | "
+                         f"{row['macs'] / 1e6:.2f} | {row['throughput']['images_per_s']:.1f} | {train} | "
+                         f"{row['fid']:.3f} | {row['kid_mean'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f} | "
+                         f"{row['n_samples']} |")
+        return "\n".join(lines)
+
+    # 1. The tables: DDIM-sampled rows (every method), DDPM-sampled rows (the DKDM paper's sampler).
+    ddim_rows = [r for r in report["rows"] if r["scheduler"] != "ddpm"]
+    ddpm_rows = [r for r in report["rows"] if r["scheduler"] == "ddpm"]
+    table_ddim = table(ddim_rows)
+    table_ddpm = table(ddpm_rows) if ddpm_rows else ""
+    synth_note = synthetic_line(a.work)
 
     # 2. The page.
     a.docs.mkdir(parents=True, exist_ok=True)
@@ -176,8 +263,9 @@ def main() -> None:
     scores_man = a.work / "scores" / "manifest.json"
     finished = (json.loads(scores_man.read_text())["created_at"][:16].replace("T", " ") if scores_man.is_file()
                 else f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}")
-    first = report["rows"][0]
+    first = ddim_rows[0]
     tp = first["throughput"]
+    seeds = seed_table(by)
     page = [
         "# Results on the embedded default (digits)",
         "",
@@ -187,12 +275,13 @@ def main() -> None:
         "",
         "## Table",
         "",
-        table,
+        table_ddim,
         "",
         f"- Every row: sampled with {first['scheduler'].upper()} {first['steps']} steps, seed {first['seed']}, "
         f"{first['n_samples']} images; FID and KID against the {first['n_reference']} bundled digits in the "
         f"{report['features']['name']} feature space ({report['features']['description']}). KID is mean ± std over "
-        f"{report['kid']['subsets']} subsets. FID has no error bar; {noise(by)}",
+        f"{report['kid']['subsets']} subsets drawn from both sets (half the smaller set each). FID has no error "
+        f"bar; {noise(by)}",
         f"- Throughput: images/s of full sampling runs ({tp['scheduler']}, {tp['steps']} steps, batch "
         f"{tp['batch_size']}, {tp['repeats']} timed runs after a warm-up), all measured in the one `o2m score` run "
         f"on {report['device']}. A K=4 group costs one student per step, so its throughput is a single student's.",
@@ -201,21 +290,32 @@ def main() -> None:
         "- Train (s): wall time of the `o2m distill` command (+ the `o2m merge`), buffer build included for the "
         "data-free rows.",
         budget_line(a.work),
+        *([synth_note] if synth_note else []),
         "",
         f"![FID against MACs per step]({plot.name})",
         "",
+        *(["## Training-seed noise", "", "The decisive rows trained again with seed 1 (same data, budget and "
+           "sampling seed); the verdicts use their means.", "", *seeds, ""] if seeds else []),
+        *(["## Sampled with DDPM (the DKDM paper's sampler)", "",
+           f"Ancestral DDPM respaced to {ddpm_rows[0]['steps']} steps, seed {ddpm_rows[0]['seed']}, "
+           f"{ddpm_rows[0]['n_samples']} images: it uses the learned variance that DKDM's KL trains (DDIM ignores "
+           "it). FIDs compare only within this table.", "", table_ddpm, ""] if ddpm_rows else []),
         "## The papers' expectations, checked",
         "",
-        "Stated as the papers state them and compared with the numbers above; nothing was tuned toward them.",
+        "Stated as the papers state them and compared with the numbers above; nothing was tuned toward them. "
+        "A verdict is **holds** or **does not hold** only when the gap is larger than the noise measured in this "
+        "run; a smaller gap is a **tie (within noise)**. For a claim that two rows match, a tie is what the claim "
+        "predicts.",
         "",
         *[f"- {c}" for c in checks(by)],
         "",
         "## What this does and does not show",
         "",
-        "- It is one seed, one budget and 8x8 digits scored by a small classifier's features: the ordering of "
-        "close rows can change with the seed. It shows that every stage runs end to end and how the methods "
-        "compare at an equal per-student budget on this data; it does not reproduce the papers' CIFAR-10 or "
-        "ImageNet numbers (those need the real teachers and Inception features, see the README).",
+        "- One budget and 8x8 digits scored by a small classifier's features. Only the decisive ratio-0.5 rows "
+        "were trained with a second seed; every other row is one training seed, judged against the largest "
+        "seed-to-seed spread measured. It shows that every stage runs end to end and how the methods compare at "
+        "an equal per-student budget on this data; it does not reproduce the papers' CIFAR-10 or ImageNet "
+        "numbers (those need the real teachers and Inception features, see the README).",
         "",
         "## Machine",
         "",
@@ -236,7 +336,7 @@ def main() -> None:
     os.replace(tmp, a.docs / "results.md")
     shutil.copyfile(a.work / "scores" / "report.json", a.docs / ".results-report.json.tmp")
     os.replace(a.docs / ".results-report.json.tmp", a.docs / "results-report.json")
-    print(table)
+    print(table_ddim)
 
 
 if __name__ == "__main__":

@@ -59,14 +59,51 @@ def test_reverse_kl_closed_form() -> None:
     t = torch.tensor([0, 10, 500, 999])
     eps = torch.randn(4, 1, 8, 8, generator=g)
     v = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
-    assert torch.allclose(reverse_kl(terms, x, t, eps, v, eps, v), torch.zeros(4), atol=1e-7)
+    # Where no clip binds (small x0), the same prediction gives KL 0 (clip=None: neither side clips).
+    assert torch.allclose(reverse_kl(terms, x, t, eps, v, eps, v, clip=None), torch.zeros(4), atol=1e-7)
     # Same mean, variances beta_t and beta~_t (v = 1 and v = -1): KL = 0.5 (r - 1 - log r) per pixel, r = beta~/beta.
-    kl = reverse_kl(terms, x, t, eps, torch.ones_like(v), eps, -torch.ones_like(v))
+    kl = reverse_kl(terms, x, t, eps, torch.ones_like(v), eps, -torch.ones_like(v), clip=None)
     lb = torch.log(terms.betas[t].double())
     lpost = terms.posterior_log_variance_clipped[t].double()
     r = torch.exp(lb - lpost)
     want = 0.5 * (r - 1 - torch.log(r)) / math.log(2.0)
     torch.testing.assert_close(kl.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_reverse_kl_clips_the_teacher_mean_not_the_student_mean() -> None:
+    """DKDM's official KL: teacher mean from its clipped x0, student mean from its eps unclipped (issue 11, item 2)."""
+    terms = _terms(1000)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 4, 4, generator=g) * 1.5
+    t = torch.tensor([3, 40, 700])
+    eps_t, eps_s = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g) * 3
+    v_t, v_s = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1, torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
+    # By hand, in float64, with the improved-DDPM formulas written out.
+    b = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - b, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    post_var = b * (1 - abar_prev) / (1 - abar)
+    log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    sh = (-1, 1, 1, 1)
+    a, ap, bt = abar[t].view(sh), abar_prev[t].view(sh), b[t].view(sh)
+
+    def mean(eps: torch.Tensor, clip: bool) -> torch.Tensor:
+        x0 = (x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
+        x0 = x0.clamp(-1, 1) if clip else x0
+        return bt * ap.sqrt() / (1 - a) * x0 + (1 - ap) * (1 - bt).sqrt() / (1 - a) * x.double()
+
+    def logvar(v: torch.Tensor) -> torch.Tensor:
+        frac = (v.double() + 1) / 2
+        return frac * torch.log(bt) + (1 - frac) * log_post[t].view(sh)
+
+    m1, l1, m2, l2 = mean(eps_t, True), logvar(v_t), mean(eps_s, False), logvar(v_s)
+    want = (0.5 * (-1 + l2 - l1 + torch.exp(l1 - l2) + (m1 - m2) ** 2 * torch.exp(-l2))).mean((1, 2, 3)) / math.log(2)
+    got = reverse_kl(terms, x, t, eps_t, v_t, eps_s, v_s)
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-5)
+    # Clipping the student too (the old behaviour) gives another, smaller number here.
+    m2c = mean(eps_s, True)
+    old = (0.5 * (-1 + l2 - l1 + torch.exp(l1 - l2) + (m1 - m2c) ** 2 * torch.exp(-l2))).mean((1, 2, 3)) / math.log(2)
+    assert not torch.allclose(got.double(), old, rtol=1e-3)
 
 
 def test_kl_trains_the_variance_only() -> None:
@@ -219,7 +256,8 @@ def test_buffer_survives_resume(in_tmp: Path, template: Path, monkeypatch) -> No
     monkeypatch.setattr(Distiller, "step", crash)
     assert cli(*args, "-o", "run").exit_code == 1
     ck = json.loads((in_tmp / "run.partial" / "checkpoint.json").read_text())
-    assert ck["step"] == 2 and ck["init_info"]["slots"] == 16  # rho 0.1 * T 20 * b 8
+    # rho 0.1 * T 20 * b 8 = 16 slots, raised to 24: three disjoint batches of 8 per step (K=2, p_own 0.5)
+    assert ck["step"] == 2 and ck["init_info"]["slots"] == 24
     monkeypatch.setattr(Distiller, "step", real)
     assert_refused(cli(*[a if a != "0.1" else "0.2" for a in args], "-o", "run", "--resume"), "other settings")
     res = cli(*args, "-o", "run", "--resume")

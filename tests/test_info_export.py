@@ -140,8 +140,13 @@ def test_export_refuses_students_and_existing_output(tmp_path, tiny_model_file):
     (out / "keep.txt").write_text("old")
     assert_refused(cli("export", tiny_model_file, "-o", out), "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert_refused(cli("export", tiny_model_file, "-o", out, "--force"), "o2m did not write")  # not o2m's (issue 11)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    out = tmp_path / "pipe"
+    ok("export", tiny_model_file, "-o", out)
+    (out / "extra.txt").write_text("x")
     ok("export", tiny_model_file, "-o", out, "--force")
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and not (out / "extra.txt").exists()
     assert_refused(cli("export", tmp_path / "missing.safetensors", "-o", tmp_path / "p2"), "missing")
 
 

@@ -39,7 +39,8 @@ def _fake_table_run(work: Path, fids: dict[str, float]) -> None:
     tp = {"batch_size": 64, "repeats": 2, "scheduler": "ddim", "steps": 50, "images_per_s": 30.0}
     rows = [{"name": f"samples-{n}", "fid": f, "kid_mean": 0.01, "kid_std": 0.002, "params": 628_000 * (
         4 if n.endswith(("o2mkd", "dfo2mkd")) else 1), "macs": 9_070_000, "n_samples": 1000, "n_reference": 1797,
-        "scheduler": "ddim", "steps": 50, "seed": 1 if n.endswith("seed1") else 0, "throughput": tp, "warnings": []}
+        "scheduler": "ddpm" if n.startswith("ddpm-") else "ddim", "steps": 50, "seed": 1 if n.endswith("seed1") else 0,
+        "throughput": tp, "warnings": []}
         for n, f in fids.items()]
     (work / "scores").mkdir(parents=True)
     (work / "scores" / "report.json").write_text(json.dumps({
@@ -60,7 +61,7 @@ def test_results_page_reports_the_expectations_as_measured(tmp_path: Path, monke
     """docs/results.md generation: every row in the table, each expectation judged by the numbers, both ways."""
     fids = {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0, "r0.3-o2okd": 2.0, "r0.3-o2okd-4x": 1.5,
             "r0.3-o2mkd": 2.5,
-            "r0.3-o2mkd-merged": 2.6, "r0.3-dkdm": 2.1, "r0.3-dfo2mkd": 1.9, "r0.3-dfo2mkd-merged": 2.0}
+            "r0.3-o2mkd-merged": 2.55, "r0.3-dkdm": 2.1, "r0.3-dfo2mkd": 2.05, "r0.3-dfo2mkd-merged": 2.0}
     _fake_table_run(tmp_path / "work", fids)
     docs = tmp_path / "docs"
     monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
@@ -73,8 +74,47 @@ def test_results_page_reports_the_expectations_as_measured(tmp_path: Path, monke
     assert len(table) == len(fids)
     assert "| 0.3 | no KD (plain training) | digits | 1 |" in page and "| 0.3 | O2MKD | digits | 4 | 2.512 |" in page
     assert "| 68 + 9 |" in page  # the merged row's cost: its distill run plus the merge
-    assert "KD helps (FID no KD > FID O2OKD): FID 5.000 vs 2.000: **holds**" in page
-    assert "more students help (FID O2OKD > FID O2MKD K=4): FID 2.000 vs 2.500: **does not hold**" in page
-    assert "at equal total compute (FID O2OKD 4x steps > FID O2MKD K=4): FID 1.500 vs 2.500: **does not hold**" in page
-    assert "merged close to unmerged (merged vs O2MKD K=4): FID 2.600 vs 2.500 (+4.0%)" in page
+    assert "KD helps (FID no KD > FID O2OKD): FID 5.000 vs 2.000, gap +3.000, noise 0.100: **holds**" in page
+    assert ("more students help (FID O2OKD > FID O2MKD K=4): FID 2.000 vs 2.500, gap -0.500, noise 0.100: "
+            "**does not hold**") in page
+    assert "(FID O2OKD 4x steps > FID O2MKD K=4): FID 1.500 vs 2.500, gap -1.000, noise 0.100: **does not hold**" in page
+    assert "merged matches unmerged (FID merged = FID O2MKD K=4): FID 2.550 vs 2.500" in page
+    assert "**holds (a tie, within noise)**" in page
+    # A gap smaller than the sampling noise is a tie, not a verdict.
+    assert "(FID DKDM > FID data-free O2MKD): FID 2.100 vs 2.050, gap +0.050, noise 0.100: **tie (within noise)**" in page
     assert "scores 1.000 with sampling seed 0 and 1.100 with seed 1" in page
+
+
+def test_verdicts_respect_the_noise() -> None:
+    md = _results_md()
+    assert md.verdict(0.5, 0.1) == "holds" and md.verdict(-0.5, 0.1) == "does not hold"
+    assert md.verdict(0.05, 0.1) == md.verdict(-0.09, 0.1) == "tie (within noise)"
+
+
+def test_results_page_with_training_seeds_ddpm_rows_and_the_synthetic_baseline(tmp_path: Path, monkeypatch) -> None:
+    """The second training seed widens the noise and the verdicts use the means; DDPM rows get their own table."""
+    fids = {"teacher": 1.0, "teacher-seed1": 1.05, "r0.5-nokd": 3.0, "r0.5-o2okd": 2.2, "r0.5-o2okd-4x": 1.1,
+            "r0.5-o2mkd": 1.7, "r0.5-dkdm": 2.3, "r0.5-synth": 4.0,
+            "r0.5-nokd-s1": 3.2, "r0.5-o2okd-s1": 2.0, "r0.5-o2mkd-s1": 2.1, "r0.5-o2okd-4x-s1": 1.3,
+            "ddpm-teacher": 1.2, "ddpm-r0.5-dkdm": 2.0, "ddpm-r0.5-synth": 2.1, "ddpm-r0.5-dfo2mkd": 1.5}
+    work = tmp_path / "work"
+    _fake_table_run(work, fids)
+    (work / "synthetic.json").write_text(json.dumps({"images": 1700, "steps": 50, "teacher_forwards": 85000,
+                                                     "dkdm_forwards": 85012}))
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(work), "--docs", str(docs), "--seconds", "3500"])
+    _results_md().main()
+    page = (docs / "results.md").read_text()
+    # Training noise: the largest seed-to-seed spread (O2MKD: |1.7 - 2.1| = 0.4) gauges every verdict.
+    assert "| 0.5 | O2MKD | 1.700 | 2.100 | 1.900 | 0.400 |" in page
+    assert "moves a row's FID by up to 0.400" in page
+    # Means: O2OKD (2.1) vs O2MKD (1.9): a 0.2 gap inside 0.4 noise is a tie; no KD (3.1) vs O2OKD (2.1) holds.
+    assert ("more students help (FID O2OKD > FID O2MKD K=4): FID 2.100 vs 1.900 (means over 2 training seeds), "
+            "gap +0.200, noise 0.400: **tie (within noise)**") in page
+    assert "KD helps (FID no KD > FID O2OKD): FID 3.100 vs 2.100 (means over 2 training seeds)" in page
+    # The DKDM paper's comparisons, under both samplers.
+    assert "DKDM beats the synthetic-data baseline, DDIM 50 (FID baseline > FID DKDM): FID 4.000 vs 2.300" in page
+    assert "DDPM 50 (FID baseline > FID DKDM): FID 2.100 vs 2.000, gap +0.100, noise 0.400: **tie (within noise)**" in page
+    assert "## Sampled with DDPM" in page and "| 0.5 | DKDM | none | 1 |" in page
+    assert "1700 images sampled from the teacher with DDPM 50 steps (85,000 teacher forwards" in page
+    assert "| 0.5 | O2MKD, training seed 1 | digits | 4 |" in page

@@ -180,9 +180,17 @@ def test_existing_output_needs_force(tmp_path, tiny_model_file):
     (out / "keep.txt").write_text("old")
     assert_refused(cli("sample", tiny_model_file, "--steps", 1, "-n", 2, "-o", out), "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
-    r = cli("sample", tiny_model_file, "--steps", 1, "-n", 2, "--device", "cpu", "-o", out, "--force")
+    # --force replaces only what o2m wrote: a user's directory is refused by name (issue 11) ...
+    assert_refused(cli("sample", tiny_model_file, "--steps", 1, "-n", 2, "--device", "cpu", "-o", out, "--force"),
+                   "o2m did not write")
+    assert (out / "keep.txt").read_text() == "old"
+    # ... and an o2m samples directory is replaced.
+    out2 = tmp_path / "s2"
+    assert cli("sample", tiny_model_file, "--steps", 1, "-n", 2, "--device", "cpu", "-o", out2).exit_code == 0
+    (out2 / "extra.txt").write_text("o2m's own dir")
+    r = cli("sample", tiny_model_file, "--steps", 1, "-n", 3, "--device", "cpu", "-o", out2, "--force")
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and read_manifest(out).kind == "samples"
+    assert not (out2 / "extra.txt").exists() and read_manifest(out2).kind == "samples"
     assert not [p for p in tmp_path.iterdir() if "o2m" in p.name]  # no temp leftovers
 
 

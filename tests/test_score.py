@@ -109,6 +109,20 @@ def test_kid_sane_and_deterministic() -> None:
     assert kid_from_features(a, b, subsets=20, subset_size=200) == (same_mean, same_std)
 
 
+def test_kid_subsets_are_drawn_from_both_sets() -> None:
+    """Equal-size sets at the subset cap: the old subsets held every image and the std was ~1e-13 (issue 11)."""
+    from o2mcli.scoring.metrics import kid_subset_size
+
+    rs = np.random.RandomState(2)
+    a, b = rs.normal(size=(200, 8)), rs.normal(size=(200, 8)) + 0.3
+    mean, std = kid_from_features(a, b, subsets=30, subset_size=200)
+    assert kid_subset_size(200, 200, 200) == 100 and kid_subset_size(1000, 1797, 1000) == 500
+    assert mean > 0 and std > 1e-3 * mean  # the spread of real subsets, not of round-off
+    # The spread reacts to the generated set too: reusing it whole (no subsets) would not.
+    _, std_half = kid_from_features(a[:100], b, subsets=30, subset_size=200)
+    assert std_half != pytest.approx(std, rel=1e-6)
+
+
 def test_metrics_refuse_fewer_than_two_and_warn_below_dim() -> None:
     f = np.zeros((1, 4))
     with pytest.raises(O2MError, match="at least 2"):

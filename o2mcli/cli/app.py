@@ -44,7 +44,14 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             err = e.errors()[0]
             loc = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-") if err["loc"] else "options"
-            fail(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+            fail(f"{loc} {err.get('input')}: {err['msg']}")
+        except OSError as e:
+            # Out of space, read-only or permission denied: the environment, not a bug. Atomic writes
+            # removed their temporary files on the way out, so nothing half-written is left.
+            if debug_enabled():
+                raise
+            where = e.filename or "output"
+            fail(f"{where}: {e.strerror or e}; nothing was written (outputs are atomic)")
         except KeyboardInterrupt:
             fail("interrupted; outputs are written atomically, nothing half-written was left", 130)
         except Exception as e:  # noqa: BLE001 - the last line of defence for users

@@ -17,7 +17,9 @@ def distill(
                                                         "default: the newest template in the current directory."),
     mode: str = typer.Option("o2mkd", help="o2mkd (real data; K=1 or --p-own 0 is O2OKD) or dkdm (data-free)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher; default: the one the template was pruned from."),
-    students: int = typer.Option(4, "--students", "-k", help="K students, each owning a contiguous timestep range."),
+    students: Optional[int] = typer.Option(None, "--students", "-k", help="K students, each owning a contiguous "
+                                           "timestep range. Default: 4 with --mode o2mkd; 1 with --mode dkdm (DKDM's "
+                                           "single student; -k 4 there is data-free O2MKD)."),
     boundaries: Optional[str] = typer.Option(None, help="Custom ranges, e.g. 0,200,450,700,1000 (default uniform)."),
     p_own: float = typer.Option(0.5, "--p-own", help="Per step, probability a student trains on its own range "
                                                      "(else on all timesteps)."),
@@ -38,6 +40,7 @@ def distill(
     steps: int = typer.Option(1000, help="Optimizer steps (every student takes one per step)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch per student per step (per process)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up)."),
+    lr_warmup: int = typer.Option(100, "--lr-warmup", help="Steps of linear learning-rate warm-up."),
     ema_decay: float = typer.Option(0.999, "--ema-decay"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -60,12 +63,12 @@ def distill(
                         p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, rho=rho, init_steps=init_steps,
                         init_batch=init_batch, kl_weight=kl_weight, student_config=student_config, steps=steps,
                         batch_size=batch_size,
-                        lr=lr, ema_decay=ema_decay, seed=seed, device=device, save_every=save_every,
+                        lr=lr, lr_warmup=lr_warmup, ema_decay=ema_decay, seed=seed, device=device, save_every=save_every,
                         log_every=log_every, resume=resume, out=out, force=force)
     path = run_distill(cfg)
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         s = read_manifest(path, verify=False).summary
         losses = ", ".join(f"{f.get('loss', float('nan')):.4f}" for f in s["final"])
-        typer.echo(f"wrote {path}: {students} students over {s['ranges']} in {s['seconds']:.1f} s "
+        typer.echo(f"wrote {path}: {cfg.students} students over {s['ranges']} in {s['seconds']:.1f} s "
                    f"({s['student_images_per_s']:.1f} student img/s); final losses {losses}")

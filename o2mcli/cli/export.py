@@ -21,7 +21,7 @@ def export(
     from o2mcli.fsutil import check_output_free
     from o2mcli.models.io import export_pipeline, load_model
 
-    check_output_free(out, force)
+    check_output_free(out, force, inputs=[model])
     loaded = load_model(resolve_model_spec(model), "cpu")
     lo, hi = loaded.ranges[0]
     path = export_pipeline(loaded, out, force=force)

@@ -12,6 +12,7 @@ from o2mcli.data.base import ImageSet
 from o2mcli.errors import O2MError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_PIXELS = 8192 * 8192  # per image; a larger header is a decompression bomb, refused before decoding
 
 
 def load_folder(folder: Path) -> ImageSet:
@@ -28,9 +29,14 @@ def load_folder(folder: Path) -> ImageSet:
     for f in files:
         try:
             with Image.open(f) as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:
+                    raise O2MError(f"{f}: image claims {im.size[0]}x{im.size[1]} pixels, more than o2m decodes "
+                                   f"({MAX_PIXELS:,}); a decompression bomb or not a training image")
                 im.load()
                 mode = "L" if im.mode in ("L", "1", "I;16", "I", "LA") else "RGB"
                 arr = np.asarray(im.convert(mode), dtype=np.uint8)
+        except Image.DecompressionBombError as e:
+            raise O2MError(f"{f}: image claims more pixels than o2m decodes ({e}); a decompression bomb") from e
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise O2MError(f"{f}: unreadable image ({type(e).__name__})") from e
         if arr.ndim == 2:

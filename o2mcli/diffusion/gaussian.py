@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from o2mcli.errors import O2MError
+
 
 def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Gather per-sample schedule values ``a[t]`` and shape them for broadcasting over ``ndim`` dims."""
@@ -89,10 +91,15 @@ def learned_log_variance(terms: DiffusionTerms, v: torch.Tensor, t: torch.Tensor
 
 
 def p_mean_logvar(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and log-variance of p(x_{t-1} | x_t) from an eps prediction and a variance output v."""
-    x0 = predict_x0(terms, x_t, t, eps).clamp(-1.0, 1.0)
+                  v: torch.Tensor, clip: float | None = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and log-variance of p(x_{t-1} | x_t) from an eps prediction and a variance output v (x0 clipped to +-clip)."""
+    x0 = clip_x0(predict_x0(terms, x_t, t, eps), clip)
     return q_posterior_mean(terms, x0, x_t, t), learned_log_variance(terms, v, t)
+
+
+def clip_x0(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """x0 clamped to [-clip, clip]; ``None`` leaves it as predicted (diffusers' ``clip_sample: false``)."""
+    return x0 if clip is None else x0.clamp(-clip, clip)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -114,39 +121,71 @@ def vlb_loss(terms: DiffusionTerms, x0: torch.Tensor, x_t: torch.Tensor, t: torc
     return torch.where(t == 0, nll, kl)
 
 
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
+UNSUPPORTED_VARIANCE = {
+    "fixed_large_log": "diffusers' DDPMScheduler.step takes the square root of log(beta_t) for it (NaN noise)",
+    "learned": "diffusers' DDPMScheduler.step takes the square root of the raw model output for it",
+}
+
+
+def check_variance_type(variance_type: str, where: str) -> None:
+    """Refuse, by name, a ``variance_type`` whose reverse step o2m does not reproduce."""
+    if variance_type in UNSUPPORTED_VARIANCE:
+        raise O2MError(f"{where}: variance_type {variance_type!r} is not supported "
+                       f"({UNSUPPORTED_VARIANCE[variance_type]}); supported: {', '.join(VARIANCE_TYPES)}")
+    if variance_type not in VARIANCE_TYPES:
+        raise O2MError(f"{where}: unknown variance_type {variance_type!r}; supported: {', '.join(VARIANCE_TYPES)}")
+
+
 def fixed_log_variance(terms: DiffusionTerms, t: torch.Tensor, ndim: int, variance_type: str) -> torch.Tensor:
-    """log Sigma_t of a fixed-variance DDPM: beta~_t (``fixed_small``) or beta_t (``fixed_large``) (Ho et al. Sec. 3.2)."""
+    """log Sigma_t of a fixed-variance DDPM: beta~_t (``fixed_small[_log]``) or beta_t (``fixed_large``) (Ho et al. Sec. 3.2).
+
+    As diffusers' DDPMScheduler: beta~_t clamped at 1e-20 (no noise is added at t = 0 anyway).
+    """
     if variance_type == "fixed_large":
         return extract(torch.cat([terms.posterior_variance[1:2], terms.betas[1:]]).log(), t, ndim)
-    return extract(terms.posterior_log_variance_clipped, t, ndim)
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        return extract(terms.posterior_variance.clamp(min=1e-20).log(), t, ndim)
+    check_variance_type(variance_type, "scheduler config")
+    raise O2MError(f"variance_type {variance_type!r} needs the model's variance output")
 
 
 def reverse_step(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor | None,
-                 noise: torch.Tensor, variance_type: str = "fixed_small") -> torch.Tensor:
-    """One ancestral step x_{t-1} = mu(x_t, eps) + Sigma^{1/2} z, per-sample t, no noise where t = 0 (Ho et al. Alg. 2)."""
-    x0 = predict_x0(terms, x_t, t, eps).clamp(-1.0, 1.0)
+                 noise: torch.Tensor, variance_type: str = "fixed_small", clip: float | None = 1.0) -> torch.Tensor:
+    """One ancestral step x_{t-1} = mu(x_t, eps) + Sigma^{1/2} z, per-sample t, no noise where t = 0 (Ho et al. Alg. 2).
+
+    Equal to diffusers' ``DDPMScheduler.step`` for each supported ``variance_type`` (learned_range: improved
+    DDPM Eq. 15 from ``v``); ``clip`` is the config's ``clip_sample_range``, ``None`` when ``clip_sample`` is off.
+    """
+    x0 = clip_x0(predict_x0(terms, x_t, t, eps), clip)
     mean = q_posterior_mean(terms, x0, x_t, t)
-    logvar = learned_log_variance(terms, v, t) if v is not None else fixed_log_variance(terms, t, x_t.ndim,
-                                                                                       variance_type)
+    if variance_type == "learned_range":
+        if v is None:
+            raise O2MError("variance_type 'learned_range' needs a model with 2C output channels")
+        logvar = learned_log_variance(terms, v, t)
+    else:
+        logvar = fixed_log_variance(terms, t, x_t.ndim, variance_type)
     nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
     return mean + nonzero * torch.exp(0.5 * logvar) * noise
 
 
 def ddim_jump(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-              eps: torch.Tensor) -> torch.Tensor:
+              eps: torch.Tensor, clip: float | None = 1.0) -> torch.Tensor:
     """Deterministic DDIM move from t to t_next < t, per sample: sqrt(abar') x0 + sqrt(1 - abar') eps (Song et al. Eq. 12)."""
     abar_next = extract(terms.alphas_cumprod, t_next, x_t.ndim)
-    x0 = predict_x0(terms, x_t, t, eps).clamp(-1.0, 1.0)
+    x0 = clip_x0(predict_x0(terms, x_t, t, eps), clip)
     return abar_next.sqrt() * x0 + (1.0 - abar_next).sqrt() * eps
 
 
 def reverse_kl(terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, eps_teacher: torch.Tensor,
-               v_teacher: torch.Tensor, eps_student: torch.Tensor, v_student: torch.Tensor) -> torch.Tensor:
+               v_teacher: torch.Tensor, eps_student: torch.Tensor, v_student: torch.Tensor,
+               clip: float | None = 1.0) -> torch.Tensor:
     """Per-sample KL(p_T(x_{t-1}|x_t) || p_S(x_{t-1}|x_t)) in bits/dim (DKDM's L'_vlb).
 
-    Both Gaussians take their mean from the eps prediction and their variance from the learned
-    interpolation (improved DDPM Eq. 15). Pass ``eps_student.detach()``: the term trains the variance only.
+    Both Gaussians take their variance from the learned interpolation (improved DDPM Eq. 15). As DKDM's
+    official code: the teacher's mean comes from its x0 clipped like its reverse step (``clip``), the
+    student's from its eps *unclipped*. Pass ``eps_student.detach()``: the term trains the variance only.
     """
-    mean_t, logvar_t = p_mean_logvar(terms, x_t, t, eps_teacher, v_teacher)
-    mean_s, logvar_s = p_mean_logvar(terms, x_t, t, eps_student, v_student)
+    mean_t, logvar_t = p_mean_logvar(terms, x_t, t, eps_teacher, v_teacher, clip=clip)
+    mean_s, logvar_s = p_mean_logvar(terms, x_t, t, eps_student, v_student, clip=None)
     return mean_flat(normal_kl(mean_t, logvar_t, mean_s, logvar_s)) / math.log(2.0)

@@ -29,3 +29,18 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
 def uses_learned_variance(name: str, base_config: dict[str, Any]) -> bool:
     """Only the DDPM sampler consumes the variance channels of a learned-variance model."""
     return name == "ddpm" and str(base_config.get("variance_type", "")).startswith("learned")
+
+
+def scheduler_config_for_outputs(base_config: dict[str, Any], in_channels: int, out_channels: int) -> dict[str, Any]:
+    """The scheduler config with the ``variance_type`` a model's output channels imply.
+
+    A C-channel model predicts eps only: a ``learned*`` type becomes ``fixed_small`` (diffusers' DDPM
+    default). A 2C-channel model learns its variance: a fixed type becomes ``learned_range`` (improved DDPM).
+    """
+    cfg = dict(base_config)
+    learned_type = str(cfg.get("variance_type", "fixed_small")).startswith("learned")
+    if out_channels == in_channels and learned_type:
+        cfg["variance_type"] = "fixed_small"
+    elif out_channels == 2 * in_channels and not learned_type:
+        cfg["variance_type"] = "learned_range"
+    return cfg

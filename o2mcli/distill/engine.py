@@ -102,6 +102,7 @@ class Distiller:
         clock = self._clock()
         chosen = self.plan.choose(self.gen_plan)
         order = list(dict.fromkeys(chosen))  # distinct ranges, first-use order (deterministic)
+        self.source.begin_step()
         batches = {r: self.source.draw(r[0], r[1], b, self.gen_data) for r in order}
         for k, r in enumerate(chosen):
             self.own_steps[k] += r != (0, self.plan.T)

@@ -21,9 +21,11 @@ from o2mcli.distill.sources.base import Batch
 KLTerm = Callable[[Outputs, Outputs, Batch, DiffusionTerms], torch.Tensor]
 
 
-def dkdm_kl(student: Outputs, teacher: Outputs, batch: Batch, terms: DiffusionTerms) -> torch.Tensor:
-    """DKDM's L'_vlb: KL(p_T || p_S) of the reverse Gaussians, stop-gradient on the student's mean."""
-    return reverse_kl(terms, batch.x_t, batch.t, teacher.eps, teacher.v, student.eps.detach(), student.v).mean()
+def dkdm_kl(student: Outputs, teacher: Outputs, batch: Batch, terms: DiffusionTerms,
+            clip: float | None = 1.0) -> torch.Tensor:
+    """DKDM's L'_vlb: KL(p_T || p_S), teacher mean from its clipped x0, student mean unclipped and detached."""
+    return reverse_kl(terms, batch.x_t, batch.t, teacher.eps, teacher.v, student.eps.detach(), student.v,
+                      clip=clip).mean()
 
 
 @dataclass(frozen=True)

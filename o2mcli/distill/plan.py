@@ -55,6 +55,14 @@ class TimestepPlan:
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.boundaries[:-1], self.boundaries[1:]))
 
+    @property
+    def max_draws_per_step(self) -> int:
+        """The most distinct ranges one step can draw from (the full range and each own range)."""
+        own = [r for r in self.ranges if r != (0, self.T)]
+        if self.p_own == 0 or not own:
+            return 1
+        return len(own) + (1 if self.p_own < 1 else 0)
+
     def choose(self, generator: torch.Generator) -> list[tuple[int, int]]:
         """One draw per student for this step: the range its batch's timesteps come from."""
         coins = torch.rand(len(self.ranges), generator=generator)

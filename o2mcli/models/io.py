@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_dir, atomic_file, check_output_free, sha256_file
+from o2mcli.fsutil import (atomic_dir, atomic_file, atomic_write_json, check_output_free, loads_bounded,
+                            sha256_file)
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
@@ -65,10 +66,76 @@ def _clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # diffusers' DDPMScheduler
+MAX_SAMPLE_SIZE = 2048
+MAX_ACTIVATION_BYTES = 16 << 30  # one sample's largest feature maps, a generous bound for a UNet2DModel
+
+
+def _int_in(cfg: dict, key: str, lo: int, hi: int, where: Path, what: str) -> None:
+    v = cfg.get(key)
+    if v is None:
+        return
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    if not vals or any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in vals):
+        raise O2MError(f"{where}: {what} {key} = {v!r}; expected integer(s) in [{lo}, {hi}]")
+
+
+def check_unet_config(cfg: Any, where: Path) -> None:
+    """The UNet config's type, keys and sizes, before anything is built (crafted metadata is refused here)."""
+    if not isinstance(cfg, dict):
+        raise O2MError(f"{where}: the UNet config is a JSON {type(cfg).__name__}, expected an object")
+    _int_in(cfg, "in_channels", 1, 64, where, "UNet config")
+    _int_in(cfg, "out_channels", 1, 128, where, "UNet config")
+    _int_in(cfg, "block_out_channels", 1, 16384, where, "UNet config")
+    _int_in(cfg, "layers_per_block", 1, 64, where, "UNet config")
+    size = cfg.get("sample_size")
+    _int_in(cfg, "sample_size", 1, MAX_SAMPLE_SIZE, where, "UNet config")
+    if isinstance(size, (list, tuple)) and len(size) != 2:
+        raise O2MError(f"{where}: UNet config sample_size = {size!r}; expected an integer or [height, width]")
+    hw = (size, size) if isinstance(size, int) else tuple(size or (32, 32))
+    widest = max(cfg.get("block_out_channels") or [1])
+    need = hw[0] * hw[1] * widest * 4 * 4  # a few float32 maps at full resolution and the widest width
+    if need > MAX_ACTIVATION_BYTES:
+        raise O2MError(f"{where}: UNet config sample_size {size!r} x {widest} channels implies "
+                       f"{need / 2**30:.0f} GiB of activations per image; refused (at most "
+                       f"{MAX_ACTIVATION_BYTES >> 30} GiB)")
+
+
+def check_scheduler_config(sched: Any, where: Path) -> int:
+    """A DDPM scheduler config diffusers can build and o2m can use; returns T."""
+    import math
+
+    if not isinstance(sched, dict):
+        raise O2MError(f"{where}: the scheduler config is a JSON {type(sched).__name__}, expected an object")
+    _int_in(sched, "num_train_timesteps", 2, 100_000, where, "scheduler config")
+    bs = sched.get("beta_schedule", "linear")
+    if bs not in BETA_SCHEDULES:
+        raise O2MError(f"{where}: scheduler config beta_schedule {bs!r} is unknown; expected one of "
+                       f"{', '.join(BETA_SCHEDULES)}")
+    for key in ("beta_start", "beta_end"):
+        v = sched.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                              or not 0 < v < 1):
+            raise O2MError(f"{where}: scheduler config {key} = {v!r}; expected a number in (0, 1)")
+    if sched.get("trained_betas") is not None:
+        raise O2MError(f"{where}: scheduler config trained_betas is not supported; use a beta_schedule")
+    return int(sched.get("num_train_timesteps", 1000))
+
+
+def check_timestep_range(rng: Any, T: int, where: Path) -> tuple[int, int]:
+    """A model's timestep range: two integers with 0 <= lo < hi <= T."""
+    ok = (isinstance(rng, (list, tuple)) and len(rng) == 2
+          and all(isinstance(x, int) and not isinstance(x, bool) for x in rng))
+    if not ok or not 0 <= rng[0] < rng[1] <= T:
+        raise O2MError(f"{where}: timestep range {rng!r} is empty, inverted or outside [0, {T}]")
+    return int(rng[0]), int(rng[1])
+
+
 def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
     """A ``UNet2DModel`` from its diffusers config; weights must match exactly."""
     from diffusers import UNet2DModel
 
+    check_unet_config(cfg, where)
     cls = cfg.get("_class_name", SUPPORTED_CLASS)
     if cls != SUPPORTED_CLASS:
         raise O2MError(f"{where}: found a {cls}; o2m supports {SUPPORTED_CLASS} (the DDPM family)")
@@ -105,20 +172,17 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return loads_bounded(path.read_bytes(), str(path))
     except FileNotFoundError as e:
         raise O2MError(f"{path}: missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise O2MError(f"{path}: unreadable JSON ({e})") from e
+    except OSError as e:
+        raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
 
 
 def _meta_json(meta: dict[str, str], key: str, where: Path) -> Any:
-    try:
-        return json.loads(meta[key])
-    except KeyError as e:
-        raise O2MError(f"{where}: o2m metadata lacks {key!r}") from e
-    except json.JSONDecodeError as e:
-        raise O2MError(f"{where}: o2m metadata {key!r} is not JSON") from e
+    if key not in meta:
+        raise O2MError(f"{where}: o2m metadata lacks {key!r}")
+    return loads_bounded(meta[key], f"{where}: o2m metadata {key!r}")
 
 
 # 2. The four input forms ------------------------------------------------------------------------
@@ -158,9 +222,10 @@ def _load_file(path: Path) -> LoadedModel:
         raise O2MError(f"{path}: bare safetensors without o2m metadata; pass the diffusers directory "
                        "that holds it with its config.json")
     cfg = _meta_json(meta, "o2m.unet_config", path)
-    unet = build_unet(cfg, state, path)
     sched = _meta_json(meta, "o2m.scheduler_config", path)
-    rng = tuple(_meta_json(meta, "o2m.timestep_range", path))
+    T = check_scheduler_config(sched, path)
+    rng = check_timestep_range(_meta_json(meta, "o2m.timestep_range", path), T, path)
+    unet = build_unet(cfg, state, path)
     return LoadedModel(source=path, form="o2m-file", unet=unet, scheduler_config=sched, unet_configs=[cfg],
                        ranges=[rng], sha256=sha256_file(path))
 
@@ -174,11 +239,13 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
             raise O2MError(f"{model_dir}: only {pickled[0]} (pickle) found; o2m loads safetensors weights only")
         raise O2MError(f"{weights}: missing model weights")
     cfg = _read_json(model_dir / "config.json")
+    check_unet_config(cfg, model_dir / "config.json")
     state, _ = _read_safetensors(weights)
     unet = build_unet(cfg, state, weights)
     notes = []
     if sched_json.is_file():
         sched = _read_json(sched_json)
+        check_scheduler_config(sched, sched_json)
     else:
         sched = default_scheduler_config("learned" if cfg.get("out_channels") == 2 * cfg.get("in_channels", 3) else "fixed")
         notes.append(f"no scheduler config beside {model_dir}; using DDPM linear betas, T=1000")
@@ -190,8 +257,13 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
 def _load_stage(path: Path) -> LoadedModel:
     man = read_manifest(path, verify=True)
     require_kind(man, path, MODEL_KINDS)
+    if man.scheduler_config is None:
+        raise O2MError(f"{path}: model manifest has no scheduler_config")
+    T = check_scheduler_config(man.scheduler_config, path / "manifest.json")
     units, ranges = [], []
     for rec in man.models:
+        check_timestep_range(list(rec.timestep_range), T, path / rec.artifact)
+        check_unet_config(rec.unet_config, path / rec.artifact)
         state, _ = _read_safetensors(path / rec.artifact)
         units.append(build_unet(rec.unet_config, state, path / rec.artifact))
         ranges.append(tuple(rec.timestep_range))
@@ -256,4 +328,7 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False) -> 
     pipe = DDPMPipeline(unet=loaded.unet.to("cpu"), scheduler=scheduler)
     with atomic_dir(out_dir, force=force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        # Marks the pipeline as o2m's, so `o2m export --force` may replace it (and nothing else).
+        atomic_write_json(tmp / "o2m_export.json", {"format": "o2m-export/1", "source": str(loaded.source),
+                                                   "sha256": loaded.sha256})
     return out_dir

@@ -74,19 +74,32 @@ def fid_from_features(f1: np.ndarray, f2: np.ndarray, notes: Optional[list[str]]
     return 0.0 if -1e-6 < v < 0.0 else v  # round-off of identical sets
 
 
+def kid_subset_size(n1: int, n2: int, cap: int = 1000) -> int:
+    """KID subset size: at most ``cap`` and half the smaller set, so each subset is a real draw from both sets."""
+    return max(2, min(cap, min(n1, n2) // 2))
+
+
 def kid_from_features(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                       seed: int = 0) -> tuple[float, float]:
-    """Kernel distance (KID, Binkowski et al. 2018): unbiased MMD^2, cubic kernel, mean and std over subsets, each by cleanfid.fid.kernel_distance."""
+    """Kernel distance (KID, Binkowski et al. 2018): unbiased MMD^2, cubic kernel, mean and std over subsets, each by cleanfid.fid.kernel_distance.
+
+    Each subset draws ``kid_subset_size(n1, n2, subset_size)`` images without replacement from *both* sets;
+    were it n (clean-fid's min(n1, n2, 1000) when a set has at most 1000 images) every subset would hold all
+    of that set, and the std would measure the other set's subsets alone (for two such sets, ~1e-13).
+    """
     from cleanfid.fid import kernel_distance
 
     f1, f2 = _pair(f1, f2)
     if subsets < 1 or subset_size < 2:
         raise O2MError(f"KID: need at least 1 subset of at least 2 images (got {subsets} x {subset_size})")
+    if min(f1.shape[0], f2.shape[0]) < 4:
+        raise O2MError(f"KID: needs at least 4 images per set to draw proper subsets (got {f1.shape[0]} and "
+                       f"{f2.shape[0]})")
+    m = kid_subset_size(f1.shape[0], f2.shape[0], subset_size)
     state = np.random.get_state()  # clean-fid draws subsets from numpy's global generator
     try:
         np.random.seed(seed % (2 ** 32))
-        vals = np.array([kernel_distance(f1, f2, num_subsets=1, max_subset_size=subset_size)
-                         for _ in range(subsets)])
+        vals = np.array([kernel_distance(f1, f2, num_subsets=1, max_subset_size=m) for _ in range(subsets)])
     finally:
         np.random.set_state(state)
     return float(vals.mean()), float(vals.std())

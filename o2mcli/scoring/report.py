@@ -56,8 +56,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     shape = "x".join(str(v) for v in ref["shape"])
     lines.append(f"- Reference: {ref['spec']} ({ref['n']} images of {shape}, {ref['source']}, "
                  f"sha256 {ref['sha256'][:12]}); FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) "
-                 f"via clean-fid; KID mean ± std over {report['kid']['subsets']} subsets of up to "
-                 f"{report['kid']['subset_size']}.")
+                 f"via clean-fid; KID mean ± std over {report['kid']['subsets']} subsets drawn from both sets "
+                 f"(size {', '.join(map(str, report['kid'].get('subset_sizes', [])))}: half the smaller set, at "
+                 f"most {report['kid']['subset_size']}).")
     notes = list(report.get("notes", []))
     for r in rows:
         notes += [f"{r['name']}: {w}" for w in r.get("warnings", [])]

@@ -15,6 +15,7 @@ atomically every ``save_every`` steps); ``resume`` continues it bit-for-bit on C
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from o2mcli.errors import O2MError
 
@@ -33,15 +34,15 @@ MODES = ("o2mkd", "dkdm")
 class DistillConfig(BaseModel):
     """Every setting of a distillation run (recorded in full in the manifest)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     template: Optional[str] = None
     teacher: Optional[str] = None
     student_config: Optional[Path] = None
     mode: Literal["o2mkd", "dkdm"] = "o2mkd"
-    students: int = Field(4, ge=1)
+    students: Optional[int] = Field(None, ge=1)  # None: 4 for o2mkd, 1 for dkdm (the paper's single student)
     boundaries: Optional[str] = None
-    p_own: float = 0.5
+    p_own: float = Field(0.5, ge=0, le=1)
     kd: str = "output"
     alpha: float = Field(1.0, ge=0)
     init: Literal["template", "teacher"] = "template"
@@ -58,13 +59,20 @@ class DistillConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     vlb_weight: float = Field(0.001, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     device: str = "auto"
     save_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     resume: bool = False
     force: bool = False
     out: Path = Path("students")
+
+    @model_validator(mode="after")
+    def _students_by_mode(self) -> "DistillConfig":
+        """``-k`` unset: O2MKD's 4 students, or DKDM's single student (data-free O2MKD is ``-k 4``)."""
+        if self.students is None:
+            object.__setattr__(self, "students", 1 if self.mode == "dkdm" else 4)
+        return self
 
 
 class _Quiet(list):
@@ -167,12 +175,33 @@ def make_distiller(cfg: DistillConfig, student_unet, teacher, plan, device, dist
         students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
     if cfg.mode == "dkdm":
         both_learned = _learned(teacher.unet.config) and _learned(init_unet.config)
+        clip = teacher_reverse_settings(teacher.scheduler_config, Path("teacher"))[1]
         objective = Objective(alpha=cfg.alpha, base="output", kl_weight=cfg.kl_weight if both_learned else 0.0,
-                              kl=dkdm_kl if both_learned else None)
+                              kl=functools.partial(dkdm_kl, clip=clip) if both_learned else None)
     else:
         objective = Objective(alpha=cfg.alpha, base="diffusion", vlb_weight=cfg.vlb_weight)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
                      hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+
+
+def teacher_reverse_settings(sched: dict, where: Path) -> tuple[str, float | None]:
+    """(variance_type, x0 clip range or None) of the teacher's reverse step, as diffusers' DDPMScheduler reads them."""
+    from o2mcli.diffusion.gaussian import check_variance_type
+
+    if str(sched.get("prediction_type", "epsilon")) != "epsilon":
+        raise O2MError(f"{where}: prediction_type {sched.get('prediction_type')!r} is not supported by DKDM here "
+                       "(only 'epsilon')")
+    if sched.get("thresholding", False):
+        raise O2MError(f"{where}: scheduler config sets thresholding (dynamic thresholding) which o2m's reverse step "
+                       "does not implement")
+    variance = str(sched.get("variance_type", "fixed_small"))
+    check_variance_type(variance, f"{where}: scheduler config")
+    if not sched.get("clip_sample", True):
+        return variance, None
+    clip = sched.get("clip_sample_range", 1.0)
+    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0 or clip == float("inf"):
+        raise O2MError(f"{where}: scheduler config clip_sample_range {clip!r} must be a positive number")
+    return variance, float(clip)
 
 
 def _learned(unet_cfg) -> bool:
@@ -214,11 +243,9 @@ def run_distill(cfg: DistillConfig) -> Path:
     from o2mcli.fsutil import check_output_free
     from o2mcli.models.io import load_model, unet_config_of
 
-    # 1. Refuse bad outputs and options before any work.
-    out = Path(cfg.out)
-    check_output_free(out, cfg.force)
-    work = check_partial(out, cfg.resume, cfg.force)
+    # 1. Refuse bad options, then bad outputs, before any work (options first: a bad --kd is not "a run is there").
     kd_class(cfg.kd)  # an unknown --kd is refused before any loading
+    resolve_device(cfg.device)
     dkdm = cfg.mode == "dkdm"
     if dkdm and cfg.data is not None:
         raise O2MError(f"--data {cfg.data}: DKDM takes no data (the teacher is its only input); drop --data, "
@@ -228,6 +255,9 @@ def run_distill(cfg: DistillConfig) -> Path:
                        "use --kd none with --mode o2mkd (plain training on the data)")
     if not cfg.rho > 0:
         raise O2MError(f"--rho {cfg.rho}: must be positive (the buffer holds rho*T*b samples)")
+    out = Path(cfg.out)
+    check_output_free(out, cfg.force, inputs=[cfg.template, cfg.teacher, cfg.data, cfg.student_config])
+    work = check_partial(out, cfg.resume, cfg.force)
 
     # 2. Student initialization, teacher, data, plan.
     if cfg.student_config is not None:
@@ -253,6 +283,7 @@ def run_distill(cfg: DistillConfig) -> Path:
                            f"T={teacher.num_train_timesteps}")
     if teacher.is_group:
         raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
+    reverse_cfg = teacher_reverse_settings(teacher.scheduler_config, teacher_path) if dkdm else ("fixed_small", 1.0)
     scfg = unet_config_of(teacher.unet if cfg.init == "teacher" else student_unet)
     if dkdm and _learned(scfg) and not _learned(unet_config_of(teacher.unet)):
         raise O2MError(f"{where}: a learned-variance student under the fixed-variance teacher {teacher_path}: "
@@ -261,6 +292,9 @@ def run_distill(cfg: DistillConfig) -> Path:
     data = None if dkdm else load_dataset(cfg.data or "digits")
     _check_fit(teacher, scfg, None if data is None else data.shape, where, teacher_path)
     T = teacher.num_train_timesteps
+    if dkdm and cfg.init_steps is not None and cfg.init_steps > T - 1:
+        raise O2MError(f"--init-steps {cfg.init_steps}: the teacher {teacher_path} has T={T}, so a slot is at most "
+                       f"{T - 1} steps from noise; use at most {T - 1} (10 is plenty: see the README)")
     bounds = parse_boundaries(cfg.boundaries, T) if cfg.boundaries else uniform_boundaries(T, cfg.students)
     if cfg.boundaries and len(bounds) - 1 != cfg.students:
         raise O2MError(f"--boundaries {cfg.boundaries!r} makes {len(bounds) - 1} ranges but --students is {cfg.students}")
@@ -275,12 +309,16 @@ def run_distill(cfg: DistillConfig) -> Path:
             shutil.rmtree(work)  # --force: start over
         tc = teacher.unet.config
         if dkdm:
-            slots = buffer_slots(cfg.rho, T, cfg.batch_size)
-            variance = str(teacher.scheduler_config.get("variance_type", "fixed_small"))
+            slots = buffer_slots(cfg.rho, T, cfg.batch_size, min_slots=cfg.batch_size * plan.max_draws_per_step)
+            if dist.is_main and slots > round(cfg.rho * T * cfg.batch_size):
+                print(f"note: --rho {cfg.rho} asks for {cfg.rho * T * cfg.batch_size:.3g} buffer slots; using {slots}, "
+                      f"the minimum for {plan.max_draws_per_step} disjoint batches of {cfg.batch_size} per step",
+                      file=sys.stderr)
 
             def make_source(terms, dev):
                 return DynamicBuffer((int(tc.in_channels), int(tc.sample_size), int(tc.sample_size)), slots, terms,
-                                     dev, variance_type=variance, learned=_learned(unet_config_of(teacher.unet)))
+                                     dev, variance_type=reverse_cfg[0], learned=_learned(unet_config_of(teacher.unet)),
+                                     clip=reverse_cfg[1])
         else:
             images = data.to_model_range()
 
@@ -315,12 +353,13 @@ def run_distill(cfg: DistillConfig) -> Path:
 
         if dkdm and not cfg.resume:
             buf = engine.source
-            if dist.is_main:
-                print(buf.describe() + (f" x {dist.world} ranks" if dist.enabled else "") + "; initializing by "
-                      + (f"{cfg.init_steps}-step DDIM jumps" if cfg.init_steps else "exact shuffle denoise"),
-                      file=sys.stderr)
+
+            def say(msg: str) -> None:
+                print(msg + (f" (x {dist.world} ranks)" if dist.enabled else ""), file=sys.stderr, flush=True)
+
             t0 = time.perf_counter()
-            buf.initialize(engine.teacher, engine.gen_data, cfg.init_steps, cfg.init_batch)
+            buf.initialize(engine.teacher, engine.gen_data, cfg.init_steps, cfg.init_batch,
+                           log=say if dist.is_main else None)
             init_info = {"seconds": round(time.perf_counter() - t0, 3), "teacher_forwards": buf.init_forwards,
                          "slots": buf.n, "bytes": buf.bytes, "init_steps": cfg.init_steps}
             save(0)
@@ -368,6 +407,7 @@ def run_distill(cfg: DistillConfig) -> Path:
 
 def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, teacher, template, seconds, seen,
            init_info):
+    from o2mcli.diffusion.schedulers import scheduler_config_for_outputs
     from o2mcli.engine.run import read_jsonl
     from o2mcli.fsutil import atomic_dir
     from o2mcli.manifest import parent_ref, write_manifest
@@ -382,6 +422,10 @@ def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, 
     if cfg.student_config is not None:
         config["student_config"] = str(Path(cfg.student_config).resolve())
     init_from = teacher if cfg.init == "teacher" else template
+    # The students' own variance type (a C-channel student of a learned-variance teacher samples as fixed_small).
+    scfg = students[0].raw.config
+    student_sched = scheduler_config_for_outputs(teacher.scheduler_config, int(scfg.in_channels),
+                                                 int(scfg.out_channels))
     records = []
     steps_run = max(1, cfg.steps)
     with atomic_dir(out, force=cfg.force) as tmp:
@@ -393,7 +437,7 @@ def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, 
                     "teacher_sha256": teacher.sha256, "template": config["template"], "init": cfg.init,
                     "init_sha256": init_from.sha256 if init_from is not None else None,
                     "student_config": config.get("student_config")}
-            save_model_file(tmp / name, model, teacher.scheduler_config, kind="students", timestep_range=rng,
+            save_model_file(tmp / name, model, student_sched, kind="students", timestep_range=rng,
                             provenance=prov)
             records.append(model_record(f"student_{st.k}", name, model, rng))
         shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
@@ -419,7 +463,7 @@ def _write(cfg, out, work, engine, students, plan, template_path, teacher_path, 
             summary["buffer"] = {**init_info, "restarts": buf.restarts, "data": "none (teacher only)"}
         parents = ([parent_ref(template_path)] if template_path else []) + [parent_ref(Path(teacher_path))]
         write_manifest(tmp, "students", config, parents=parents, models=records,
-                       scheduler_config=teacher.scheduler_config, summary=summary)
+                       scheduler_config=student_sched, summary=summary)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ ARTIFACT = "merged.safetensors"
 class MergeConfig(BaseModel):
     """Every setting of a merge (recorded in the output's provenance and manifest)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     inputs: tuple[str, ...]
     out: Path = Path("merged.safetensors")
@@ -152,7 +152,7 @@ def run_merge(cfg: MergeConfig) -> Path:
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force)
+    check_output_free(out, cfg.force, inputs=cfg.inputs)
     students = collect_students(cfg.inputs)
     k = len(students)
     weights = list(cfg.weights) if cfg.weights is not None else [1.0] * k
@@ -161,6 +161,10 @@ def run_merge(cfg: MergeConfig) -> Path:
     if cfg.method == "average" and sum(weights) <= 0:
         raise O2MError(f"--weights {weights}: must sum to a positive number for an average")
     lam = cfg.lam if cfg.lam is not None else 1.0 / k
+    if cfg.method == "task-arithmetic" and (lam == 0 or all(w == 0 for w in weights)):
+        what = f"--lambda {lam}" if lam == 0 else f"--weights {','.join(f'{w:g}' for w in weights)}"
+        raise O2MError(f"{what}: every task vector is weighted 0, so the result would be the initialization "
+                       "(theta_0) itself; give some student a nonzero weight")
 
     # 2. theta_0 and the students' tensors.
     base_path, base = (None, None)

@@ -31,7 +31,7 @@ ARTIFACT = "template.safetensors"
 class PruneConfig(BaseModel):
     """Every setting of a pruning run (recorded in full in the manifest)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     teacher: str
     ratio: Optional[float] = None  # checked by plan_widths, with the message users need
@@ -42,7 +42,7 @@ class PruneConfig(BaseModel):
     taylor_batches: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     students: Optional[int] = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
     device: str = "auto"
     throughput: bool = True
     throughput_steps: int = Field(5, ge=1)
@@ -67,7 +67,7 @@ def run_prune(cfg: PruneConfig) -> Path:
     if cfg.target_macs is not None and cfg.target_macs <= 0:
         raise O2MError(f"--target-macs {cfg.target_macs:.4g}: must be positive")
     out = Path(cfg.out)
-    check_output_free(out, cfg.force)
+    check_output_free(out, cfg.force, inputs=[cfg.teacher, cfg.data])
     teacher_path = resolve_model_spec(cfg.teacher)
     device = resolve_device(cfg.device)
     if cfg.importance == "taylor" and cfg.data is None:

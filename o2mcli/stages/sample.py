@@ -34,14 +34,14 @@ GRID_MIN_CELL = 64  # an 8x8 digit becomes 64x64 pixels in grid.png
 class SampleConfig(BaseModel):
     """Every setting of a sampling run (recorded in full in the manifest)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model: str
     scheduler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     steps: int = Field(50, ge=1)
     n: int = Field(500, ge=1)
     batch_size: int = Field(256, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
     device: str = "auto"
     out: Path = Path("samples")
     force: bool = False
@@ -56,7 +56,7 @@ def run_sample(cfg: SampleConfig) -> Path:
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force)
+    check_output_free(out, cfg.force, inputs=[cfg.model])
     model_path = resolve_model_spec(cfg.model)
     if not model_path.exists():
         raise O2MError(f"{model_path}: no such model file or directory")

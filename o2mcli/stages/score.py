@@ -25,7 +25,7 @@ SAMPLES_FILE = "samples.npz"
 class ScoreConfig(BaseModel):
     """Every setting of a scoring run (recorded in full in the manifest)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     samples: list[Path] = Field(min_length=1)
     ref: str = "digits"
@@ -36,7 +36,7 @@ class ScoreConfig(BaseModel):
     throughput_repeats: int = Field(2, ge=1)
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
     device: str = "auto"
     out: Path = Path("scores")
     force: bool = False
@@ -140,13 +140,13 @@ def run_score(cfg: ScoreConfig) -> Path:
     from o2mcli.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_free
     from o2mcli.manifest import parent_ref, write_manifest
     from o2mcli.scoring.features import get_extractor, resolve_name
-    from o2mcli.scoring.metrics import fid_from_features, kid_from_features, size_warnings
+    from o2mcli.scoring.metrics import fid_from_features, kid_from_features, kid_subset_size, size_warnings
     from o2mcli.scoring.report import markdown_report
     from o2mcli.viz import line_plot
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force)
+    check_output_free(out, cfg.force, inputs=[*cfg.samples, cfg.ref, cfg.inception_weights])
     dirs = [Path(d) for d in cfg.samples]
     resolved = [d.resolve() for d in dirs]
     if len(set(resolved)) != len(resolved):
@@ -210,7 +210,10 @@ def run_score(cfg: ScoreConfig) -> Path:
         "features": extractor.info(),
         "reference": {"spec": cfg.ref, "name": ref.name, "source": ref.source, "sha256": ref.sha256,
                       "n": len(ref), "shape": list(ref_shape)},
-        "kid": {"subsets": cfg.kid_subsets, "subset_size": cfg.kid_subset_size, "seed": cfg.seed},
+        "kid": {"subsets": cfg.kid_subsets, "subset_size": cfg.kid_subset_size, "seed": cfg.seed,
+                "subset_sizes": sorted({kid_subset_size(r["n_samples"], r["n_reference"], cfg.kid_subset_size)
+                                        for r in rows}),
+                "subsets_of": "both sets, without replacement; size min(cap, half the smaller set)"},
         "notes": notes,
     }
     summary = {"rows": [{"name": r["name"], "fid": r["fid"], "kid_mean": r["kid_mean"], "params": r["params"],
@@ -222,6 +225,23 @@ def run_score(cfg: ScoreConfig) -> Path:
         line_plot({r["name"]: ([r["macs"] / 1e9], [r["fid"]]) for r in rows}, tmp / "fid_vs_macs.png",
                   title="FID against MACs (O2MKD paper, Fig. 6 style)", xlabel="GMACs per denoising step",
                   ylabel="FID")
+        _grids(dirs, tmp / "grids.png")
         write_manifest(tmp, "scores", cfg.model_dump(mode="json"), parents=[parent_ref(d) for d in dirs],
                        summary=summary)
     return out
+
+
+def _grids(dirs: list[Path], path: Path, most: int = 6) -> None:
+    """The scored rows' sample grids side by side, labelled (skipped when a row was sampled with --no-png)."""
+    from PIL import Image
+
+    from o2mcli.viz import save_png, side_by_side
+
+    grids = [d / "grid.png" for d in dirs[:most]]
+    if len(grids) < 2 or not all(g.is_file() for g in grids):
+        return
+    panels = []
+    for d, g in zip(dirs, grids):
+        with Image.open(g) as im:
+            panels.append((d.name, im.copy()))
+    save_png(side_by_side(panels), path)

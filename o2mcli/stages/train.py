@@ -28,7 +28,7 @@ from o2mcli.viz import line_plot
 class TrainConfig(BaseModel):
     """Every setting of a teacher training run (recorded in full in the manifest)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     data: str = "digits"
     out: Path = Path("teacher")
@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     norm_num_groups: int = Field(8, ge=1)
     attention_level: Optional[int] = 1
     num_train_timesteps: int = Field(1000, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
     device: str = "auto"
     save_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
@@ -65,7 +65,7 @@ def run_train(cfg: TrainConfig) -> Path:
     """Train a DDPM teacher; write a ``teacher`` stage directory, or one ``.safetensors`` if ``out`` ends so."""
     # 1. Refuse bad outputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force)
+    check_output_free(out, cfg.force, inputs=[cfg.data])
     work = check_partial(out, cfg.resume, cfg.force)
     if work.exists() and not cfg.resume:
         shutil.rmtree(work)  # --force: start over

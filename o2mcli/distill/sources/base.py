@@ -17,6 +17,7 @@ class Batch:
     noise: torch.Tensor | None = None
     x0: torch.Tensor | None = None
     slots: torch.Tensor | None = None  # buffer slots (data-free sources)
+    t_host: torch.Tensor | None = None  # the same t on the CPU (buffer bookkeeping without a device sync)
 
 
 class DataSource(Protocol):
@@ -24,6 +25,9 @@ class DataSource(Protocol):
 
     name: str
     needs_teacher: bool  # whether after_teacher reads the teacher's output
+
+    def begin_step(self) -> None:
+        """Called once per training step before its draws (the buffer keeps one step's draws disjoint)."""
 
     def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch: ...
 

@@ -12,23 +12,34 @@ Slot timesteps live on the CPU (drawing needs no device sync); images live on th
 from __future__ import annotations
 
 import math
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from o2mcli.devices import autocast
-from o2mcli.diffusion.gaussian import DiffusionTerms, ddim_jump, reverse_step
+from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type, ddim_jump, reverse_step
 from o2mcli.distill.sources.base import Batch
 from o2mcli.engine.run import progress
 from o2mcli.errors import O2MError
 
 
-def buffer_slots(rho: float, T: int, batch_size: int) -> int:
-    """rho * T * b, at least b."""
+def buffer_slots(rho: float, T: int, batch_size: int, min_slots: int | None = None) -> int:
+    """rho * T * b, at least ``min_slots`` (default b: one step's draws must fit, disjoint)."""
     if not rho > 0:
         raise O2MError(f"--rho {rho}: must be positive (the buffer holds rho*T*b samples)")
-    return max(batch_size, int(round(rho * T * batch_size)))
+    return max(min_slots or batch_size, int(round(rho * T * batch_size)))
+
+
+def _duration(seconds: float) -> str:
+    """``95`` -> ``1 min 35 s``; hours for long builds."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def available_memory(device: torch.device) -> int:
@@ -51,9 +62,14 @@ class DynamicBuffer:
     needs_teacher = True  # its slots advance by the teacher's reverse steps
 
     def __init__(self, shape: tuple[int, int, int], slots: int, terms: DiffusionTerms, device: torch.device,
-                 variance_type: str = "fixed_small", learned: bool = False) -> None:
+                 variance_type: str = "fixed_small", learned: bool = False, clip: float | None = 1.0) -> None:
         self.shape, self.n, self.terms, self.device = tuple(shape), int(slots), terms, device
-        self.variance_type, self.learned = variance_type, learned
+        # The teacher's scheduler config decides the reverse step, as diffusers' DDPMScheduler.step would.
+        check_variance_type(variance_type, "teacher scheduler config")
+        if variance_type == "learned_range" and not learned:
+            raise O2MError("teacher scheduler config: variance_type 'learned_range' but the teacher has no variance "
+                           "output channels")
+        self.variance_type, self.learned, self.clip = variance_type, learned, clip
         self.bytes = self.n * math.prod(self.shape) * 4
         free = available_memory(device)
         if self.bytes > free // 2:
@@ -64,6 +80,7 @@ class DynamicBuffer:
         self.steps_done = torch.zeros(self.n, dtype=torch.long)  # reverse steps applied by training, per slot
         self.restarts = 0
         self.init_forwards = 0
+        self._taken = torch.zeros(self.n, dtype=torch.bool)  # slots already drawn in this training step
 
     @property
     def T(self) -> int:
@@ -75,21 +92,62 @@ class DynamicBuffer:
 
     # 1. Shuffle denoise ---------------------------------------------------------------------------
 
+    def planned_forwards(self, target: torch.Tensor, init_steps: int | None) -> int:
+        """Teacher forwards the build will run for slot goals ``target`` (exact: T-1-t each; DDIM: its moves)."""
+        start = self.T - 1
+        if not init_steps:
+            return int((start - target).sum())
+        moves = 0
+        for j in range(init_steps):
+            t_cur = start - torch.div((start - target) * j, init_steps, rounding_mode="floor")
+            t_next = start - torch.div((start - target) * (j + 1), init_steps, rounding_mode="floor")
+            moves += int((t_next < t_cur).sum())
+        return moves
+
     @torch.no_grad()
     def initialize(self, teacher: nn.Module, generator: torch.Generator, init_steps: int | None,
-                   batch_size: int) -> None:
-        """Bring each slot from N(0, I) at T-1 down to a uniform random t (exact, or S DDIM steps)."""
+                   batch_size: int, log: Callable[[str], None] | None = None) -> None:
+        """Bring each slot from N(0, I) at T-1 down to a uniform random t (exact, or S DDIM steps).
+
+        ``log`` gets the cost before the build (teacher forwards, and the ``--init-steps`` alternative), a time
+        estimate measured on the first batch, and a line per 10% of the build when no progress bar is shown.
+        """
         T = self.T
         target = torch.randint(0, T, (self.n,), generator=generator)
-        for lo in progress(range(0, self.n, batch_size), desc="DKDM buffer init"):
+        total = self.planned_forwards(target, init_steps)
+        say = log or (lambda _msg: None)
+        how = f"{init_steps}-step DDIM jumps" if init_steps else "exact shuffle denoise"
+        hint = "" if init_steps else (f"; --init-steps 10 would need about {self.planned_forwards(target, 10):,} "
+                                      "(DDIM jumps, beyond the paper)")
+        say(f"{self.describe()}: building by {how} takes {total:,} teacher forwards{hint}")
+        bar = progress(total=total, desc="DKDM buffer init", unit="fwd")
+        t0, first, next_tenth = time.perf_counter(), True, 1
+        for lo in range(0, self.n, batch_size):
             idx = torch.arange(lo, min(lo + batch_size, self.n))
             noise = torch.randn((len(idx), *self.shape), generator=generator).to(self.device)
             goal = target[idx]
+            before = self.init_forwards
             if init_steps:
                 x = self._ddim_init(teacher, noise, goal, init_steps)
             else:
                 x = self._exact_init(teacher, noise, goal, generator)
             self.x[idx.to(self.device)] = x
+            bar.update(self.init_forwards - before)
+            done = self.init_forwards
+            if done >= total:
+                continue
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / max(done, 1) * (total - done)
+            if first:
+                say(f"DKDM buffer: first batch took {elapsed:.1f} s for {done:,} forwards; the build needs about "
+                    f"{_duration(elapsed + eta)} in all")
+                first = False
+            elif bar.disable and done * 10 >= next_tenth * total:
+                say(f"DKDM buffer: {done:,}/{total:,} teacher forwards ({100 * done // total}%), "
+                    f"{_duration(elapsed)} elapsed, about {_duration(eta)} left")
+            while done * 10 >= next_tenth * total:
+                next_tenth += 1
+        bar.close()
         self.t = target.clone()
 
     def _eps(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,7 +168,7 @@ class DynamicBuffer:
             t = torch.full((active.numel(),), s, dtype=torch.long)
             eps, v = self._eps(teacher, x[a], t)
             z = torch.randn((active.numel(), *self.shape), generator=generator).to(self.device)
-            x[a] = reverse_step(self.terms, x[a], t.to(self.device), eps, v, z, self.variance_type)
+            x[a] = reverse_step(self.terms, x[a], t.to(self.device), eps, v, z, self.variance_type, self.clip)
         return x
 
     def _ddim_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor, steps: int) -> torch.Tensor:
@@ -123,36 +181,51 @@ class DynamicBuffer:
                 continue
             m = move.to(self.device)
             eps, _ = self._eps(teacher, x[m], t_cur[move])
-            x[m] = ddim_jump(self.terms, x[m], t_cur[move].to(self.device), t_next[move].to(self.device), eps)
+            x[m] = ddim_jump(self.terms, x[m], t_cur[move].to(self.device), t_next[move].to(self.device), eps,
+                             self.clip)
         return x
 
     # 2. Training-time use ---------------------------------------------------------------------------
 
+    def begin_step(self) -> None:
+        """A new training step: every slot may be drawn again (once)."""
+        self._taken.zero_()
+
     def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch:
-        """``n`` distinct slots at random among those with t in [lo, hi) (all slots if there are fewer)."""
-        if lo == 0 and hi >= self.T:
+        """``n`` distinct slots at random among those with t in [lo, hi) (all slots if there are fewer).
+
+        Slots already drawn in this step are excluded, so the draws of one step are disjoint and every
+        slot advances exactly one reverse step per use.
+        """
+        free = ~self._taken
+        if lo == 0 and hi >= self.T and not bool(self._taken.any()):
             slots = torch.randperm(self.n, generator=generator)[:n]
         else:
-            mask = ((self.t >= lo) & (self.t < hi)).float()
+            mask = free & (self.t >= lo) & (self.t < hi)
+            if not bool(mask.any()):
+                mask = free  # an empty range borrows from all free slots
             have = int(mask.sum())
             if have == 0:
-                slots = torch.randperm(self.n, generator=generator)[:n]  # an empty range borrows from all
-            else:
-                slots = torch.multinomial(mask, min(n, have), replacement=False, generator=generator)
-        d = slots.to(self.device)
-        return Batch(x_t=self.x[d], t=self.t[slots].to(self.device), slots=slots)
+                raise O2MError(f"DKDM buffer: all {self.n} slots were already drawn in this step; raise --rho")
+            slots = torch.multinomial(mask.float(), min(n, have), replacement=False, generator=generator)
+        self._taken[slots] = True
+        t_host = self.t[slots].clone()
+        return Batch(x_t=self.x[slots.to(self.device)], t=t_host.to(self.device), slots=slots, t_host=t_host)
 
     @torch.no_grad()
     def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator) -> None:
-        """Write the teacher's reverse step back; slots that were at t = 0 restart from noise at T-1."""
+        """Write the teacher's reverse step back; slots that were at t = 0 restart from noise at T-1.
+
+        The new t is the t the teacher saw (the batch's), not a re-read of the buffer.
+        """
         c = self.shape[0]
         slots = batch.slots
         g = generator
         z = torch.randn((slots.numel(), *self.shape), generator=g).to(self.device)
         eps = teacher_out[:, :c].float()
         v = teacher_out[:, c:2 * c].float() if self.learned else None
-        x_prev = reverse_step(self.terms, batch.x_t.float(), batch.t, eps, v, z, self.variance_type)
-        t = self.t[slots]
+        x_prev = reverse_step(self.terms, batch.x_t.float(), batch.t, eps, v, z, self.variance_type, self.clip)
+        t = batch.t_host
         done = t == 0
         fresh = torch.randn((int(done.sum()), *self.shape), generator=g).to(self.device) if bool(done.any()) else None
         d = slots.to(self.device)

@@ -20,6 +20,9 @@ class ImageSource:
         self.terms = terms
         self.device = device
 
+    def begin_step(self) -> None:
+        """Independent draws: nothing to reset."""
+
     def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch:
         idx = torch.randint(0, self.images.shape[0], (n,), generator=generator)
         t = draw_timesteps(lo, hi, n, generator)
