@@ -25,3 +25,10 @@ def test_distill_benchmark_runs_on_digits() -> None:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert '"K": 4' in res.stdout and '"teacher_share"' in res.stdout
+
+
+def test_sampling_benchmark_times_every_sampler() -> None:
+    res = subprocess.run([sys.executable, str(BENCH / "bench_sampling.py"), "--steps", "2", "--batch", "2",
+                          "--repeats", "1", "--device", "cpu", "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '"sampler": "dpm++"' in res.stdout and '"step_cost_vs_first"' in res.stdout

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from o2mcli.devices import autocast, synchronize
-from o2mcli.diffusion.schedulers import make_scheduler, uses_learned_variance
+from o2mcli.diffusion.schedulers import make_scheduler, set_steps, uses_learned_variance
 from o2mcli.engine.run import progress
 
 
@@ -18,8 +18,11 @@ from o2mcli.engine.run import progress
 def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,
             noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run the reverse process from ``noise`` with ``steps`` sampler steps; returns x_0 in [-1, 1]."""
+    # Near-clean samples and tiny eps outputs produce denormal floats, which slow CPU kernels 2x to 70x
+    # (measured on the digits teacher, whichever sampler hit them); flushing them changes nothing visible.
+    torch.set_flush_denormal(True)
     sched = make_scheduler(scheduler_name, scheduler_config)
-    sched.set_timesteps(steps)
+    set_steps(sched, steps)
     c = noise.shape[1]
     keep_var = uses_learned_variance(scheduler_name, scheduler_config)
     device = noise.device

@@ -44,3 +44,22 @@ def scheduler_config_for_outputs(base_config: dict[str, Any], in_channels: int, 
     elif out_channels == 2 * in_channels and not learned_type:
         cfg["variance_type"] = "learned_range"
     return cfg
+
+
+def set_steps(sched, steps: int) -> None:
+    """``sched.set_timesteps(steps)``, with distinct timesteps.
+
+    diffusers' "linspace" spacing rounds ``linspace(0, T-1, steps+1)``, which repeats a timestep when
+    steps = T (500 twice for T = 1000). DPM-Solver++'s multistep update divides by the log-SNR gap of
+    consecutive steps, so a repeat is 0/0 and every image turns NaN. Then the same spacing is passed
+    without repeats.
+    """
+    import numpy as np
+
+    sched.set_timesteps(steps)
+    ts = [int(t) for t in sched.timesteps]
+    if len(set(ts)) == len(ts):
+        return
+    T = int(sched.config.num_train_timesteps)
+    distinct = np.unique(np.linspace(0, T - 1, min(steps, T)).round().astype(int))[::-1]
+    sched.set_timesteps(timesteps=[int(t) for t in distinct])
