@@ -219,3 +219,12 @@ def test_decompression_bomb_in_a_folder_is_refused(in_tmp: Path) -> None:
     (d / "a.png").unlink()
     assert_refused(cli("train", "--data", "imgs", "--steps", "1", "--device", "cpu", "-o", "t"), "b.png", "decompression bomb")
     assert not (in_tmp / "t").exists()
+
+
+# 7. Order of checks: a bad option is named even when an interrupted run is there ----------------------------------
+
+def test_train_names_a_bad_device_before_an_interrupted_run(in_tmp: Path) -> None:
+    (in_tmp / "t.partial").mkdir()
+    res = cli("train", "--steps", "1", "--device", "tpu", "-o", "t")
+    assert_refused(res, "tpu")
+    assert "interrupted" not in res.stderr

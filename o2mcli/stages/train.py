@@ -63,14 +63,16 @@ class TrainConfig(BaseModel):
 
 def run_train(cfg: TrainConfig) -> Path:
     """Train a DDPM teacher; write a ``teacher`` stage directory, or one ``.safetensors`` if ``out`` ends so."""
-    # 1. Refuse bad outputs before any work.
+    # 1. Refuse bad options, then bad outputs, before any work (options first: a bad --device is not
+    #    "an interrupted run is there").
+    if cfg.attention_level is not None and not 0 <= cfg.attention_level < len(cfg.block_out_channels):
+        raise O2MError(f"--attention-level {cfg.attention_level}: must index one of {len(cfg.block_out_channels)} levels")
+    resolve_device(cfg.device)
     out = Path(cfg.out)
     check_output_free(out, cfg.force, inputs=[cfg.data])
     work = check_partial(out, cfg.resume, cfg.force)
     if work.exists() and not cfg.resume:
         shutil.rmtree(work)  # --force: start over
-    if cfg.attention_level is not None and not 0 <= cfg.attention_level < len(cfg.block_out_channels):
-        raise O2MError(f"--attention-level {cfg.attention_level}: must index one of {len(cfg.block_out_channels)} levels")
 
     # 2. Data, model, schedule, optimizer.
     device = resolve_device(cfg.device)
