@@ -34,7 +34,7 @@ from o2mcli.distill.sources import ImageSource
 from o2mcli.distill.sources.buffer import DynamicBuffer
 from o2mcli.engine.dist import DistState
 from o2mcli.models.io import load_model
-from o2mcli.stages.distill import DistillConfig, _learned, make_distiller
+from o2mcli.stages.distill import DistillConfig, _learned, make_distiller, teacher_reverse_settings
 
 
 def _setups(work: Path, only: str | None) -> list[dict]:
@@ -51,9 +51,8 @@ def _setups(work: Path, only: str | None) -> list[dict]:
 
 def _buffer(teacher, slots: int, terms: DiffusionTerms, device: torch.device) -> DynamicBuffer:
     c, s = int(teacher.unet.config.in_channels), int(teacher.unet.config.sample_size)
-    return DynamicBuffer((c, s, s), slots, terms, device, str(teacher.scheduler_config.get("variance_type",
-                                                                                           "fixed_small")),
-                         learned=_learned(teacher.unet.config))
+    variance, clip = teacher_reverse_settings(teacher.scheduler_config, teacher.source)
+    return DynamicBuffer((c, s, s), slots, terms, device, variance, learned=_learned(teacher.unet.config), clip=clip)
 
 
 def _time_steps(eng, steps: int, device: torch.device) -> float:

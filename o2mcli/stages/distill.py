@@ -175,9 +175,9 @@ def make_distiller(cfg: DistillConfig, student_unet, teacher, plan, device, dist
         students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
     if cfg.mode == "dkdm":
         both_learned = _learned(teacher.unet.config) and _learned(init_unet.config)
-        clip = teacher_reverse_settings(teacher.scheduler_config, Path("teacher"))[1]
+        # The KL's teacher mean is clipped like the buffer's reverse step (the teacher's clip_sample).
         objective = Objective(alpha=cfg.alpha, base="output", kl_weight=cfg.kl_weight if both_learned else 0.0,
-                              kl=functools.partial(dkdm_kl, clip=clip) if both_learned else None)
+                              kl=functools.partial(dkdm_kl, clip=source.clip) if both_learned else None)
     else:
         objective = Objective(alpha=cfg.alpha, base="diffusion", vlb_weight=cfg.vlb_weight)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
@@ -245,7 +245,7 @@ def run_distill(cfg: DistillConfig) -> Path:
 
     # 1. Refuse bad options, then bad outputs, before any work (options first: a bad --kd is not "a run is there").
     kd_class(cfg.kd)  # an unknown --kd is refused before any loading
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     dkdm = cfg.mode == "dkdm"
     if dkdm and cfg.data is not None:
         raise O2MError(f"--data {cfg.data}: DKDM takes no data (the teacher is its only input); drop --data, "
@@ -301,7 +301,6 @@ def run_distill(cfg: DistillConfig) -> Path:
     plan = TimestepPlan(tuple(bounds), cfg.p_own)
 
     # 3. Processes, devices, the data source, the engine.
-    device = resolve_device(cfg.device)
     dist = init_distributed(device.type)
     try:
         device = local_device(dist, device)
