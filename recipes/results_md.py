@@ -107,7 +107,17 @@ def machine(work: Path) -> dict[str, str]:
 
     return {"cpu": cpu, "cores": str(cores), "memory": mem, "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "torch": torch.__version__, "diffusers": version("diffusers"),
-            "o2m": version("o2m"), "commit": commit, "torch threads": str(torch.get_num_threads())}
+            "o2m": version("o2m"), "commit": commit, **lanes(work)}
+
+
+def lanes(work: Path) -> dict[str, str]:
+    """How the recipe's commands shared the machine (its parallel.txt), else this process's torch threads."""
+    import torch
+
+    f = work / "parallel.txt"
+    if f.is_file():
+        return {"processes": f.read_text().strip()}
+    return {"torch threads": str(torch.get_num_threads())}
 
 
 def checks(by: dict[tuple[str, str], dict]) -> list[str]:
@@ -288,7 +298,8 @@ def main() -> None:
         "- Params: all the weights a model holds (a K=4 group: its four students together). MACs: conv + linear "
         "multiply-accumulates of one denoising step (for a group, one student's: one student serves each step).",
         "- Train (s): wall time of the `o2m distill` command (+ the `o2m merge`), buffer build included for the "
-        "data-free rows.",
+        "data-free rows" + ("; the recipe ran two lanes of commands at once (see Machine), so each shared the "
+                            "machine with another." if "processes" in lanes(a.work) else "."),
         budget_line(a.work),
         *([synth_note] if synth_note else []),
         "",
@@ -321,7 +332,8 @@ def main() -> None:
         "",
         *[f"- {k}: {v}" for k, v in mach.items()],
         "",
-        "## Commands, in order, with wall time",
+        "## Commands, in order, with wall time" + (" (lane A, then lane B, which ran at the same time, then "
+                                                    "the score)" if "processes" in lanes(a.work) else ""),
         "",
         "```",
         *[f"{int(ms) / 1000:8.1f} s  {cmd}" for ms, cmd in commands],
