@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The comparison table on the embedded default (about 52 minutes on 2 CPU cores): writes docs/results.md.
+# The comparison table on the embedded default (about 26 minutes on 2 CPU cores, two lanes at once): writes docs/results.md.
 table: $(STAMP)
 	O2M=$(BIN)/o2m bash recipes/digits-table.sh
 

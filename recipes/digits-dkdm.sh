@@ -8,7 +8,7 @@
 #      (rho 0.05: 3200 slots) that differ only in how it is built, exact shuffle denoise
 #      (about 1.6M teacher sample-forwards) against --init-steps 10 (32K);
 #   4. every model sampled with DDIM 50 steps, seed 0, $O2M_N images, and scored in one table.
-# About 15 minutes on a 2-core CPU (the exact buffer build is most of it). Writes to runs/digits-dkdm/ (or $1).
+# About 15 minutes on a 2-core CPU (the exact buffer build is half of it). Writes to runs/digits-dkdm/ (or $1).
 set -euo pipefail
 O2M=${O2M:-o2m}
 case "$O2M" in /*) ;; */*) O2M="$PWD/$O2M" ;; esac

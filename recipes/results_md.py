@@ -293,7 +293,7 @@ def main() -> None:
         f"{report['kid']['subsets']} subsets drawn from both sets (half the smaller set each). FID has no error "
         f"bar; {noise(by)}",
         f"- Throughput: images/s of full sampling runs ({tp['scheduler']}, {tp['steps']} steps, batch "
-        f"{tp['batch_size']}, {tp['repeats']} timed runs after a warm-up), all measured in the one `o2m score` run "
+        f"{tp['batch_size']}, {tp['repeats']} timed run{'s' if tp['repeats'] != 1 else ''} after a warm-up), all measured in the one `o2m score` run "
         f"on {report['device']}. A K=4 group costs one student per step, so its throughput is a single student's.",
         "- Params: all the weights a model holds (a K=4 group: its four students together). MACs: conv + linear "
         "multiply-accumulates of one denoising step (for a group, one student's: one student serves each step).",

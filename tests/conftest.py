@@ -94,6 +94,20 @@ def make_model_stage(path: Path, kind: str, ranges=((0, 1000),)) -> Path:
     return path
 
 
+FAST_DISTILL = ["--batch-size", "8", "--log-every", "2", "--lr", "1e-3", "--device", "cpu"]
+
+
+def distilled_students(root: Path, out: str, k: int, steps: int, teacher_seed: int = 0) -> Path:
+    """A tiny teacher under ``root``, its ratio-0.5 template, and K students distilled from it into ``out``."""
+    from o2mcli.stages.prune import PruneConfig, run_prune
+
+    teacher = tiny_teacher_file(root / "teacher.safetensors", seed=teacher_seed)
+    run_prune(PruneConfig(teacher=str(teacher), ratio=0.5, throughput=False, out=root / "template"))
+    result = cli("distill", "template", "-k", str(k), "--steps", str(steps), *FAST_DISTILL, "-o", out)
+    assert result.exit_code == 0, result.output
+    return root / out
+
+
 @pytest.fixture
 def tiny_model_file(tmp_path: Path) -> Path:
     """A tiny teacher saved as a self-describing o2m .safetensors file."""

@@ -214,7 +214,7 @@ def test_buffer_build_prints_its_cost_and_progress(in_tmp: Path, template: Path)
     forwards = read_manifest(in_tmp / "exact").summary["buffer"]["teacher_forwards"]
     assert f"{forwards:,} teacher forwards" in err  # announced before the build, exactly
     assert "--init-steps 10 would need about" in err
-    assert "first batch took" in err and "in all" in err
+    assert "forwards took" in err and "in all" in err  # the estimate, from the first seconds
     assert err.count("%), ") >= 3 and "left" in err  # periodic lines (no terminal here)
     res = cli(*args, "--init-steps", "3", "-o", "ddim")
     assert res.exit_code == 0 and "3-step DDIM jumps" in res.stderr and "would need" not in res.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_refused, cli, tiny_teacher_file
+from conftest import assert_refused, cli, distilled_students, tiny_teacher_file
 from o2mcli.manifest import read_manifest
 from o2mcli.merge.average import weighted_average
 from o2mcli.merge.task_arithmetic import task_arithmetic
@@ -25,10 +25,7 @@ def _teacher(path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture
 def students(in_tmp: Path) -> Path:
-    teacher = _teacher(in_tmp / "teacher.safetensors")
-    run_prune(PruneConfig(teacher=str(teacher), ratio=0.5, throughput=False, out=in_tmp / "template"))
-    assert cli("distill", "template", "-k", "3", "--steps", "3", *FAST, "-o", "students").exit_code == 0
-    return in_tmp / "students"
+    return distilled_students(in_tmp, "students", k=3, steps=3)
 
 
 # 1. The arithmetic ----------------------------------------------------------------------------------------

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_refused, cli, tiny_teacher_file
+from conftest import assert_refused, cli, distilled_students
 from o2mcli.fsutil import sha256_file
-from o2mcli.stages.prune import PruneConfig, run_prune
 
-FAST = ["--batch-size", "8", "--log-every", "2", "--lr", "1e-3", "--device", "cpu"]
 SAMPLE = ["-n", "2", "--steps", "2", "--device", "cpu"]
 
 
@@ -23,10 +21,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def students(in_tmp: Path) -> Path:
-    teacher = tiny_teacher_file(in_tmp / "teacher.safetensors")
-    run_prune(PruneConfig(teacher=str(teacher), ratio=0.5, throughput=False, out=in_tmp / "template"))
-    assert cli("distill", "template", "-k", "2", "--steps", "2", *FAST, "-o", "st_in").exit_code == 0
-    return in_tmp / "st_in"
+    return distilled_students(in_tmp, "st_in", k=2, steps=2)
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     tp = rows[0]["throughput"] if rows else {}
     lines = ["# o2m scores", "", markdown_table(rows), ""]
     lines.append(f"- Device: {report['device']}; throughput = images/s of full sampling runs at batch "
-                 f"{tp.get('batch_size', '?')} ({report['throughput_repeats']} timed runs after one warm-up), "
+                 f"{tp.get('batch_size', '?')} ({report['throughput_repeats']} timed run{'s' if report['throughput_repeats'] != 1 else ''} after one warm-up), "
                  "with each row's sampler and steps.")
     lines.append(f"- Features: {feat['name']} ({feat['description']}).")
     shape = "x".join(str(v) for v in ref["shape"])

@@ -21,7 +21,7 @@ from torch import nn
 from o2mcli.devices import autocast
 from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type, ddim_jump, reverse_step
 from o2mcli.distill.sources.base import Batch
-from o2mcli.engine.run import progress
+from o2mcli.runtime.run import progress
 from o2mcli.errors import O2MError
 
 
@@ -80,6 +80,7 @@ class DynamicBuffer:
         self.steps_done = torch.zeros(self.n, dtype=torch.long)  # reverse steps applied by training, per slot
         self.restarts = 0
         self.init_forwards = 0
+        self._report: Callable[[], None] | None = None  # the build's progress reporter, while it runs
         self._taken = torch.zeros(self.n, dtype=torch.bool)  # slots already drawn in this training step
 
     @property
@@ -110,7 +111,8 @@ class DynamicBuffer:
         """Bring each slot from N(0, I) at T-1 down to a uniform random t (exact, or S DDIM steps).
 
         ``log`` gets the cost before the build (teacher forwards, and the ``--init-steps`` alternative), a time
-        estimate measured on the first batch, and a line per 10% of the build when no progress bar is shown.
+        estimate measured on the build's first 2 seconds (or first 2%), and a line per 10% of the build when no
+        progress bar is shown.
         """
         T = self.T
         target = torch.randint(0, T, (self.n,), generator=generator)
@@ -121,32 +123,40 @@ class DynamicBuffer:
                                       "(DDIM jumps, beyond the paper)")
         say(f"{self.describe()}: building by {how} takes {total:,} teacher forwards{hint}")
         bar = progress(total=total, desc="DKDM buffer init", unit="fwd")
-        t0, first, next_tenth = time.perf_counter(), True, 1
+        t0, state = time.perf_counter(), {"shown": 0, "first": True, "next_tenth": 1}
+
+        def report() -> None:
+            # Called after every teacher forward: the estimate comes from the first seconds of the build
+            # (an exact build's first batch alone can be a third of it), then a line per 10% without a bar.
+            done = self.init_forwards
+            bar.update(done - state["shown"])
+            state["shown"] = done
+            if done >= total:
+                return
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / max(done, 1) * (total - done)
+            if state["first"]:
+                if elapsed >= 2.0 or done * 50 >= total:
+                    say(f"DKDM buffer: the first {done:,} forwards took {elapsed:.1f} s; the build needs about "
+                        f"{_duration(elapsed + eta)} in all")
+                    state["first"] = False
+            elif bar.disable and done * 10 >= state["next_tenth"] * total:
+                say(f"DKDM buffer: {done:,}/{total:,} teacher forwards ({100 * done // total}%), "
+                    f"{_duration(elapsed)} elapsed, about {_duration(eta)} left")
+            while done * 10 >= state["next_tenth"] * total:
+                state["next_tenth"] += 1
+
+        self._report = report
         for lo in range(0, self.n, batch_size):
             idx = torch.arange(lo, min(lo + batch_size, self.n))
             noise = torch.randn((len(idx), *self.shape), generator=generator).to(self.device)
             goal = target[idx]
-            before = self.init_forwards
             if init_steps:
                 x = self._ddim_init(teacher, noise, goal, init_steps)
             else:
                 x = self._exact_init(teacher, noise, goal, generator)
             self.x[idx.to(self.device)] = x
-            bar.update(self.init_forwards - before)
-            done = self.init_forwards
-            if done >= total:
-                continue
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / max(done, 1) * (total - done)
-            if first:
-                say(f"DKDM buffer: first batch took {elapsed:.1f} s for {done:,} forwards; the build needs about "
-                    f"{_duration(elapsed + eta)} in all")
-                first = False
-            elif bar.disable and done * 10 >= next_tenth * total:
-                say(f"DKDM buffer: {done:,}/{total:,} teacher forwards ({100 * done // total}%), "
-                    f"{_duration(elapsed)} elapsed, about {_duration(eta)} left")
-            while done * 10 >= next_tenth * total:
-                next_tenth += 1
+        self._report = None
         bar.close()
         self.t = target.clone()
 
@@ -155,6 +165,8 @@ class DynamicBuffer:
         with autocast(self.device):
             out = teacher(x, t.to(self.device)).sample.float()
         self.init_forwards += x.shape[0]
+        if self._report is not None:
+            self._report()
         return out[:, :c], (out[:, c:2 * c] if self.learned else None)
 
     def _exact_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor,
