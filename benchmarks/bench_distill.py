@@ -26,9 +26,10 @@ from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device, synchronize
 from o2mcli.distill.plan import TimestepPlan, uniform_boundaries
 from o2mcli.distill.sources import ImageSource
-from o2mcli.engine.dist import DistState
+from o2mcli.runtime.dist import DistState
 from o2mcli.models.io import load_model
-from o2mcli.stages.distill import DistillConfig, make_distiller
+from o2mcli.distill.build import make_distiller
+from o2mcli.stages.distill import DistillConfig
 
 
 def _teachers(work: Path, only: str | None) -> dict[str, tuple[Path, torch.Tensor]]:

@@ -32,9 +32,12 @@ from o2mcli.diffusion.gaussian import DiffusionTerms
 from o2mcli.distill.plan import TimestepPlan
 from o2mcli.distill.sources import ImageSource
 from o2mcli.distill.sources.buffer import DynamicBuffer
-from o2mcli.engine.dist import DistState
+from o2mcli.runtime.dist import DistState
 from o2mcli.models.io import load_model
-from o2mcli.stages.distill import DistillConfig, _learned, make_distiller, teacher_reverse_settings
+from o2mcli.models.configs import is_learned_variance
+from o2mcli.diffusion.schedulers import teacher_reverse_settings
+from o2mcli.distill.build import make_distiller
+from o2mcli.stages.distill import DistillConfig
 
 
 def _setups(work: Path, only: str | None) -> list[dict]:
@@ -52,7 +55,7 @@ def _setups(work: Path, only: str | None) -> list[dict]:
 def _buffer(teacher, slots: int, terms: DiffusionTerms, device: torch.device) -> DynamicBuffer:
     c, s = int(teacher.unet.config.in_channels), int(teacher.unet.config.sample_size)
     variance, clip = teacher_reverse_settings(teacher.scheduler_config, teacher.source)
-    return DynamicBuffer((c, s, s), slots, terms, device, variance, learned=_learned(teacher.unet.config), clip=clip)
+    return DynamicBuffer((c, s, s), slots, terms, device, variance, learned=is_learned_variance(teacher.unet.config), clip=clip)
 
 
 def _time_steps(eng, steps: int, device: torch.device) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from o2mcli.errors import O2MError
+from o2mcli.fsutil import read_metadata
 from o2mcli.manifest import MODEL_KINDS, list_stage_dirs
 
 ASSETS = Path(__file__).with_name("assets")
@@ -28,12 +29,9 @@ def resolve_model_spec(spec: str | Path) -> Path:
 
 
 def _o2m_file_kind(path: Path) -> str | None:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not a candidate
+        meta = read_metadata(path)
+    except O2MError:  # anything unreadable is simply not a candidate
         return None
     return meta.get("o2m.kind", "model") if meta.get("format", "").startswith("o2m-unet/") else None
 

@@ -100,18 +100,46 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 O2M_DIR_MARKERS = ("manifest.json", "o2m_export.json")  # a stage directory; an `o2m export` pipeline
 
 
+MAX_SAFETENSORS_HEADER = 16 << 20
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its header alone (no tensor is loaded).
+
+    The one reader of safetensors metadata: a missing, truncated or malformed header is a one-line
+    ``O2MError`` naming the file ("corrupt or truncated safetensors file").
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little")
+            if len(head) < 8 or not 2 <= n <= MAX_SAFETENSORS_HEADER:
+                raise ValueError(f"header length {n if len(head) == 8 else 'missing'}")
+            raw = f.read(n)
+            if len(raw) < n:
+                raise ValueError(f"header cut at {len(raw)} of {n} bytes")
+        header = loads_bounded(raw, "header", max_bytes=MAX_SAFETENSORS_HEADER)
+    except FileNotFoundError as e:
+        raise O2MError(f"{path}: no such file") from e
+    except IsADirectoryError as e:
+        raise O2MError(f"{path}: a directory, not a safetensors file") from e
+    except OSError as e:
+        raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
+    except (ValueError, UnicodeDecodeError, O2MError) as e:
+        raise O2MError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:120]})") from e
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise O2MError(f"{path}: corrupt or truncated safetensors file (__metadata__ is not a map of strings)")
+    return dict(meta)
+
+
 def _o2m_safetensors(path: Path) -> bool:
     """Whether ``path`` is a safetensors file whose header says o2m wrote it (reads the header only)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= (16 << 20):
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError):
+        return str(read_metadata(path).get("format", "")).startswith("o2m")
+    except O2MError:
         return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and str(meta.get("format", "")).startswith("o2m")
 
 
 def written_by_o2m(path: Path) -> bool:

@@ -105,10 +105,9 @@ def _describe_model(path: Path) -> dict[str, Any]:
 
 
 def _o2m_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+    from o2mcli.fsutil import read_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_metadata(path)
 
 
 def _pick(cfg: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def test_kd_losses_with_mismatched_channels(kd: str, template: Path) -> None:
     from o2mcli.distill.losses import build_kd_loss
     from o2mcli.distill.objective import Objective
     from o2mcli.distill.sources import ImageSource
-    from o2mcli.engine.dist import DistState
+    from o2mcli.runtime.dist import DistState
 
     teacher = load_model(template.parent / "teacher.safetensors").unet
     student_init = load_model(template).unet

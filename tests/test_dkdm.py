@@ -221,9 +221,10 @@ def test_student_config_any_shape(in_tmp: Path, template: Path) -> None:
 
 def test_data_free_o2mkd_routes_each_student_to_its_range(template: Path) -> None:
     from o2mcli.distill.plan import TimestepPlan
-    from o2mcli.engine.dist import DistState
+    from o2mcli.runtime.dist import DistState
     from o2mcli.models.io import load_model
-    from o2mcli.stages.distill import DistillConfig, make_distiller
+    from o2mcli.distill.build import make_distiller
+    from o2mcli.stages.distill import DistillConfig
 
     cfg = DistillConfig(template=str(template), mode="dkdm", students=2, p_own=1.0, batch_size=8, rho=0.5)
     teacher = load_model(template.parent / "teacher.safetensors")

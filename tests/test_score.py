@@ -146,7 +146,7 @@ def test_digits_extractor_refuses_other_shapes() -> None:
 def test_auto_picks_by_shape() -> None:
     assert resolve_name("auto", (1, 8, 8)) == "digits"
     assert resolve_name("auto", (3, 32, 32)) == "inception"
-    with pytest.raises(O2MError, match="expected one of"):
+    with pytest.raises(O2MError, match="unknown feature extractor"):
         resolve_name("clip", (1, 8, 8))
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from o2mcli.data.base import ImageSet
 from o2mcli.data.digits import load_digits
 from o2mcli.data.folder import load_folder
+from o2mcli.data.samples import SAMPLES_FILE, load_samples
 from o2mcli.errors import O2MError
+from o2mcli.registry import Registry
 
-__all__ = ["ImageSet", "load_dataset", "BUILTIN"]
+__all__ = ["ImageSet", "load_dataset", "load_samples", "BUILTIN", "SAMPLES_FILE"]
 
-BUILTIN = {"digits": load_digits}
+BUILTIN: Registry[Callable[[], ImageSet]] = Registry("--data", "built-in data")
+BUILTIN.register("digits", load_digits)
 
 
 def load_dataset(spec: str) -> ImageSet:
@@ -25,7 +29,7 @@ def load_dataset(spec: str) -> ImageSet:
     path = Path(spec)
     if not path.exists():
         raise O2MError(f"{spec}: no such data folder (built-in data: {', '.join(BUILTIN)})")
-    if (path / "manifest.json").is_file() and (path / "samples.npz").is_file():
+    if (path / "manifest.json").is_file() and (path / SAMPLES_FILE).is_file():
         return _load_samples(path)
     return load_folder(path)
 
@@ -33,9 +37,7 @@ def load_dataset(spec: str) -> ImageSet:
 def _load_samples(path: Path) -> ImageSet:
     import torch
 
-    from o2mcli.stages.score import load_samples
-
     man, images = load_samples(path)  # verified; uint8 (N, H, W, C)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     return ImageSet(images=x.contiguous(), name=path.name, source=str(path.resolve()),
-                    sha256=man.artifact("samples.npz").sha256)
+                    sha256=man.artifact(SAMPLES_FILE).sha256)

@@ -11,7 +11,7 @@ from torch import nn
 
 from o2mcli.devices import autocast, synchronize
 from o2mcli.diffusion.schedulers import make_scheduler, set_steps, uses_learned_variance
-from o2mcli.engine.run import progress
+from o2mcli.runtime.run import progress
 
 
 @torch.no_grad()

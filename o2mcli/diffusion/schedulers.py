@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
+from o2mcli.diffusion.gaussian import check_variance_type
 from o2mcli.errors import O2MError
+from o2mcli.registry import Registry
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+def _ddpm(cfg: dict[str, Any]):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(cfg)
+
+
+def _ddim(cfg: dict[str, Any]):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(cfg)
+
+
+def _dpmpp(cfg: dict[str, Any]):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+
+
+SAMPLERS: Registry[Callable[[dict[str, Any]], Any]] = Registry("--scheduler", "sampler")
+SAMPLERS.register("ddpm", _ddpm)
+SAMPLERS.register("ddim", _ddim)
+SAMPLERS.register("dpm++", _dpmpp)
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]):
     """``ddpm`` (ancestral, learned variance honoured), ``ddim`` (eta 0) or ``dpm++`` (DPM-Solver++ 2M)."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
+    build = SAMPLERS.resolve(name)
     cfg = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    if name == "ddpm":
-        return DDPMScheduler.from_config(cfg)
-    # DDIM and DPM-Solver use only eps: the sampler loop drops learned-variance channels itself,
-    # because diffusers' DPM-Solver slices a hard-coded 3 channels for learned variance.
-    cfg = {k: v for k, v in cfg.items() if k != "variance_type"}
-    if name == "ddim":
-        return DDIMScheduler.from_config(cfg)
-    if name in ("dpm++", "dpmpp", "dpm-solver++"):
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
-    raise O2MError(f"--scheduler {name!r}: expected one of {', '.join(SAMPLERS)}")
+    if name != "ddpm":
+        # DDIM and DPM-Solver use only eps: the sampler loop drops learned-variance channels itself,
+        # because diffusers' DPM-Solver slices a hard-coded 3 channels for learned variance.
+        cfg = {k: v for k, v in cfg.items() if k != "variance_type"}
+    return build(cfg)
 
 
 def uses_learned_variance(name: str, base_config: dict[str, Any]) -> bool:
@@ -63,3 +82,21 @@ def set_steps(sched, steps: int) -> None:
     T = int(sched.config.num_train_timesteps)
     distinct = np.unique(np.linspace(0, T - 1, min(steps, T)).round().astype(int))[::-1]
     sched.set_timesteps(timesteps=[int(t) for t in distinct])
+
+
+def teacher_reverse_settings(sched: dict, where: Path) -> tuple[str, float | None]:
+    """(variance_type, x0 clip range or None) of the teacher's reverse step, as diffusers' DDPMScheduler reads them."""
+    if str(sched.get("prediction_type", "epsilon")) != "epsilon":
+        raise O2MError(f"{where}: prediction_type {sched.get('prediction_type')!r} is not supported by DKDM here "
+                       "(only 'epsilon')")
+    if sched.get("thresholding", False):
+        raise O2MError(f"{where}: scheduler config sets thresholding (dynamic thresholding) which o2m's reverse step "
+                       "does not implement")
+    variance = str(sched.get("variance_type", "fixed_small"))
+    check_variance_type(variance, f"{where}: scheduler config")
+    if not sched.get("clip_sample", True):
+        return variance, None
+    clip = sched.get("clip_sample_range", 1.0)
+    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0 or clip == float("inf"):
+        raise O2MError(f"{where}: scheduler config clip_sample_range {clip!r} must be a positive number")
+    return variance, float(clip)

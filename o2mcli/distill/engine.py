@@ -25,9 +25,10 @@ from o2mcli.distill.losses.base import KDLoss, Outputs
 from o2mcli.distill.objective import Objective
 from o2mcli.distill.plan import TimestepPlan
 from o2mcli.distill.sources.base import Batch, DataSource
-from o2mcli.engine.checkpoint import adamw_with_warmup, load_optimizer, optimizer_tensors
-from o2mcli.engine.dist import DistState, all_reduce_mean, broadcast_flag, gather_tensors
-from o2mcli.engine.ema import EMA
+from o2mcli.models.configs import is_learned_variance
+from o2mcli.runtime.checkpoint import adamw_with_warmup, load_optimizer, optimizer_tensors
+from o2mcli.runtime.dist import DistState, all_reduce_mean, broadcast_flag, gather_tensors
+from o2mcli.runtime.ema import EMA
 from o2mcli.errors import O2MError
 
 
@@ -86,7 +87,7 @@ class Distiller:
     def __post_init__(self) -> None:
         cfg = self.teacher.config
         self.channels = int(cfg.in_channels)
-        self.teacher_learned = int(cfg.out_channels) == 2 * self.channels
+        self.teacher_learned = is_learned_variance(cfg)
         names = sorted({n for s in self.students for n in (s.kd.points if s.kd.needs_features else [])})
         self.teacher_tap = FeatureTap(self.teacher, names)
         self.own_steps = self.own_steps or [0] * len(self.students)

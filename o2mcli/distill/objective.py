@@ -15,7 +15,7 @@ import torch
 from o2mcli.diffusion.gaussian import DiffusionTerms, mean_flat, reverse_kl
 from o2mcli.distill.losses.base import KDLoss, Outputs
 from o2mcli.distill.losses.output import OutputKD
-from o2mcli.distill.losses.diffusion import diffusion_loss
+from o2mcli.diffusion.losses import hybrid_loss
 from o2mcli.distill.sources.base import Batch
 
 KLTerm = Callable[[Outputs, Outputs, Batch, DiffusionTerms], torch.Tensor]
@@ -53,7 +53,8 @@ class Objective:
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | float = 0.0
         if self.base == "diffusion" and batch.noise is not None:
-            parts["diff"] = diffusion_loss(student, batch, terms, self.vlb_weight)
+            parts["diff"] = hybrid_loss(terms, batch.x0, batch.x_t, batch.t, batch.noise, student.eps, student.v,
+                                        self.vlb_weight)[0]
             total = parts["diff"]
         elif self.base == "output":
             parts["simple"] = mean_flat((student.eps - teacher.eps) ** 2).mean()

@@ -73,3 +73,11 @@ class TimestepPlan:
 def draw_timesteps(lo: int, hi: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` timesteps uniform on ``[lo, hi)``."""
     return torch.randint(lo, hi, (n,), generator=generator)
+
+
+def plan_for(boundaries: str | None, T: int, students: int, p_own: float) -> TimestepPlan:
+    """The run's plan: ``--boundaries`` (checked against K) or K uniform ranges of [0, T)."""
+    bounds = parse_boundaries(boundaries, T) if boundaries else uniform_boundaries(T, students)
+    if boundaries and len(bounds) - 1 != students:
+        raise O2MError(f"--boundaries {boundaries!r} makes {len(bounds) - 1} ranges but --students is {students}")
+    return TimestepPlan(tuple(bounds), p_own)

@@ -46,9 +46,13 @@ def scheduler_config(variance: Variance = "fixed", num_train_timesteps: int = 10
     }
 
 
-def is_learned_variance(unet_cfg: dict[str, Any]) -> bool:
-    """2C output channels: the model predicts eps and the variance interpolation v."""
-    return int(unet_cfg["out_channels"]) == 2 * int(unet_cfg["in_channels"])
+def is_learned_variance(unet_cfg: Any) -> bool:
+    """2C output channels: the model predicts eps and the variance interpolation v.
+
+    The one test of a learned variance, for a config dict or a diffusers ``FrozenDict`` (diffusers'
+    defaults, 3 in and 3 out, where a key is missing).
+    """
+    return int(unet_cfg.get("out_channels", 3)) == 2 * int(unet_cfg.get("in_channels", 3))
 
 
 # The google/ddpm-cifar10-32 UNet (config.json as published; 35.7M params, 6.1 GMACs), for benchmarks

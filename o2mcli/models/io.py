@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import (atomic_dir, atomic_file, atomic_write_json, check_output_free, loads_bounded,
-                            sha256_file)
+                            read_metadata, sha256_file)
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
+from o2mcli.models.configs import is_learned_variance
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
 
@@ -162,9 +163,8 @@ def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise O2MError(f"{path}: no such model file")
+    meta = read_metadata(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise O2MError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:120]})") from e
@@ -247,7 +247,7 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
         sched = _read_json(sched_json)
         check_scheduler_config(sched, sched_json)
     else:
-        sched = default_scheduler_config("learned" if cfg.get("out_channels") == 2 * cfg.get("in_channels", 3) else "fixed")
+        sched = default_scheduler_config("learned" if is_learned_variance(cfg) else "fixed")
         notes.append(f"no scheduler config beside {model_dir}; using DDPM linear betas, T=1000")
     T = int(sched.get("num_train_timesteps", 1000))
     return LoadedModel(source=root, form=form, unet=unet, scheduler_config=sched, unet_configs=[cfg],

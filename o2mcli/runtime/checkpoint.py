@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_file, atomic_write_json
+from o2mcli.fsutil import atomic_file, atomic_write_json, read_metadata
 
 TENSORS, STATE = "checkpoint.safetensors", "checkpoint.json"
 
@@ -53,11 +53,9 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise O2MError(f"{directory}: no checkpoint to resume from")
     try:
         state = json.loads(spath.read_text())
-        from safetensors import safe_open
-        with safe_open(str(tpath), framework="pt") as f:
-            step = int((f.metadata() or {}).get("step", -1))
+        step = int(read_metadata(tpath).get("step", -1))
         tensors = load_file(str(tpath))
-    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, SafetensorError, json.JSONDecodeError, O2MError) as e:
         raise O2MError(f"{directory}: corrupt checkpoint ({e})") from e
     if step != state.get("step"):
         raise O2MError(f"{directory}: checkpoint tensors (step {step}) and state (step {state.get('step')}) disagree")

@@ -167,18 +167,19 @@ def save_classifier(path: Path, model: DigitsCNN, heldout_accuracy: float, seed:
 
 def load_classifier(path: Path = ASSET) -> tuple[DigitsCNN, dict[str, str]]:
     """The classifier from its safetensors file (the shipped asset by default), in eval mode."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from o2mcli.fsutil import read_metadata
 
     path = Path(path)
     if not path.is_file():
         raise O2MError(f"{path}: the digits classifier is missing from this install "
                        "(recreate it with recipes/digits-classifier.sh)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+        meta = read_metadata(path)
         state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, O2MError) as e:
         raise O2MError(f"{path}: corrupt digits classifier ({str(e).splitlines()[0][:120]})") from e
     if meta.get("format") != FORMAT or meta.get("architecture") != ARCHITECTURE:
         raise O2MError(f"{path}: not an {ARCHITECTURE} classifier (metadata {meta.get('architecture')!r})")

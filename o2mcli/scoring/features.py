@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.registry import Registry
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_DIM = 2048
@@ -206,15 +207,15 @@ class InceptionExtractor(FeatureExtractor):
 
 # 3. The registry -------------------------------------------------------------------------------------
 
-EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
-    "digits": lambda device, inception_weights=None: DigitsExtractor(device),
-    "inception": lambda device, inception_weights=None: InceptionExtractor(device, weights=inception_weights),
-}
+EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("--features", "feature extractor", extra=("auto",))
+EXTRACTORS.register("digits", lambda device, inception_weights=None: DigitsExtractor(device))
+EXTRACTORS.register("inception", lambda device, inception_weights=None: InceptionExtractor(device,
+                                                                                          weights=inception_weights))
 
 
 def available() -> list[str]:
     """Names accepted by ``--features``."""
-    return ["auto", *EXTRACTORS]
+    return EXTRACTORS.names()
 
 
 def resolve_name(name: str, shape: Optional[tuple[int, int, int]] = None) -> str:
@@ -223,8 +224,7 @@ def resolve_name(name: str, shape: Optional[tuple[int, int, int]] = None) -> str
         if shape is None:
             raise O2MError("--features auto needs the image shape to choose an extractor")
         return "digits" if tuple(int(s) for s in shape) == DIGITS_SHAPE else "inception"
-    if name not in EXTRACTORS:
-        raise O2MError(f"--features {name!r}: expected one of {', '.join(available())}")
+    EXTRACTORS.resolve(name)  # an unknown name is the one-line error
     return name
 
 

@@ -60,13 +60,9 @@ def parse_number(text: str, name: str) -> float:
 # 1. Finding the students and their shared initialization ------------------------------------------------
 
 def _file_meta(path: Path) -> dict:
-    from safetensors import safe_open
+    from o2mcli.fsutil import read_metadata
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise O2MError(f"{path}: corrupt or unreadable safetensors file ({type(e).__name__})") from e
+    meta = read_metadata(path)
     if meta.get("format") != "o2m-unet/1":
         raise O2MError(f"{path}: not an o2m student file (no o2m metadata)")
     return meta

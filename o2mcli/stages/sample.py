@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from o2mcli.chain import resolve_model_spec
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError
+from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.fsutil import atomic_dir, atomic_write_bytes, check_output_free
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.viz import grid_image, save_png, to_uint8
@@ -104,7 +105,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     with atomic_dir(out, force=cfg.force) as tmp:
         buf = io.BytesIO()
         np.savez(buf, images=images)
-        atomic_write_bytes(tmp / "samples.npz", buf.getvalue())
+        atomic_write_bytes(tmp / SAMPLES_FILE, buf.getvalue())
         if cfg.png:
             _write_pngs(images, tmp / "png")
         save_png(grid_image(images[:GRID_IMAGES], min_cell=GRID_MIN_CELL), tmp / "grid.png")

@@ -19,8 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.errors import O2MError
 
-SAMPLES_FILE = "samples.npz"
-
 
 class ScoreConfig(BaseModel):
     """Every setting of a scoring run (recorded in full in the manifest)."""
@@ -52,39 +50,6 @@ class ScoreConfig(BaseModel):
 
 
 # 1. Inputs ------------------------------------------------------------------------------------------
-
-def load_samples(directory: Path) -> tuple[Any, np.ndarray]:
-    """A verified ``samples`` stage directory: its manifest and images, uint8 (N, H, W, C)."""
-    from o2mcli.manifest import read_manifest, require_kind
-
-    directory = Path(directory)
-    if not directory.exists():
-        raise O2MError(f"{directory}: no such samples directory")
-    man = read_manifest(directory, verify=True)
-    require_kind(man, directory, ("samples",))
-    path = directory / SAMPLES_FILE
-    if not path.is_file():
-        raise O2MError(f"{path}: missing (a samples directory holds its images in {SAMPLES_FILE})")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise O2MError(f"{path}: no 'images' array (found {', '.join(z.files) or 'nothing'})")
-            images = z["images"]
-    except O2MError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        raise O2MError(f"{path}: unreadable npz ({' '.join(str(e).split())[:120]})") from e
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise O2MError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    if images.shape[0] < 2:
-        raise O2MError(f"{path}: {images.shape[0]} image(s); FID and KID need at least 2")
-    if not man.parents:
-        raise O2MError(f"{directory}: the manifest names no model (parents is empty)")
-    for key in ("scheduler", "steps"):
-        if key not in man.config:
-            raise O2MError(f"{directory}: the manifest config lacks {key!r}")
-    return man, images
-
 
 def _shape_text(shape: tuple[int, ...]) -> str:
     c, h, w = shape
@@ -135,7 +100,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
 
 def run_score(cfg: ScoreConfig) -> Path:
     """Score every samples directory against the reference; write a ``scores`` stage directory."""
-    from o2mcli.data import load_dataset
+    from o2mcli.data import load_dataset, load_samples
     from o2mcli.devices import resolve_device
     from o2mcli.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_free
     from o2mcli.manifest import parent_ref, write_manifest

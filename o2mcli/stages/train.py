@@ -12,11 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.data import load_dataset
 from o2mcli.devices import autocast, resolve_device
-from o2mcli.diffusion.gaussian import DiffusionTerms, mean_flat, vlb_loss
-from o2mcli.engine.checkpoint import (adamw_with_warmup, check_partial, load_checkpoint, load_optimizer,
+from o2mcli.diffusion.gaussian import DiffusionTerms
+from o2mcli.diffusion.losses import hybrid_loss
+from o2mcli.runtime.checkpoint import (adamw_with_warmup, check_partial, load_checkpoint, load_optimizer,
                                       optimizer_tensors, save_checkpoint)
-from o2mcli.engine.ema import EMA
-from o2mcli.engine.run import JsonlLog, progress, read_jsonl, seed_everything
+from o2mcli.runtime.ema import EMA
+from o2mcli.runtime.run import JsonlLog, progress, read_jsonl, seed_everything
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import atomic_dir, check_output_free
 from o2mcli.manifest import write_manifest
@@ -132,15 +133,8 @@ def run_train(cfg: TrainConfig) -> Path:
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with autocast(device):
             out_t = model(x_t, t).sample.float()
-        eps = out_t[:, :c]
-        loss_mse = mean_flat((eps - noise) ** 2).mean()
-        loss = loss_mse
-        loss_vlb = torch.zeros((), device=device)
-        if cfg.variance == "learned":
-            # Hybrid loss: the vlb trains only the variance (stop-gradient on the mean).
-            loss_vlb = vlb_loss(terms, x0, x_t, t, eps.detach(), out_t[:, c:]).mean()
-            # L_hybrid = L_simple + lambda * L_vlb, L_vlb = sum over T terms, estimated by T * L_t.
-            loss = loss + cfg.vlb_weight * T * loss_vlb
+        v = out_t[:, c:] if cfg.variance == "learned" else None
+        loss, loss_mse, loss_vlb = hybrid_loss(terms, x0, x_t, t, noise, out_t[:, :c], v, cfg.vlb_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -10,20 +10,18 @@ from o2mcli.distill.losses.crd import ContrastiveRD
 from o2mcli.distill.losses.none import NoKD
 from o2mcli.distill.losses.output import OutputKD
 from o2mcli.distill.losses.sp import SimilarityPreserving
-from o2mcli.errors import O2MError
+from o2mcli.registry import Registry
 
-KD_LOSSES: dict[str, type[KDLoss]] = {c.name: c for c in (OutputKD, AttentionTransfer, SimilarityPreserving,
-                                                            ContrastiveRD, NoKD)}
+KD_LOSSES: Registry[type[KDLoss]] = Registry("--kd", "KD method")
+for _cls in (OutputKD, AttentionTransfer, SimilarityPreserving, ContrastiveRD, NoKD):
+    KD_LOSSES.register(_cls.name, _cls)
 
 __all__ = ["KD_LOSSES", "KDLoss", "Outputs", "kd_class", "build_kd_loss"]
 
 
 def kd_class(name: str) -> type[KDLoss]:
     """The KD loss registered as ``name``."""
-    try:
-        return KD_LOSSES[name]
-    except KeyError as e:
-        raise O2MError(f"--kd {name!r}: unknown KD method (choose from {', '.join(KD_LOSSES)})") from e
+    return KD_LOSSES.resolve(name)
 
 
 def build_kd_loss(name: str, student_channels: dict[str, int], teacher_channels: dict[str, int],

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from o2mcli.errors import O2MError
 from o2mcli.pruning.importance.magnitude import magnitude
 from o2mcli.pruning.importance.random import random_importance
 from o2mcli.pruning.importance.taylor import taylor
+from o2mcli.registry import Registry
 
-IMPORTANCE: dict[str, Callable[..., Any]] = {
-    "magnitude": magnitude,
-    "random": random_importance,
-    "taylor": taylor,
-}
+IMPORTANCE: Registry[Callable[..., Any]] = Registry("--importance", "criterion")
+IMPORTANCE.register("magnitude", magnitude)
+IMPORTANCE.register("random", random_importance)
+IMPORTANCE.register("taylor", taylor)
 
 
 def get_importance(name: str) -> Callable[..., Any]:
     """The criterion registered as ``name``."""
-    try:
-        return IMPORTANCE[name]
-    except KeyError as e:
-        raise O2MError(f"--importance {name!r}: unknown criterion (choose from {', '.join(IMPORTANCE)})") from e
+    return IMPORTANCE.resolve(name)

@@ -1,0 +1,110 @@
+"""A run's inputs: the teacher a template names (hash-checked), fresh students from a config, and the
+checks that teacher, students and data fit together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from o2mcli.errors import O2MError
+
+
+def resolve_teacher(template_path: Path, loaded_template: Any, override: Optional[str]) -> tuple[Path, Any]:
+    """The teacher: ``--teacher``, else the template manifest's parent (hash-checked), else the file's provenance."""
+    from o2mcli.chain import resolve_model_spec
+    from o2mcli.models.io import load_model
+
+    if override is not None:
+        path = resolve_model_spec(override)
+        return path, load_model(path, "cpu")
+    man = loaded_template.manifest
+    if man is not None and man.parents:
+        ref = man.parents[0]
+        path, want = Path(ref.path), ref.sha256
+    else:
+        from o2mcli.fsutil import read_metadata
+
+        try:
+            prov = json.loads(read_metadata(template_path).get("o2m.provenance", "{}"))
+        except (O2MError, ValueError):
+            prov = {}
+        if "teacher" not in prov:
+            raise O2MError(f"{template_path}: does not name its teacher; pass --teacher")
+        path, want = Path(prov["teacher"]), prov.get("teacher_sha256")
+    if not path.exists():
+        raise O2MError(f"{template_path}: its teacher {path} is gone; pass --teacher")
+    teacher = load_model(path, "cpu")
+    if want and teacher.sha256 != want:
+        raise O2MError(f"{path}: the teacher changed since {template_path} was pruned from it (sha256 "
+                       f"{teacher.sha256[:12]}, recorded {want[:12]}); pass --teacher to use it anyway")
+    return path, teacher
+
+
+def check_fit(teacher: Any, student_cfg: Any, data_shape: tuple[int, ...] | None, where: Path, tpath: Path) -> None:
+    """Students take the teacher's image size and channels (and predict C or 2C); so do the data."""
+    tc = teacher.unet.config
+    c, s = int(tc.in_channels), int(tc.sample_size)
+    if int(student_cfg["in_channels"]) != c or int(student_cfg["sample_size"]) != s:
+        raise O2MError(f"{where}: the student takes {student_cfg['in_channels']}x{student_cfg['sample_size']}^2 "
+                       f"images but the teacher {tpath} takes {c}x{s}^2")
+    if int(student_cfg["out_channels"]) not in (c, 2 * c):
+        raise O2MError(f"{where}: {student_cfg['out_channels']} output channels; expected {c} or {2 * c}")
+    if data_shape is not None and tuple(data_shape) != (c, s, s):
+        raise O2MError(f"--data: images are {'x'.join(map(str, data_shape))} (CxHxW) but the teacher {tpath} "
+                       f"takes {c}x{s}x{s}")
+
+
+def load_student_config(path: Path, seed: int) -> torch.nn.Module:
+    """A fresh, randomly initialized UNet2DModel from a diffusers config JSON (``--student-config``)."""
+    from o2mcli.models.io import build_unet
+
+    from o2mcli.fsutil import loads_bounded
+
+    try:
+        ucfg = loads_bounded(Path(path).read_bytes(), str(path))
+    except FileNotFoundError as e:
+        raise O2MError(f"{path}: no such student config") from e
+    except OSError as e:
+        raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
+    if not isinstance(ucfg, dict):
+        raise O2MError(f"{path}: expected a JSON object (a diffusers UNet2DModel config)")
+    torch.manual_seed(seed)
+    return build_unet(ucfg, None, Path(path))
+
+
+def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Module, Path]:
+    """(template path, template, teacher path, teacher, the students' initial UNet, where it came from).
+
+    The students start from the template (``o2m prune``'s output; its teacher found from its manifest)
+    or, with ``student_config``, fresh from a diffusers config under ``--teacher``.
+    """
+    from o2mcli.chain import resolve_model_spec
+    from o2mcli.models.io import load_model
+
+    if cfg.student_config is not None:
+        if cfg.teacher is None:
+            raise O2MError("--student-config: name the teacher with --teacher (there is no template to find it from)")
+        template_path, template = None, None
+        student_unet = load_student_config(cfg.student_config, cfg.seed)
+        teacher_path = resolve_model_spec(cfg.teacher)
+        teacher = load_model(teacher_path, "cpu")
+        where = Path(cfg.student_config)
+    else:
+        if cfg.template is None:
+            raise O2MError("name a template (o2m prune's output) or give --student-config")
+        template_path = resolve_model_spec(cfg.template)
+        template = load_model(template_path, "cpu")
+        if template.is_group:
+            raise O2MError(f"{template_path}: a group of {len(template.ranges)} students; distill starts from one "
+                           "template")
+        teacher_path, teacher = resolve_teacher(template_path, template, cfg.teacher)
+        student_unet, where = template.unet, template_path
+        if template.num_train_timesteps != teacher.num_train_timesteps:
+            raise O2MError(f"{template_path}: T={template.num_train_timesteps} but the teacher has "
+                           f"T={teacher.num_train_timesteps}")
+    if teacher.is_group:
+        raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
+    return template_path, template, teacher_path, teacher, student_unet, where

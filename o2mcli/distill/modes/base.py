@@ -1,0 +1,69 @@
+"""What a distillation mode is: how it checks its options, where its x_t come from, what it minimises,
+what it prepares before the loop and what it adds to the summary. The stage knows nothing else of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from o2mcli.distill.objective import Objective
+
+
+class DistillMode:
+    """One way to distil (O2MKD on data, DKDM without), for one run: built from the run's config.
+
+    ``cfg`` is the stage's ``DistillConfig`` (read here by field name only). Subclasses override
+    what differs; the defaults are O2MKD's (images, the plain diffusion loss, nothing to prepare).
+    """
+
+    name: ClassVar[str]
+    default_students: ClassVar[int]
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    # 1. Options and inputs
+    def check_options(self) -> None:
+        """Refuse options this mode cannot honour (before any file is read)."""
+
+    def data_spec(self) -> Optional[str]:
+        """The data the run reads (``--data``, a default), or None for a data-free mode."""
+        return self.cfg.data or "digits"
+
+    def check_inputs(self, teacher: Any, teacher_path: Path, student_config: Any, where: Path) -> None:
+        """Refuse a teacher / student pair this mode cannot distil (after loading, before building)."""
+
+    # 2. The engine's parts
+    def make_source(self, teacher: Any, data: Any, plan: Any, log: Optional[Callable[[str], None]]
+                    ) -> Callable[[Any, torch.device], Any]:
+        """``make_source(terms, device)``: the data source the engine draws x_t from."""
+        from o2mcli.distill.sources import ImageSource
+
+        images = data.to_model_range()
+        return lambda terms, dev: ImageSource(images, terms, dev)
+
+    @classmethod
+    def objective(cls, cfg: Any, teacher_unet: Any, student_unet: Any, source: Any) -> Objective:
+        """L = L_diff + alpha L_KD (O2MKD Eq. 5; L_diff is the hybrid loss for a learned variance)."""
+        return Objective(alpha=cfg.alpha, base="diffusion", vlb_weight=cfg.vlb_weight)
+
+    # 3. Before the loop, and after it
+    def prepare(self, engine: Any, log: Optional[Callable[[str], None]]) -> dict:
+        """Work before the first step (checkpointed at step 0 when there is any); its record."""
+        return {}
+
+    def summary(self, engine: Any, init_info: dict) -> dict:
+        """What the mode adds to the manifest's summary."""
+        return {}
+
+    def losses_text(self, engine: Any, learned_student: bool) -> str:
+        """The loss the students minimised, in words, for the manifest."""
+        cfg = self.cfg
+        if cfg.kd == "none":
+            kd = " (no KD: the teacher was never run)"
+        else:
+            kd = f" + {cfg.alpha} * L_KD({cfg.kd})"
+        return f"L_diff{kd}" + (" (L_diff includes the improved-DDPM vlb term: learned-variance student)"
+                                if learned_student else "")

@@ -1,0 +1,91 @@
+"""DKDM (Xiang et al.): no data; the students learn from the teacher's own noisy samples, kept in a
+dynamic buffer that the teacher's reverse step advances. K = 1 is DKDM; K > 1 is data-free O2MKD."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from o2mcli.diffusion.schedulers import teacher_reverse_settings
+from o2mcli.distill.modes.base import DistillMode
+from o2mcli.distill.objective import Objective, dkdm_kl
+from o2mcli.errors import O2MError
+from o2mcli.models.configs import is_learned_variance
+
+
+class DKDM(DistillMode):
+    """The dynamic buffer as the source; ||eps_T - eps_S||^2 (+ the KL where both variances are learned)."""
+
+    name = "dkdm"
+    default_students = 1
+
+    def check_options(self) -> None:
+        cfg = self.cfg
+        if cfg.data is not None:
+            raise O2MError(f"--data {cfg.data}: DKDM takes no data (the teacher is its only input); drop --data, "
+                           "or use --mode o2mkd to distil on images")
+        if cfg.kd == "none":
+            raise O2MError("--kd none with --mode dkdm: a data-free student learns only from the teacher; "
+                           "use --kd none with --mode o2mkd (plain training on the data)")
+
+    def data_spec(self) -> Optional[str]:
+        return None
+
+    def check_inputs(self, teacher: Any, teacher_path: Path, student_config: Any, where: Path) -> None:
+        self.reverse = teacher_reverse_settings(teacher.scheduler_config, teacher_path)
+        self.teacher_learned = is_learned_variance(teacher.unet.config)
+        if is_learned_variance(student_config) and not self.teacher_learned:
+            raise O2MError(f"{where}: a learned-variance student under the fixed-variance teacher {teacher_path}: "
+                           "there is no teacher variance to learn from (use a student with "
+                           f"{teacher.unet.config.in_channels} output channels)")
+        T = teacher.num_train_timesteps
+        if self.cfg.init_steps is not None and self.cfg.init_steps > T - 1:
+            raise O2MError(f"--init-steps {self.cfg.init_steps}: the teacher {teacher_path} has T={T}, so a slot is "
+                           f"at most {T - 1} steps from noise; use at most {T - 1} (10 is plenty: see the README)")
+
+    def make_source(self, teacher: Any, data: Any, plan: Any, log: Optional[Callable[[str], None]]
+                    ) -> Callable[[Any, torch.device], Any]:
+        from o2mcli.distill.sources.buffer import DynamicBuffer, buffer_slots
+
+        cfg, tc, T = self.cfg, teacher.unet.config, teacher.num_train_timesteps
+        slots = buffer_slots(cfg.rho, T, cfg.batch_size, min_slots=cfg.batch_size * plan.max_draws_per_step)
+        if log is not None and slots > round(cfg.rho * T * cfg.batch_size):
+            log(f"note: --rho {cfg.rho} asks for {cfg.rho * T * cfg.batch_size:.3g} buffer slots; using {slots}, "
+                f"the minimum for {plan.max_draws_per_step} disjoint batches of {cfg.batch_size} per step")
+        shape = (int(tc.in_channels), int(tc.sample_size), int(tc.sample_size))
+        variance, clip = self.reverse
+        return lambda terms, dev: DynamicBuffer(shape, slots, terms, dev, variance_type=variance,
+                                                learned=self.teacher_learned, clip=clip)
+
+    @classmethod
+    def objective(cls, cfg: Any, teacher_unet: Any, student_unet: Any, source: Any) -> Objective:
+        """DKDM Eq. 9: L'_simple = ||eps_T - eps_S||^2 (+ lambda KL(p_T || p_S) when both variances are learned)."""
+        both_learned = is_learned_variance(teacher_unet.config) and is_learned_variance(student_unet.config)
+        # The KL's teacher mean is clipped like the buffer's reverse step (the teacher's clip_sample).
+        return Objective(alpha=cfg.alpha, base="output", kl_weight=cfg.kl_weight if both_learned else 0.0,
+                         kl=functools.partial(dkdm_kl, clip=source.clip) if both_learned else None)
+
+    def prepare(self, engine: Any, log: Optional[Callable[[str], None]]) -> dict:
+        """Build the buffer (DKDM's initialization): the costly part of a run, so it is checkpointed."""
+        import time
+
+        buf, cfg = engine.source, self.cfg
+        t0 = time.perf_counter()
+        buf.initialize(engine.teacher, engine.gen_data, cfg.init_steps, cfg.init_batch, log=log)
+        return {"seconds": round(time.perf_counter() - t0, 3), "teacher_forwards": buf.init_forwards,
+                "slots": buf.n, "bytes": buf.bytes, "init_steps": cfg.init_steps}
+
+    def summary(self, engine: Any, init_info: dict) -> dict:
+        return {"buffer": {**init_info, "restarts": engine.source.restarts, "data": "none (teacher only)"}}
+
+    def losses_text(self, engine: Any, learned_student: bool) -> str:
+        cfg, obj = self.cfg, engine.objective
+        kd = "" if cfg.kd == "output" else f" + {cfg.alpha} * L_KD({cfg.kd})"
+        if obj.kl is not None:
+            return f"||eps_T - eps_S||^2{kd} + {obj.kl_weight} * KL(p_T || p_S) (learned variances)"
+        return (f"||eps_T - eps_S||^2{kd} only: fixed-variance "
+                + ("teacher" if not is_learned_variance(engine.teacher.config) else "student") + ", no KL term")
+

@@ -1,0 +1,13 @@
+"""O2MKD on data (Zhang et al.): K students, each owning a timestep range, trained on real images with
+L_diff + alpha L_KD; K = 1 (or p_own = 0) is one-to-one KD, ``--kd none`` plain training."""
+
+from __future__ import annotations
+
+from o2mcli.distill.modes.base import DistillMode
+
+
+class O2MKD(DistillMode):
+    """The base class's defaults are O2MKD's: images, the diffusion loss plus KD, nothing to prepare."""
+
+    name = "o2mkd"
+    default_students = 4

@@ -1,0 +1,137 @@
+"""Imports point one way: errors/fsutil -> manifest -> models, diffusion, data -> pruning, distill,
+merge, scoring -> stages -> cli. A back-edge or an import cycle fails here (lazy imports count)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import o2mcli
+
+ROOT = Path(o2mcli.__file__).parent
+
+# Lowest first. A package may import only from packages on a lower layer (and from itself).
+LAYERS: list[set[str]] = [
+    {"o2mcli", "errors"},
+    {"fsutil", "devices", "registry"},
+    {"manifest", "runtime", "viz"},
+    {"chain", "models", "diffusion", "data"},
+    {"pruning", "distill", "merge", "scoring"},
+    {"stages", "inspect"},
+    {"cli"},
+    {"__main__"},
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every o2mcli module ``path`` imports, at any depth of the file (function-level imports too)."""
+    mod = _module_name(path)
+    package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            targets = [name] + [f"{name}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t == "o2mcli" or t.startswith("o2mcli."))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the o2mcli modules it imports (names that are attributes resolve to their module)."""
+    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        deps = set()
+        for t in _imports(path):
+            while t not in files and "." in t:  # `from o2mcli.data import load_dataset` -> o2mcli.data
+                t = t.rsplit(".", 1)[0]
+            if t != mod:
+                deps.add(t)
+        graph[mod] = deps
+    return graph
+
+
+def _top(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "o2mcli"
+
+
+def test_every_package_has_a_layer() -> None:
+    missing = sorted({_top(m) for m in _graph()} - set(LAYER))
+    assert not missing, f"packages with no layer in tests/test_layers.py: {missing}"
+
+
+def _violations(graph: dict[str, set[str]]) -> list[str]:
+    """Edges from a package to one on the same or a higher layer."""
+    bad = []
+    for mod, deps in graph.items():
+        for dep in deps:
+            a, b = _top(mod), _top(dep)
+            if a != b and LAYER[b] >= LAYER[a]:
+                bad.append(f"{mod} -> {dep} (layer {LAYER[a]} -> {LAYER[b]})")
+    return sorted(bad)
+
+
+def test_imports_point_down_the_layers() -> None:
+    bad = _violations(_graph())
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_import_cycle() -> None:
+    cycles = _cycles(_graph())
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_checks_can_fail() -> None:
+    """A data module importing a stage, and two modules importing each other, are both reported."""
+    graph = {"o2mcli.data.x": {"o2mcli.stages.score"}, "o2mcli.stages.score": {"o2mcli.data.x"}}
+    assert _violations(graph) == ["o2mcli.data.x -> o2mcli.stages.score (layer 3 -> 5)"]
+    assert _cycles(graph) == [["o2mcli.data.x", "o2mcli.stages.score"]]
