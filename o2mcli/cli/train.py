@@ -27,6 +27,7 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     save_every: int = typer.Option(500, "--save-every", help="Checkpoint interval (steps)."),
+    log_every: int = typer.Option(50, "--log-every", help="Metrics interval (steps)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same output."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
@@ -37,6 +38,8 @@ def train(
                       block_out_channels=parse_ints(channels, "--channels"), layers_per_block=layers_per_block,
                       norm_num_groups=norm_groups, attention_level=None if attention_level < 0 else attention_level,
                       num_train_timesteps=timesteps, ema_decay=ema_decay, seed=seed, device=device,
-                      save_every=save_every, resume=resume, force=force)
+                      save_every=save_every, log_every=log_every, resume=resume, force=force)
     path = run_train(cfg)
-    typer.echo(f"wrote {path}")
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote it and says so
+        typer.echo(f"wrote {path}")

@@ -51,3 +51,27 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
     objective = MODES.resolve(cfg.mode).objective(cfg, teacher.unet, init_unet, source)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
                      hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+
+
+def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.Tensor, hyper: Hyper,
+                 vlb_weight: float, seed: int, device: torch.device, dist: DistState) -> Distiller:
+    """Plain DDPM training as the engine's special case: one student, no teacher, no KD, real images, L_diff.
+
+    ``images`` are in the model's range [-1, 1]; the generators are seeded as a distillation run's are.
+    """
+    from diffusers import DDPMScheduler
+
+    from o2mcli.distill.objective import Objective
+    from o2mcli.distill.plan import TimestepPlan
+    from o2mcli.distill.sources import ImageSource
+
+    torch.set_flush_denormal(True)
+    gen_plan = torch.Generator().manual_seed(seed)
+    gen_data = torch.Generator().manual_seed(seed + 1_000_003 * (dist.rank + 1))
+    sched = DDPMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
+    terms = DiffusionTerms(sched.betas)
+    kd = build_kd_loss("none", {}, {}, torch.Generator().manual_seed(seed)).to(device)
+    student = Student(0, model.to(device).train(), kd, hyper, dist)
+    return Distiller(teacher=None, students=[student], source=ImageSource(images, terms, device),
+                     plan=TimestepPlan((0, terms.T), 0.0), objective=Objective(alpha=0.0, vlb_weight=vlb_weight),
+                     terms=terms, hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)

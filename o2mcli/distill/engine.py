@@ -1,4 +1,7 @@
-"""The distillation engine: a data source x a timestep plan x a KD loss, for K students at once.
+"""The training engine: a data source x a timestep plan x a KD loss, for K students at once.
+
+Distillation and plain training (``o2m train``: one student, no teacher, no KD, real images) are
+configurations of this one engine.
 
 Per step: each student's range is chosen by the plan; students on the same range share one
 batch; the teacher runs *once* over the concatenation of the distinct batches (its output and
@@ -68,7 +71,7 @@ def split_outputs(raw: torch.Tensor, channels: int, learned: bool, features: dic
 class Distiller:
     """Trains ``students`` against ``teacher``; see the module docstring for one step."""
 
-    teacher: nn.Module
+    teacher: nn.Module | None  # None: plain training (``o2m train``), nothing reads a teacher
     students: list[Student]
     source: DataSource
     plan: TimestepPlan
@@ -85,16 +88,21 @@ class Distiller:
     timings: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "teacher": 0.0, "students": 0.0})
 
     def __post_init__(self) -> None:
-        cfg = self.teacher.config
+        cfg = (self.teacher if self.teacher is not None else self.students[0].raw).config
         self.channels = int(cfg.in_channels)
-        self.teacher_learned = is_learned_variance(cfg)
+        self.teacher_learned = self.teacher is not None and is_learned_variance(cfg)
         names = sorted({n for s in self.students for n in (s.kd.points if s.kd.needs_features else [])})
-        self.teacher_tap = FeatureTap(self.teacher, names)
         self.own_steps = self.own_steps or [0] * len(self.students)
-        self.teacher.eval().requires_grad_(False)
-        # ``--kd none`` on real data ("w/o KD") never needs the teacher: skip its forward entirely.
+        # ``--kd none`` on real data ("w/o KD") and plain training never need the teacher: no forward at all.
         self.uses_teacher = (any(s.kd.needs_teacher for s in self.students) or self.objective.needs_teacher
                              or self.source.needs_teacher)
+        if self.teacher is None:
+            if self.uses_teacher:
+                raise O2MError("this run's KD loss, objective or data source reads a teacher, and there is none")
+            self.teacher_tap = None
+            return
+        self.teacher_tap = FeatureTap(self.teacher, names)
+        self.teacher.eval().requires_grad_(False)
 
     # 1. One step ------------------------------------------------------------------------------------
 

@@ -53,8 +53,10 @@ class Objective:
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | float = 0.0
         if self.base == "diffusion" and batch.noise is not None:
-            parts["diff"] = hybrid_loss(terms, batch.x0, batch.x_t, batch.t, batch.noise, student.eps, student.v,
-                                        self.vlb_weight)[0]
+            parts["diff"], mse, vlb = hybrid_loss(terms, batch.x0, batch.x_t, batch.t, batch.noise, student.eps,
+                                                  student.v, self.vlb_weight)
+            if student.v is not None:  # the hybrid loss's two terms, logged apart
+                parts["mse"], parts["vlb"] = mse, vlb
             total = parts["diff"]
         elif self.base == "output":
             parts["simple"] = mean_flat((student.eps - teacher.eps) ** 2).mean()

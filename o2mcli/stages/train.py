@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
-import time
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.data import load_dataset
-from o2mcli.devices import autocast, resolve_device
-from o2mcli.diffusion.gaussian import DiffusionTerms
-from o2mcli.diffusion.losses import hybrid_loss
-from o2mcli.runtime.checkpoint import (adamw_with_warmup, check_partial, load_checkpoint, load_optimizer,
-                                      optimizer_tensors, save_checkpoint)
-from o2mcli.runtime.ema import EMA
-from o2mcli.runtime.run import JsonlLog, progress, read_jsonl, seed_everything
+from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import atomic_dir, check_output_free
 from o2mcli.manifest import write_manifest
 from o2mcli.models.configs import scheduler_config, unet_config
 from o2mcli.models.io import build_unet, model_record, save_model_file
+from o2mcli.runtime.checkpoint import check_partial
+from o2mcli.runtime.run import read_jsonl, seed_everything
 from o2mcli.viz import line_plot
 
 
@@ -63,20 +58,26 @@ class TrainConfig(BaseModel):
 
 
 def run_train(cfg: TrainConfig) -> Path:
-    """Train a DDPM teacher; write a ``teacher`` stage directory, or one ``.safetensors`` if ``out`` ends so."""
+    """Train a DDPM teacher; write a ``teacher`` stage directory, or one ``.safetensors`` if ``out`` ends so.
+
+    Training is a configuration of the one engine (``o2mcli.distill``): one student, no teacher, no KD,
+    real images, the diffusion loss; the loop (resume, logs, the NaN stop, checkpoints) is ``fit``.
+    """
+    from o2mcli.distill.build import make_trainer
+    from o2mcli.distill.engine import Hyper
+    from o2mcli.distill.fit import FitPlan, fit
+    from o2mcli.runtime.dist import barrier, init_distributed, local_device, shutdown
+
     # 1. Refuse bad options, then bad outputs, before any work (options first: a bad --device is not
     #    "an interrupted run is there").
     if cfg.attention_level is not None and not 0 <= cfg.attention_level < len(cfg.block_out_channels):
         raise O2MError(f"--attention-level {cfg.attention_level}: must index one of {len(cfg.block_out_channels)} levels")
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     check_output_free(out, cfg.force, inputs=[cfg.data])
     work = check_partial(out, cfg.resume, cfg.force)
-    if work.exists() and not cfg.resume:
-        shutil.rmtree(work)  # --force: start over
 
-    # 2. Data, model, schedule, optimizer.
-    device = resolve_device(cfg.device)
+    # 2. Data and model.
     data = load_dataset(cfg.data)
     _, c, h, w = data.images.shape
     if h != w:
@@ -84,7 +85,7 @@ def run_train(cfg: TrainConfig) -> Path:
     if h % (2 ** (len(cfg.block_out_channels) - 1)):
         raise O2MError(f"{data.source}: size {h} is not divisible by 2^{len(cfg.block_out_channels) - 1} "
                        f"(the downsamplings of {len(cfg.block_out_channels)} blocks)")
-    gen = seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the model's initialization
     try:
         ucfg = unet_config(sample_size=h, channels=c, variance=cfg.variance, block_out_channels=cfg.block_out_channels,
                            layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
@@ -92,73 +93,30 @@ def run_train(cfg: TrainConfig) -> Path:
     except ValueError as e:
         raise O2MError(str(e)) from e
     scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps)
-    model = build_unet(ucfg, None, out).to(device).train()
-    ema = EMA(model, cfg.ema_decay)
-    opt, sched = adamw_with_warmup(model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup)
-    from diffusers import DDPMScheduler
-    noise_sched = DDPMScheduler.from_config({k: v for k, v in scfg.items() if not k.startswith("_")})
-    terms = DiffusionTerms(noise_sched.betas)
-    abar = noise_sched.alphas_cumprod.to(device)
-    x_all = data.to_model_range().to(device)
-    T = cfg.num_train_timesteps
+    model = build_unet(ucfg, None, out)
+    hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
+                  ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
 
-    # 3. Resume.
-    start = 0
-    if cfg.resume:
-        tensors, state = load_checkpoint(work)
-        if state.get("config_fingerprint") != _fingerprint(cfg):
-            raise O2MError(f"{work}: checkpoint was made with other settings; resume with the same options")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.shadow = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
-        ema.updates = state["ema_updates"]
-        load_optimizer(opt, tensors, state["optimizer"], "opt")
-        sched.load_state_dict(state["lr_sched"])
-        gen.set_state(tensors["rng.gen"])
-        torch.set_rng_state(tensors["rng.torch"])
-        start = state["step"]
-        if start > cfg.steps:
-            raise O2MError(f"{work}: checkpoint is at step {start}; pass --steps {start} or more to continue")
-    work.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(work / "metrics.jsonl", keep_until_step=start if cfg.resume else None)
+    # 3. The engine and the loop; the teacher written (rank 0).
+    dist = init_distributed(device.type)
+    try:
+        device = local_device(dist, device)
+        engine = make_trainer(model, scfg, data.to_model_range(), hyper, cfg.vlb_weight, cfg.seed, device, dist)
+        fit(engine, FitPlan(steps=cfg.steps, log_every=cfg.log_every, save_every=cfg.save_every, resume=cfg.resume,
+                            desc="train"), work, _fingerprint(cfg), lambda _engine, _log: {})
+        if dist.is_main:
+            _write(cfg, out, work, engine, scfg, data)
+        barrier(dist)
+    finally:
+        shutdown(dist)
+    return out
 
-    # 4. The loop. All randomness comes from `gen` (CPU), so runs and resumes are reproducible.
-    bar = progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="train")
-    t_last, seen = time.perf_counter(), 0
-    for step in bar:
-        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
-        t = torch.randint(0, T, (cfg.batch_size,), generator=gen)
-        noise = torch.randn((cfg.batch_size, c, h, w), generator=gen)
-        x0, t, noise = x_all[idx.to(device)], t.to(device), noise.to(device)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with autocast(device):
-            out_t = model(x_t, t).sample.float()
-        v = out_t[:, c:] if cfg.variance == "learned" else None
-        loss, loss_mse, loss_vlb = hybrid_loss(terms, x0, x_t, t, noise, out_t[:, :c], v, cfg.vlb_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(model)
-        seen += cfg.batch_size
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            lv = float(loss.detach())  # host sync only at log points
-            if not torch.isfinite(torch.tensor(lv)):
-                raise O2MError(f"training diverged at step {done} (loss {lv}); the last checkpoint in {work} is kept")
-            now = time.perf_counter()
-            log.write({"step": done, "loss": lv, "loss_mse": float(loss_mse.detach()), "loss_vlb": float(loss_vlb.detach()),
-                       "lr": sched.get_last_lr()[0], "images_per_s": seen / max(now - t_last, 1e-9)})
-            t_last, seen = now, 0
-            bar.set_postfix(loss=f"{lv:.4f}")
-        if done % cfg.save_every == 0 and done < cfg.steps:
-            _save_ckpt(work, cfg, done, model, ema, opt, sched, gen)
-    log.close()
 
-    # 5. Write the teacher: EMA weights, manifest, log and loss curve.
-    ema.copy_to(model)
-    model.eval().cpu()
+def _write(cfg: TrainConfig, out: Path, work: Path, engine, scfg: dict, data) -> None:
+    """The EMA weights as the teacher, with the manifest, the metrics log and the loss curve."""
+    student = engine.students[0]
+    model = copy.deepcopy(student.raw).cpu().eval()
+    student.ema.copy_to(model)
     rows = read_jsonl(work / "metrics.jsonl")
     config = cfg.model_dump(mode="json")
     provenance = {"stage": "train", "config": config, "data": {"name": data.name, "source": data.source,
@@ -171,24 +129,13 @@ def run_train(cfg: TrainConfig) -> Path:
             shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
             line_plot({"loss": ([r["step"] for r in rows], [r["loss"] for r in rows])}, tmp / "loss.png",
                       title=f"o2m train ({cfg.data})", logy=True)
-            write_manifest(tmp, "teacher", config, models=[model_record("teacher", "model.safetensors", model, (0, T))],
+            write_manifest(tmp, "teacher", config,
+                           models=[model_record("teacher", "model.safetensors", model, (0, cfg.num_train_timesteps))],
                            scheduler_config=scfg,
                            summary={"final_loss": rows[-1]["loss"] if rows else None, "data": provenance["data"]})
     shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _fingerprint(cfg: TrainConfig) -> dict:
     # `steps` is left out so a resumed run can be extended (the LR is constant after warm-up).
     return cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out", "steps"})
-
-
-def _save_ckpt(work: Path, cfg: TrainConfig, step: int, model, ema: EMA, opt, sched, gen: torch.Generator) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-    opt_t, opt_meta = optimizer_tensors(opt, "opt")
-    tensors.update(opt_t)
-    tensors["rng.gen"] = gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_checkpoint(work, tensors, {"step": step, "ema_updates": ema.updates, "optimizer": opt_meta,
-                                    "lr_sched": sched.state_dict(), "config_fingerprint": _fingerprint(cfg)})
