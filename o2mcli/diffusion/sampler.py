@@ -11,6 +11,7 @@ from torch import nn
 
 from o2mcli.devices import autocast, synchronize
 from o2mcli.diffusion.schedulers import make_scheduler, set_steps, uses_learned_variance
+from o2mcli.models.denoise import predict
 from o2mcli.runtime.run import progress
 
 
@@ -30,7 +31,7 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
     for t in sched.timesteps:
         model_in = sched.scale_model_input(x, t)
         with autocast(device):
-            out = unet(model_in, t.to(device)).sample
+            out = predict(unet, model_in, t.to(device))
         out = out.float()
         if not keep_var:
             out = out[:, :c]  # learned-variance channels are used by the DDPM sampler only

@@ -29,6 +29,7 @@ from o2mcli.distill.objective import Objective
 from o2mcli.distill.plan import TimestepPlan
 from o2mcli.distill.sources.base import Batch, DataSource
 from o2mcli.models.configs import is_learned_variance
+from o2mcli.models.denoise import predict
 from o2mcli.runtime.checkpoint import adamw_with_warmup, load_optimizer, optimizer_tensors
 from o2mcli.runtime.dist import DistState, all_reduce_mean, broadcast_flag, gather_tensors
 from o2mcli.runtime.ema import EMA
@@ -127,7 +128,7 @@ class Distiller:
             batch: Batch = batches[r]
             st.model.train()
             with autocast(self.device):
-                s_raw = st.model(batch.x_t, batch.t).sample.float()
+                s_raw = predict(st.model, batch.x_t, batch.t).float()
             learned = s_raw.shape[1] == 2 * self.channels
             s_out = split_outputs(s_raw, self.channels, learned, {n: f.float() for n, f in st.tap.pop().items()})
             loss, parts = self.objective(st.kd, s_out, teacher_out[r], batch, self.terms)
@@ -148,7 +149,7 @@ class Distiller:
         x = torch.cat([batches[r].x_t for r in order])
         t = torch.cat([batches[r].t for r in order])
         with torch.no_grad(), autocast(self.device):
-            t_raw = self.teacher(x, t).sample.float()
+            t_raw = predict(self.teacher, x, t).float()
         t_feats = {n: f.detach().float() for n, f in self.teacher_tap.pop().items()}
         self.teacher_samples += x.shape[0]
         teacher_out = {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.models.denoise import predict
 
 
 def feature_points(unet: nn.Module) -> list[str]:
@@ -53,8 +54,8 @@ def feature_shapes(unet: nn.Module, names: list[str]) -> dict[str, tuple[int, in
     p = next(unet.parameters())
     tap = FeatureTap(unet, names)
     try:
-        unet(torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=p.device, dtype=p.dtype),
-             torch.tensor([1], device=p.device))
+        predict(unet, torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=p.device, dtype=p.dtype),
+                torch.tensor([1], device=p.device))
         return {n: tuple(f.shape[1:]) for n, f in tap.pop().items()}
     finally:
         tap.remove()

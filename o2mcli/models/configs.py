@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from o2mcli.errors import O2MError
+
 Variance = Literal["fixed", "learned"]
 
 
@@ -77,3 +79,13 @@ DDPM_CIFAR10_32: dict[str, Any] = {
     "time_embedding_type": "positional",
     "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }
+
+
+def check_int_in(cfg: dict, key: str, lo: int, hi: int, where: Any, what: str) -> None:
+    """``cfg[key]`` (an integer or a list of them), if present, lies in [lo, hi]; else a one-line error."""
+    v = cfg.get(key)
+    if v is None:
+        return
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    if not vals or any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in vals):
+        raise O2MError(f"{where}: {what} {key} = {v!r}; expected integer(s) in [{lo}, {hi}]")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.models.families import family_of
 
 
 def check_ranges(ranges: Sequence[tuple[int, int]], num_train_timesteps: int) -> None:
@@ -27,8 +27,8 @@ def check_ranges(ranges: Sequence[tuple[int, int]], num_train_timesteps: int) ->
 class StudentGroup(nn.Module):
     """Routes each denoising call to the student whose range ``[lo, hi)`` holds ``t``.
 
-    It has the ``UNet2DModel`` call signature, so schedulers and samplers use it as a UNet.
-    ``served[k]`` counts the samples student ``k`` denoised (for checks and reports).
+    Called as ``group(x_t, t, cond)`` it returns the raw prediction, as ``models.denoise.predict`` does
+    for one model. ``served[k]`` counts the samples student ``k`` denoised (for checks and reports).
     """
 
     def __init__(self, students: Sequence[nn.Module], ranges: Sequence[tuple[int, int]]) -> None:
@@ -60,22 +60,22 @@ class StudentGroup(nn.Module):
                 return k
         raise O2MError(f"timestep {t} is outside every student's range {self.ranges}")
 
-    def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True, **kwargs):
+    def forward(self, sample: torch.Tensor, timestep, cond: torch.Tensor | None = None) -> torch.Tensor:
+        fam = family_of(self.students[0])
         t = torch.as_tensor(timestep)
         if t.numel() == 1:
             # The sampling case: one timestep for the whole batch, one student.
             k = self.student_for(int(t.reshape(()).item()))
             self.served[k] += sample.shape[0]
-            out = self.students[k](sample, timestep, **kwargs).sample
-        else:
-            t = t.to(sample.device).reshape(-1).expand(sample.shape[0])
-            idx = torch.bucketize(t, self._upper.to(t.device), right=True)
-            out = None
-            for k in idx.unique().tolist():
-                mask = idx == k
-                part = self.students[k](sample[mask], t[mask], **kwargs).sample
-                if out is None:
-                    out = part.new_empty((sample.shape[0], *part.shape[1:]))
-                out[mask] = part
-                self.served[k] += int(mask.sum())
-        return UNet2DOutput(sample=out) if return_dict else (out,)
+            return fam.predict(self.students[k], sample, timestep, cond)
+        t = t.to(sample.device).reshape(-1).expand(sample.shape[0])
+        idx = torch.bucketize(t, self._upper.to(t.device), right=True)
+        out = None
+        for k in idx.unique().tolist():
+            mask = idx == k
+            part = fam.predict(self.students[k], sample[mask], t[mask], None if cond is None else cond[mask])
+            if out is None:
+                out = part.new_empty((sample.shape[0], *part.shape[1:]))
+            out[mask] = part
+            self.served[k] += int(mask.sum())
+        return out

@@ -24,14 +24,14 @@ from o2mcli.errors import O2MError
 from o2mcli.fsutil import (atomic_dir, atomic_file, atomic_write_json, check_output_free, loads_bounded,
                             read_metadata, sha256_file)
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
-from o2mcli.models.configs import is_learned_variance
+from o2mcli.models.configs import check_int_in, is_learned_variance
+from o2mcli.models.families import family_for_config
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
 
 FORMAT = "o2m-unet/1"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SUPPORTED_CLASS = "UNet2DModel"
 
 
 @dataclass
@@ -63,43 +63,12 @@ class LoadedModel:
 
 # 1. Building a UNet from a config and a state dict -------------------------------------------
 
-def _clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
-
-
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # diffusers' DDPMScheduler
-MAX_SAMPLE_SIZE = 2048
-MAX_ACTIVATION_BYTES = 16 << 30  # one sample's largest feature maps, a generous bound for a UNet2DModel
-
-
-def _int_in(cfg: dict, key: str, lo: int, hi: int, where: Path, what: str) -> None:
-    v = cfg.get(key)
-    if v is None:
-        return
-    vals = v if isinstance(v, (list, tuple)) else [v]
-    if not vals or any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in vals):
-        raise O2MError(f"{where}: {what} {key} = {v!r}; expected integer(s) in [{lo}, {hi}]")
 
 
 def check_unet_config(cfg: Any, where: Path) -> None:
-    """The UNet config's type, keys and sizes, before anything is built (crafted metadata is refused here)."""
-    if not isinstance(cfg, dict):
-        raise O2MError(f"{where}: the UNet config is a JSON {type(cfg).__name__}, expected an object")
-    _int_in(cfg, "in_channels", 1, 64, where, "UNet config")
-    _int_in(cfg, "out_channels", 1, 128, where, "UNet config")
-    _int_in(cfg, "block_out_channels", 1, 16384, where, "UNet config")
-    _int_in(cfg, "layers_per_block", 1, 64, where, "UNet config")
-    size = cfg.get("sample_size")
-    _int_in(cfg, "sample_size", 1, MAX_SAMPLE_SIZE, where, "UNet config")
-    if isinstance(size, (list, tuple)) and len(size) != 2:
-        raise O2MError(f"{where}: UNet config sample_size = {size!r}; expected an integer or [height, width]")
-    hw = (size, size) if isinstance(size, int) else tuple(size or (32, 32))
-    widest = max(cfg.get("block_out_channels") or [1])
-    need = hw[0] * hw[1] * widest * 4 * 4  # a few float32 maps at full resolution and the widest width
-    if need > MAX_ACTIVATION_BYTES:
-        raise O2MError(f"{where}: UNet config sample_size {size!r} x {widest} channels implies "
-                       f"{need / 2**30:.0f} GiB of activations per image; refused (at most "
-                       f"{MAX_ACTIVATION_BYTES >> 30} GiB)")
+    """The model config's family, type, keys and sizes, before anything is built (crafted metadata is refused)."""
+    family_for_config(cfg, where).check_config(cfg, where)
 
 
 def check_scheduler_config(sched: Any, where: Path) -> int:
@@ -108,7 +77,7 @@ def check_scheduler_config(sched: Any, where: Path) -> int:
 
     if not isinstance(sched, dict):
         raise O2MError(f"{where}: the scheduler config is a JSON {type(sched).__name__}, expected an object")
-    _int_in(sched, "num_train_timesteps", 2, 100_000, where, "scheduler config")
+    check_int_in(sched, "num_train_timesteps", 2, 100_000, where, "scheduler config")
     bs = sched.get("beta_schedule", "linear")
     if bs not in BETA_SCHEDULES:
         raise O2MError(f"{where}: scheduler config beta_schedule {bs!r} is unknown; expected one of "
@@ -133,31 +102,8 @@ def check_timestep_range(rng: Any, T: int, where: Path) -> tuple[int, int]:
 
 
 def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
-    """A ``UNet2DModel`` from its diffusers config; weights must match exactly."""
-    from diffusers import UNet2DModel
-
-    check_unet_config(cfg, where)
-    cls = cfg.get("_class_name", SUPPORTED_CLASS)
-    if cls != SUPPORTED_CLASS:
-        raise O2MError(f"{where}: found a {cls}; o2m supports {SUPPORTED_CLASS} (the DDPM family)")
-    try:
-        unet = UNet2DModel.from_config(_clean_config(cfg))
-    except (TypeError, ValueError, KeyError) as e:
-        raise O2MError(f"{where}: invalid UNet2DModel config ({e})") from e
-    if state is not None:
-        own = unet.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-            raise O2MError(f"{where}: config does not match the weights ({what}; "
-                           f"{len(missing)} missing, {len(unexpected)} unexpected tensors)")
-        for k, v in state.items():
-            if own[k].shape != v.shape:
-                raise O2MError(f"{where}: config does not match the weights ({k}: weights {tuple(v.shape)}, "
-                               f"config expects {tuple(own[k].shape)})")
-        unet.load_state_dict(state, strict=True)
-    return unet.eval()
+    """The model a config describes (its family by ``_class_name``); weights, if given, must match exactly."""
+    return family_for_config(cfg, where).build(cfg, state, where)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

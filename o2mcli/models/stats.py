@@ -7,6 +7,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from o2mcli.models.denoise import predict
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters."""
@@ -40,7 +42,8 @@ def count_block_macs(unet: nn.Module) -> dict[str, int]:
             hooks.append(m.register_forward_hook(
                 lambda mod, _i, out, b=block: totals.__setitem__(b, totals[b] + _layer_macs(mod, out))))
     try:
-        unet(torch.zeros(1, cfg.in_channels, h, w, device=p.device, dtype=p.dtype), torch.tensor([500], device=p.device))
+        predict(unet, torch.zeros(1, cfg.in_channels, h, w, device=p.device, dtype=p.dtype),
+                torch.tensor([500], device=p.device))
     finally:
         for hk in hooks:
             hk.remove()

@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.models.denoise import predict
 from o2mcli.pruning.widths import WidthPlan
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
@@ -107,7 +108,7 @@ def prune_uniform(unet: nn.Module, plan: WidthPlan, importance: Callable[[Any], 
     p = next(unet.parameters())
     example = (torch.randn(1, cfg.in_channels, size, size, device=p.device), torch.tensor([1], device=p.device))
     graph = tp.DependencyGraph().build_dependency(
-        unet, example_inputs=example, forward_fn=lambda m, x: m(*x).sample, verbose=False)
+        unet, example_inputs=example, forward_fn=lambda m, x: predict(m, *x), verbose=False)
     names = {m: n for n, m in unet.named_modules()}
     widths = plan.width_map()
     attn_shape = {a: (a.heads, a.inner_dim // a.heads) for a in unet.modules() if isinstance(a, Attention)}

@@ -148,6 +148,7 @@ def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch
 
 def _as_plain_diffusers(pruned: torch.nn.Module, new_cfg: dict, where: Path) -> torch.nn.Module:
     """Rebuild the pruned UNet from its new config with plain diffusers and check it is the same model."""
+    from o2mcli.models.denoise import predict
     from o2mcli.models.io import build_unet
     from o2mcli.pruning.surgery import attribute_mismatches
 
@@ -161,7 +162,7 @@ def _as_plain_diffusers(pruned: torch.nn.Module, new_cfg: dict, where: Path) -> 
     x = torch.randn(2, new_cfg["in_channels"], size, size, generator=g)
     t = torch.tensor([3, 700])
     with torch.no_grad():
-        a, b = pruned.eval()(x, t).sample, plain(x, t).sample
+        a, b = predict(pruned.eval(), x, t), predict(plain, x, t)
     if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
         raise RuntimeError(f"pruned model and its diffusers rebuild disagree by {(a - b).abs().max():.3g}")
     return plain

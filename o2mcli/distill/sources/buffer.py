@@ -21,6 +21,7 @@ from torch import nn
 from o2mcli.devices import autocast
 from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type, ddim_jump, reverse_step
 from o2mcli.distill.sources.base import Batch
+from o2mcli.models.denoise import predict
 from o2mcli.runtime.run import progress
 from o2mcli.errors import O2MError
 
@@ -163,7 +164,7 @@ class DynamicBuffer:
     def _eps(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         c = self.shape[0]
         with autocast(self.device):
-            out = teacher(x, t.to(self.device)).sample.float()
+            out = predict(teacher, x, t.to(self.device)).float()
         self.init_forwards += x.shape[0]
         if self._report is not None:
             self._report()

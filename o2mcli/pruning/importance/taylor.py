@@ -15,6 +15,7 @@ from torch import nn
 
 from o2mcli.diffusion.gaussian import DiffusionTerms, q_sample
 from o2mcli.errors import O2MError
+from o2mcli.models.denoise import predict
 
 
 def accumulate_denoising_grads(unet: nn.Module, images: torch.Tensor, terms: DiffusionTerms, *, batches: int,
@@ -31,7 +32,7 @@ def accumulate_denoising_grads(unet: nn.Module, images: torch.Tensor, terms: Dif
         t = torch.randint(0, terms.T, (batch_size,), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         x_t = q_sample(terms, x0, t, noise)
-        eps = unet(x_t, t).sample[:, :c]
+        eps = predict(unet, x_t, t)[:, :c]
         loss = F.mse_loss(eps, noise)
         loss.backward()
         total += float(loss.detach())

@@ -1,0 +1,35 @@
+"""The denoiser interface: what o2m's stages, engine and samplers know of a model family.
+
+A family is one diffusers model class. It checks a config before anything is built (crafted
+metadata is refused there), builds the model from a config and a state dict, and calls it:
+``predict(model, x_t, t, cond)`` returns the raw prediction, eps in the first C channels and, for a
+learned variance, the variance channels after them. Nothing outside a family module calls a
+diffusers model class or reads its output object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+class DenoiserFamily:
+    """One model family: subclass, set ``name`` to the diffusers ``_class_name``, and register it."""
+
+    name: ClassVar[str]
+
+    def check_config(self, cfg: Any, where: Path) -> None:
+        """Refuse a config that is not this family's or would not build (sizes bounded), with a one-line error."""
+        raise NotImplementedError
+
+    def build(self, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]], where: Path) -> nn.Module:
+        """The model from its config (checked) and, if given, exactly matching weights; in eval mode."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The raw output for noisy ``x_t`` at timesteps ``t`` (and a condition, where the family takes one)."""
+        raise NotImplementedError
