@@ -57,3 +57,30 @@ def test_a_group_predicts_like_its_students_and_passes_the_condition() -> None:
         finally:
             FAMILIES._items["UNet2DModel"] = original
     assert seen == [[7, 9], [8, 10]]  # each student got the labels of its own samples
+
+
+def test_the_family_gives_shapes_kd_points_and_its_pipeline() -> None:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from o2mcli.models.denoise import input_shape
+
+    unet = tiny_unet()
+    fam = family_of(unet)
+    assert input_shape(unet) == fam.input_shape(unet) == (1, 8, 8)
+    assert input_shape(StudentGroup([unet, tiny_unet(seed=3)], [(0, 500), (500, 1000)])) == (1, 8, 8)
+    points = fam.feature_points(unet)
+    assert points[0] == "down_blocks.0" and "mid_block" in points and points[-1].startswith("up_blocks.")
+    assert all(unet.get_submodule(p) is not None for p in points)
+    assert isinstance(fam.pipeline(unet, DDPMScheduler()), DDPMPipeline)
+
+
+def test_prune_finds_its_pruner_by_family() -> None:
+    from o2mcli.pruning.pruners import PRUNERS, pruner_for
+
+    unet = tiny_unet()
+    pruner = pruner_for(dict(unet.config), Path("t"))
+    assert pruner is PRUNERS["UNet2DModel"] and set(PRUNERS) <= set(FAMILIES)
+    with pytest.raises(O2MError, match=r"^t: found a DiTTransformer2DModel; o2m prune supports UNet2DModel$"):
+        pruner_for({"_class_name": "DiTTransformer2DModel"}, Path("t"))
+    plan = pruner.plan(dict(unet.config), 0.5, None, None)
+    assert plan.new_channels != plan.old_channels

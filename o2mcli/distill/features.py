@@ -13,14 +13,12 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.denoise import predict
+from o2mcli.models.families import family_of
 
 
 def feature_points(unet: nn.Module) -> list[str]:
-    """Names of the blocks whose outputs are KD features."""
-    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
-    if getattr(unet, "mid_block", None) is not None:
-        names.append("mid_block")
-    return names + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    """Names of the blocks whose outputs are KD features (the model family's choice)."""
+    return family_of(unet).feature_points(unet)
 
 
 class FeatureTap:
@@ -50,11 +48,10 @@ class FeatureTap:
 @torch.no_grad()
 def feature_shapes(unet: nn.Module, names: list[str]) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of each named block's output, from one batch-1 forward."""
-    cfg = unet.config
     p = next(unet.parameters())
     tap = FeatureTap(unet, names)
     try:
-        predict(unet, torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=p.device, dtype=p.dtype),
+        predict(unet, torch.zeros(1, *family_of(unet).input_shape(unet), device=p.device, dtype=p.dtype),
                 torch.tensor([1], device=p.device))
         return {n: tuple(f.shape[1:]) for n, f in tap.pop().items()}
     finally:

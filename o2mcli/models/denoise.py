@@ -19,3 +19,9 @@ def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Optional
     if isinstance(model, StudentGroup):
         return model(x_t, t, cond)
     return family_of(model).predict(model, x_t, t, cond)
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of one input sample of a model or a group of students."""
+    one = model.students[0] if isinstance(model, StudentGroup) else model
+    return family_of(one).input_shape(one)

@@ -25,7 +25,7 @@ from o2mcli.fsutil import (atomic_dir, atomic_file, atomic_write_json, check_out
                             read_metadata, sha256_file)
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
 from o2mcli.models.configs import check_int_in, is_learned_variance
-from o2mcli.models.families import family_for_config
+from o2mcli.models.families import family_for_config, family_of
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
 
@@ -262,8 +262,9 @@ def model_record(name: str, rel: str, unet: nn.Module, timestep_range: tuple[int
 
 
 def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False) -> Path:
-    """Write a diffusers ``DDPMPipeline`` directory that plain diffusers loads offline."""
-    from diffusers import DDPMPipeline, DDPMScheduler
+    """Write the model family's diffusers pipeline directory (``DDPMPipeline`` for a UNet2DModel) that plain
+    diffusers loads offline."""
+    from diffusers import DDPMScheduler
 
     if loaded.is_group:
         raise O2MError(f"{loaded.source}: a group of {len(loaded.ranges)} students has no single-UNet diffusers "
@@ -271,7 +272,8 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False) -> 
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
     scheduler = DDPMScheduler.from_config({k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")})
-    pipe = DDPMPipeline(unet=loaded.unet.to("cpu"), scheduler=scheduler)
+    unet = loaded.unet.to("cpu")
+    pipe = family_of(unet).pipeline(unet, scheduler)
     with atomic_dir(out_dir, force=force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # Marks the pipeline as o2m's, so `o2m export --force` may replace it (and nothing else).

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from o2mcli.models.denoise import predict
+from o2mcli.models.denoise import input_shape, predict
 
 
 def count_params(model: nn.Module) -> int:
@@ -30,9 +30,6 @@ def count_block_macs(unet: nn.Module) -> dict[str, int]:
     papers' 6.1 G for google/ddpm-cifar10-32 (this reads 6.05 G); attention score matmuls
     (0.17 G there) are not. Works on the meta device, so a config can be costed without memory.
     """
-    cfg = unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
     p = next(unet.parameters())
     totals: dict[str, int] = defaultdict(int)
     hooks = []
@@ -42,7 +39,7 @@ def count_block_macs(unet: nn.Module) -> dict[str, int]:
             hooks.append(m.register_forward_hook(
                 lambda mod, _i, out, b=block: totals.__setitem__(b, totals[b] + _layer_macs(mod, out))))
     try:
-        predict(unet, torch.zeros(1, cfg.in_channels, h, w, device=p.device, dtype=p.dtype),
+        predict(unet, torch.zeros(1, *input_shape(unet), device=p.device, dtype=p.dtype),
                 torch.tensor([500], device=p.device))
     finally:
         for hk in hooks:

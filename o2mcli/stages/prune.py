@@ -58,8 +58,7 @@ def run_prune(cfg: PruneConfig) -> Path:
     from o2mcli.manifest import parent_ref, write_manifest
     from o2mcli.models.io import load_model, model_record, save_model_file, unet_config_of
     from o2mcli.pruning.importance import get_importance
-    from o2mcli.pruning.surgery import check_prunable, prune_uniform
-    from o2mcli.pruning.widths import plan_for_macs, plan_widths
+    from o2mcli.pruning.pruners import pruner_for
 
     # 1. Refuse bad outputs and inputs before any work.
     if cfg.ratio is not None and cfg.target_macs is not None:
@@ -77,16 +76,11 @@ def run_prune(cfg: PruneConfig) -> Path:
         raise O2MError(f"{teacher_path}: a group of {len(loaded.ranges)} students; o2m prune takes one teacher UNet")
     teacher = loaded.unet
     tcfg = unet_config_of(teacher)
-    check_prunable(tcfg, teacher_path)
+    pruner = pruner_for(tcfg, teacher_path)
+    pruner.check(tcfg, teacher_path)
 
     # 2. The width plan: a ratio, or the least pruning that meets a MACs budget.
-    if cfg.target_macs is not None:
-        plan = plan_for_macs(tcfg, cfg.target_macs, cfg.round_to)
-    else:
-        plan = plan_widths(tcfg, 0.3 if cfg.ratio is None else cfg.ratio, cfg.round_to)
-    if plan.new_channels == plan.old_channels:
-        raise O2MError(f"--ratio {plan.ratio}: removes no channel at --round-to {plan.round_to} (every block keeps "
-                       f"{list(plan.old_channels)}); use a larger ratio")
+    plan = pruner.plan(tcfg, cfg.ratio, cfg.target_macs, cfg.round_to)
 
     # 3. Importance (Taylor needs gradients of denoising losses on real images) and the pruning pass.
     student = copy.deepcopy(teacher)
@@ -94,12 +88,12 @@ def run_prune(cfg: PruneConfig) -> Path:
     if cfg.importance == "taylor":
         extra["taylor_loss"] = _taylor_grads(student, loaded, cfg, device)
     importance = get_importance(cfg.importance)(seed=cfg.seed, data=cfg.data is not None)
-    outcome = prune_uniform(student, plan, importance)
+    outcome = pruner.prune(student, plan, importance)
     student.zero_grad(set_to_none=True)
-    template = _as_plain_diffusers(student, plan.new_config(tcfg), teacher_path)
+    template = pruner.rebuild(student, plan.new_config(tcfg), teacher_path)
 
     # 4. Measure, then write the stage directory atomically.
-    summary = _summary(teacher, template, plan, outcome)
+    summary = pruner.summary(teacher, template, plan, outcome)
     summary.update(extra)
     if cfg.throughput:
         summary["throughput"] = _throughput(teacher, template, loaded.scheduler_config, cfg, device)
@@ -144,63 +138,6 @@ def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch
     if loss != loss:
         raise O2MError(f"{cfg.teacher}: the teacher's denoising loss is NaN on {data.source}; cannot rank channels")
     return round(loss, 6)
-
-
-def _as_plain_diffusers(pruned: torch.nn.Module, new_cfg: dict, where: Path) -> torch.nn.Module:
-    """Rebuild the pruned UNet from its new config with plain diffusers and check it is the same model."""
-    from o2mcli.models.denoise import predict
-    from o2mcli.models.io import build_unet
-    from o2mcli.pruning.surgery import attribute_mismatches
-
-    state = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
-    plain = build_unet(new_cfg, state, where)
-    bad = attribute_mismatches(pruned, plain)
-    if bad:
-        raise RuntimeError(f"pruned model differs from its diffusers config: {bad[0]} ({len(bad)} differences)")
-    size = new_cfg["sample_size"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, new_cfg["in_channels"], size, size, generator=g)
-    t = torch.tensor([3, 700])
-    with torch.no_grad():
-        a, b = predict(pruned.eval(), x, t), predict(plain, x, t)
-    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"pruned model and its diffusers rebuild disagree by {(a - b).abs().max():.3g}")
-    return plain
-
-
-def _summary(teacher: torch.nn.Module, template: torch.nn.Module, plan, outcome) -> dict:
-    from o2mcli.models.stats import count_block_macs, count_block_params
-
-    tp_, sp = count_block_params(teacher), count_block_params(template)
-    tm, sm = count_block_macs(teacher), count_block_macs(template)
-    old, new = plan.old_channels, plan.new_channels
-    n = len(old)
-    widths = {"conv_in": (old[0], new[0]), "time_embedding": (plan.old_time_dim, plan.new_time_dim),
-              "conv_norm_out": (old[0], new[0]), "conv_out": (old[0], new[0]), "mid_block": (old[-1], new[-1])}
-    widths.update({f"down_blocks.{i}": (old[i], new[i]) for i in range(n)})
-    widths.update({f"up_blocks.{i}": (old[n - 1 - i], new[n - 1 - i]) for i in range(n)})
-    blocks = []
-    for name in tp_:
-        row = {"block": name, "channels": list(widths.get(name, (None, None))), "params": [tp_[name], sp.get(name, 0)],
-               "macs": [tm.get(name, 0), sm.get(name, 0)]}
-        row["params_kept"] = round(row["params"][1] / max(row["params"][0], 1), 4)
-        row["macs_kept"] = round(row["macs"][1] / max(row["macs"][0], 1), 4) if row["macs"][0] else None
-        blocks.append(row)
-    tparams, sparams = sum(tp_.values()), sum(sp.values())
-    tmacs, smacs = sum(tm.values()), sum(sm.values())
-    return {
-        "teacher": {"params": tparams, "macs": tmacs, "block_out_channels": list(old)},
-        "template": {"params": sparams, "macs": smacs, "block_out_channels": list(new)},
-        "params_ratio": round(sparams / tparams, 4),
-        "macs_ratio": round(smacs / tmacs, 4),
-        "ratio": plan.ratio,
-        "round_to": plan.round_to,
-        "blocks": blocks,
-        "attention_heads": outcome.heads,
-        "groups_pruned": len(outcome.groups),
-        "time_projection": (f"sinusoidal width {old[0]} -> {new[0]}: the first time-MLP layer keeps the inputs of "
-                            "the nearest teacher frequencies"),
-    }
 
 
 def _throughput(teacher, template, scheduler_config: dict, cfg: PruneConfig, device: torch.device) -> dict:

@@ -33,3 +33,15 @@ class DenoiserFamily:
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The raw output for noisy ``x_t`` at timesteps ``t`` (and a condition, where the family takes one)."""
         raise NotImplementedError
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of one input sample."""
+        raise NotImplementedError
+
+    def feature_points(self, model: nn.Module) -> list[str]:
+        """Submodule names whose outputs are the features of feature-based KD (matched by name and size)."""
+        raise NotImplementedError
+
+    def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
+        """The diffusers pipeline that plain diffusers samples this model with (``o2m export``)."""
+        raise NotImplementedError

@@ -73,3 +73,21 @@ class UNet2D(DenoiserFamily):
         if cond is None:
             return model(x_t, t).sample
         return model(x_t, t, class_labels=cond).sample
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        cfg = model.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(cfg.in_channels), int(h), int(w)
+
+    def feature_points(self, model: nn.Module) -> list[str]:
+        """Every down block's output, the mid block's and every up block's."""
+        names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+        if getattr(model, "mid_block", None) is not None:
+            names.append("mid_block")
+        return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+
+    def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
+        from diffusers import DDPMPipeline
+
+        return DDPMPipeline(unet=model, scheduler=scheduler)
