@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class O2MError(Exception):
     """Bad input or a refused operation; the CLI prints ``error: <msg>`` and exits 2."""
@@ -12,3 +14,12 @@ class O2MError(Exception):
         # One line, always: a multi-line message would read like a traceback.
         super().__init__(" ".join(str(message).split()))
 
+
+
+class OptionError(O2MError):
+    """A bad value of one config field. The library names the field (``p_own=1.5: ...``); the CLI prints
+    the option's flag instead (``--p-own 1.5: ...``)."""
+
+    def __init__(self, field: str, value: Any, message: str) -> None:
+        self.field, self.value, self.reason = field, value, " ".join(str(message).split())
+        super().__init__(f"{field}={value!r}: {self.reason}")

@@ -56,9 +56,9 @@ def test_ranges_uniform_and_custom() -> None:
                      ("100,1000", "start at 0"), ("0,900", "end at T=1000"), ("0,a,1000", "integers")]:
         with pytest.raises(O2MError, match=msg):
             parse_boundaries(bad, 1000)
-    with pytest.raises(O2MError, match="--students 1001"):
+    with pytest.raises(O2MError, match="students=1001: must be between 1"):
         uniform_boundaries(1000, 1001)
-    with pytest.raises(O2MError, match="--p-own 1.5"):
+    with pytest.raises(O2MError, match="p_own=1.5: must be a probability"):
         TimestepPlan((0, 500, 1000), 1.5)
 
 

@@ -163,7 +163,7 @@ def test_slots_advance_one_step_per_use_and_restart_at_zero() -> None:
 
 def test_buffer_size_and_checkpoint_mismatch() -> None:
     assert buffer_slots(0.4, 1000, 64) == 25600
-    with pytest.raises(O2MError, match="--rho 0"):
+    with pytest.raises(O2MError, match="rho=0.0: must be positive"):
         buffer_slots(0.0, 1000, 64)
     buf = DynamicBuffer((1, 8, 8), 32, _terms(), torch.device("cpu"))
     with pytest.raises(O2MError, match="checkpoint buffer is 16x1x8x8"):

@@ -13,7 +13,7 @@ ROOT = Path(o2mcli.__file__).parent
 # Lowest first. A package may import only from packages on a lower layer (and from itself).
 LAYERS: list[set[str]] = [
     {"o2mcli", "errors"},
-    {"fsutil", "devices", "registry"},
+    {"fsutil", "devices", "registry", "parsing"},
     {"manifest", "runtime", "viz"},
     {"chain", "models"},
     {"diffusion", "data"},

@@ -35,3 +35,35 @@ def test_the_plugins_are_registered(reg: Registry, names: set[str]) -> None:
     assert names <= set(reg)
     with pytest.raises(O2MError, match=f"^{reg.option} 'bogus': unknown"):
         reg.resolve("bogus")
+
+
+def test_string_forms_are_parsed_by_the_configs() -> None:
+    """--boundaries, --weights, --lambda, --target-macs and --channels: the config takes the typed string."""
+    from pydantic import ValidationError
+
+    from o2mcli.stages.distill import DistillConfig
+    from o2mcli.stages.merge import MergeConfig
+    from o2mcli.stages.prune import PruneConfig
+    from o2mcli.stages.train import TrainConfig
+
+    assert DistillConfig(template="t", boundaries="0, 250,1000", students=2).boundaries == (0, 250, 1000)
+    assert MergeConfig(inputs=("s",), lam="1/4", weights="1,2").model_dump()["lam"] == 0.25
+    assert MergeConfig(inputs=("s",), weights="1,2").weights == (1.0, 2.0)
+    assert PruneConfig(teacher="t", target_macs="3.4G").target_macs == pytest.approx(3.4e9)
+    assert PruneConfig(teacher="t", target_macs=5e6).target_macs == 5e6
+    assert TrainConfig(block_out_channels="16,32").block_out_channels == (16, 32)
+    for make in (lambda: DistillConfig(template="t", boundaries="0,a"), lambda: MergeConfig(inputs=("s",), lam="x"),
+                 lambda: PruneConfig(teacher="t", target_macs="3.4X"), lambda: TrainConfig(block_out_channels="8,y")):
+        with pytest.raises(ValidationError):
+            make()
+
+
+def test_library_errors_name_the_field_and_the_cli_the_flag() -> None:
+    from o2mcli.cli.app import flag
+    from o2mcli.distill.plan import TimestepPlan
+    from o2mcli.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^p_own=1.5: must be a probability") as e:
+        TimestepPlan((0, 1000), 1.5)
+    assert (e.value.field, e.value.value) == ("p_own", 1.5)
+    assert flag("p_own") == "--p-own" and flag("lam") == "--lambda" and flag("block_out_channels") == "--channels"

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import typer
 from pydantic import ValidationError
 
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
 
 app = typer.Typer(name="o2m", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="o2m: prune -> distill -> merge -> sample -> score, for diffusers UNets.")
@@ -19,6 +19,25 @@ _state = {"debug": os.environ.get("O2M_DEBUG") == "1"}
 
 def debug_enabled() -> bool:
     return _state["debug"]
+
+
+# Config fields whose flag is not ``--`` + the field name with dashes.
+FLAGS = {"lam": "--lambda", "num_train_timesteps": "--timesteps", "norm_num_groups": "--norm-groups",
+         "block_out_channels": "--channels"}
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _text(value: Any) -> str:
+    """A value as the user typed it: text quoted, a list comma-separated."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -35,6 +54,10 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except OptionError as e:
+            if debug_enabled():
+                raise
+            fail(f"{flag(e.field)} {_text(e.value)}: {e.reason}")
         except O2MError as e:
             if debug_enabled():
                 raise
@@ -43,8 +66,8 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if debug_enabled():
                 raise
             err = e.errors()[0]
-            loc = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-") if err["loc"] else "options"
-            fail(f"{loc} {err.get('input')}: {err['msg']}")
+            loc = flag("_".join(str(x) for x in err["loc"][:1])) if err["loc"] else "options"
+            fail(f"{loc} {_text(err.get('input'))}: {err['msg'].removeprefix('Value error, ')}")
         except OSError as e:
             # Out of space, read-only or permission denied: the environment, not a bug. Atomic writes
             # removed their temporary files on the way out, so nothing half-written is left.
@@ -66,14 +89,6 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")) -> None:
     if debug:
         _state["debug"] = True
-
-
-def parse_ints(text: str, name: str) -> tuple[int, ...]:
-    """``"32,64,64"`` -> (32, 64, 64), with a clear error."""
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise O2MError(f"{name} {text!r}: expected comma-separated integers") from e
 
 
 def run_cli() -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from o2mcli.cli.app import app, handles_errors
+from o2mcli.cli.options import Device, Force, Seed, stage_out
 
 
 @app.command()
@@ -42,13 +43,13 @@ def distill(
     lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up)."),
     lr_warmup: int = typer.Option(100, "--lr-warmup", help="Steps of linear learning-rate warm-up."),
     ema_decay: float = typer.Option(0.999, "--ema-decay"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: Seed = 0,
+    device: Device = "auto",
     save_every: int = typer.Option(500, "--save-every", help="Checkpoint interval (steps)."),
     log_every: int = typer.Option(50, "--log-every", help="Metrics interval (steps)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same output."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default ./students (or students-2...)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    out: Annotated[Optional[Path], stage_out("students")] = None,
+    force: Force = False,
 ) -> None:
     """Distil a teacher into K students: O2MKD on data (O2OKD with K=1), or DKDM with no data at all."""
     from o2mcli.chain import default_output, find_newest_model

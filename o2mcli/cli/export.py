@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from o2mcli.cli.app import app, handles_errors
+from o2mcli.cli.options import Force, out_option
 
 
 @app.command()
 @handles_errors
 def export(
-    model: str = typer.Argument(..., help="Model file or directory (one UNet), or digits-teacher."),
-    out: Path = typer.Option(..., "-o", "--out", help="Diffusers pipeline directory to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    model: Annotated[str, typer.Argument(help="Model file or directory (one UNet), or digits-teacher.")],
+    out: Annotated[Path, out_option("Diffusers pipeline directory to write.")],
+    force: Force = False,
 ) -> None:
     """Write a diffusers DDPMPipeline directory (unet/ + scheduler/) that plain diffusers loads offline."""
     from o2mcli.chain import resolve_model_spec

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from o2mcli.cli.app import app, handles_errors
+from o2mcli.cli.options import Force
 
 
 @app.command()
@@ -21,11 +22,11 @@ def merge(
                                                        "average (weighted mean)."),
     lam: Optional[str] = typer.Option(None, "--lambda", help="Task-vector scale; default 1/K (the plain average)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Per-student weights w_k, e.g. 1,1,2,1."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    force: Force = False,
 ) -> None:
     """Merge the K students of one run into one UNet by task arithmetic."""
     from o2mcli.chain import find_newest_model
-    from o2mcli.stages.merge import MergeConfig, parse_number, run_merge
+    from o2mcli.stages.merge import MergeConfig, run_merge
 
     if not inputs:
         inputs = [str(find_newest_model(Path("."), kinds=("students",)))]
@@ -35,8 +36,7 @@ def merge(
         while out.exists():
             out, i = Path(f"merged-{i}.safetensors"), i + 1
     cfg = MergeConfig(inputs=tuple(inputs), out=out, method=method,
-                      lam=parse_number(lam, "--lambda") if lam is not None else None,
-                      weights=tuple(parse_number(w, "--weights") for w in weights.split(",")) if weights else None,
+                      lam=lam, weights=weights,
                       force=force)
     path = run_merge(cfg)
     typer.echo(f"wrote {path}: {cfg.method} of the students in {', '.join(inputs)}")

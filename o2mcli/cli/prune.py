@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from o2mcli.cli.app import app, handles_errors
-from o2mcli.errors import O2MError
-
-_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
-
-
-def parse_macs(text: str) -> float:
-    """``3.4G``, ``850M`` or ``3.4e9`` -> MACs."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", text)
-    if not m:
-        raise O2MError(f"--target-macs {text!r}: expected a number with an optional K, M or G suffix (e.g. 3.4G)")
-    return float(m.group(1)) * _SUFFIX[m.group(2).upper()]
-
+from o2mcli.cli.options import Device, Force, seed_option, stage_out
 
 @app.command()
 @handles_errors
@@ -39,11 +27,11 @@ def prune(
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Batch size of the Taylor batches."),
     students: Optional[int] = typer.Option(None, "--students", help="K students to come: they all start from this "
                                            "one template, so nothing extra is written."),
-    seed: int = typer.Option(0, help="Seeds the Taylor batches and random importance."),
-    device: str = typer.Option("auto", help="Device for Taylor gradients and the throughput measurement."),
+    seed: Annotated[int, seed_option("Seeds the Taylor batches and random importance.")] = 0,
+    device: Device = "auto",
     no_throughput: bool = typer.Option(False, "--no-throughput", help="Skip the throughput measurement."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default ./template (or template-2...)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    out: Annotated[Optional[Path], stage_out("template")] = None,
+    force: Force = False,
 ) -> None:
     """Channel-slim a teacher into a student template that plain diffusers loads."""
     from o2mcli.chain import default_output, find_newest_model
@@ -52,7 +40,7 @@ def prune(
 
     teacher = teacher if teacher is not None else str(find_newest_model(Path("."), kinds=("teacher",)))
     out = out if out is not None else default_output(Path("."), "template")
-    cfg = PruneConfig(teacher=teacher, ratio=ratio, target_macs=parse_macs(target_macs) if target_macs else None,
+    cfg = PruneConfig(teacher=teacher, ratio=ratio, target_macs=target_macs,
                       round_to=round_to, importance=importance, data=data, taylor_batches=taylor_batches,
                       batch_size=batch_size, students=students, seed=seed, device=device,
                       throughput=not no_throughput, out=out, force=force)

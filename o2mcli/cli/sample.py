@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from o2mcli.cli.app import app, handles_errors
+from o2mcli.cli.options import Device, Force, seed_option, stage_out
 
 
 @app.command()
@@ -19,10 +20,10 @@ def sample(
     steps: int = typer.Option(50, help="Sampler steps (1..T)."),
     n: int = typer.Option(500, "-n", "--n", help="Number of images."),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
-    seed: int = typer.Option(0, help="Batch i draws its noise from a generator seeded seed+i."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default ./samples (or samples-2...)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    seed: Annotated[int, seed_option("Batch i draws its noise from a generator seeded seed+i.")] = 0,
+    device: Device = "auto",
+    out: Annotated[Optional[Path], stage_out("samples")] = None,
+    force: Force = False,
     no_png: bool = typer.Option(False, "--no-png", help="Skip the individual PNGs (samples.npz and grid.png only)."),
 ) -> None:
     """Sample images from a model (one UNet or a group of students) into a samples directory."""

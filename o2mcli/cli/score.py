@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from o2mcli.cli.app import app, handles_errors
+from o2mcli.cli.options import Device, Force, seed_option, stage_out
 
 
 @app.command()
@@ -26,10 +27,10 @@ def score(
     throughput_repeats: int = typer.Option(2, "--throughput-repeats", help="Timed runs after one warm-up."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID subsets (mean and std are over these)."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="Largest KID subset."),
-    seed: int = typer.Option(0, help="Seed of the KID subsets and the throughput noise."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Stage directory; default: ./scores (or scores-N)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    seed: Annotated[int, seed_option("Seed of the KID subsets and the throughput noise.")] = 0,
+    device: Device = "auto",
+    out: Annotated[Optional[Path], stage_out("scores")] = None,
+    force: Force = False,
 ) -> None:
     """FID/KID (clean-fid), params, MACs and throughput of sampled models, as a Table-1-style report."""
     import json

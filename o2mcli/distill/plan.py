@@ -9,30 +9,32 @@ converges badly).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from o2mcli.errors import O2MError
+from o2mcli.errors import OptionError
+from o2mcli.parsing import int_list
 
 
 def uniform_boundaries(T: int, k: int) -> list[int]:
     """``[0, T/K, 2T/K, ..., T]`` (integer, contiguous)."""
     if not 1 <= k <= T:
-        raise O2MError(f"--students {k}: must be between 1 and the {T} training timesteps")
+        raise OptionError("students", k, f"must be between 1 and the {T} training timesteps")
     return [round(i * T / k) for i in range(k + 1)]
 
 
-def parse_boundaries(text: str, T: int) -> list[int]:
-    """``"0,200,450,700,1000"`` -> validated boundaries (sorted, from 0 to T, no empty range)."""
+def parse_boundaries(bounds: str | Sequence[int], T: int) -> list[int]:
+    """``"0,200,450,700,1000"`` (or those integers) -> validated boundaries (from 0 to T, strictly increasing)."""
     try:
-        b = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise O2MError(f"--boundaries {text!r}: expected comma-separated integers like 0,250,500,750,{T}") from e
+        b = list(int_list(bounds))
+    except ValueError:
+        raise OptionError("boundaries", bounds, f"expected comma-separated integers like 0,250,500,750,{T}") from None
     if len(b) < 2 or b[0] != 0 or b[-1] != T:
-        raise O2MError(f"--boundaries {text!r}: must start at 0 and end at T={T}")
+        raise OptionError("boundaries", bounds, f"must start at 0 and end at T={T}")
     for lo, hi in zip(b, b[1:]):
         if hi <= lo:
-            raise O2MError(f"--boundaries {text!r}: must be strictly increasing (empty range [{lo}, {hi}))")
+            raise OptionError("boundaries", bounds, f"must be strictly increasing (empty range [{lo}, {hi}))")
     return b
 
 
@@ -45,7 +47,7 @@ class TimestepPlan:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_own <= 1.0:
-            raise O2MError(f"--p-own {self.p_own}: must be a probability in [0, 1]")
+            raise OptionError("p_own", self.p_own, "must be a probability in [0, 1]")
 
     @property
     def T(self) -> int:
@@ -75,9 +77,9 @@ def draw_timesteps(lo: int, hi: int, n: int, generator: torch.Generator) -> torc
     return torch.randint(lo, hi, (n,), generator=generator)
 
 
-def plan_for(boundaries: str | None, T: int, students: int, p_own: float) -> TimestepPlan:
+def plan_for(boundaries: str | Sequence[int] | None, T: int, students: int, p_own: float) -> TimestepPlan:
     """The run's plan: ``--boundaries`` (checked against K) or K uniform ranges of [0, T)."""
     bounds = parse_boundaries(boundaries, T) if boundaries else uniform_boundaries(T, students)
     if boundaries and len(bounds) - 1 != students:
-        raise O2MError(f"--boundaries {boundaries!r} makes {len(bounds) - 1} ranges but --students is {students}")
+        raise OptionError("boundaries", boundaries, f"makes {len(bounds) - 1} ranges for {students} students")
     return TimestepPlan(tuple(bounds), p_own)

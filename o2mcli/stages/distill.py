@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from o2mcli.distill.modes import MODES
 from o2mcli.errors import O2MError
+from o2mcli.parsing import int_list
 
 
 class DistillConfig(BaseModel):
@@ -36,7 +37,7 @@ class DistillConfig(BaseModel):
     student_config: Optional[Path] = None
     mode: str = "o2mkd"  # a name in o2mcli.distill.modes.MODES
     students: Optional[int] = Field(None, ge=1)  # None: the mode's default (O2MKD 4, DKDM's single student 1)
-    boundaries: Optional[str] = None
+    boundaries: Optional[tuple[int, ...]] = None  # "0,250,500,750,1000" accepted
     p_own: float = Field(0.5, ge=0, le=1)
     kd: str = "output"
     alpha: float = Field(1.0, ge=0)
@@ -61,6 +62,8 @@ class DistillConfig(BaseModel):
     resume: bool = False
     force: bool = False
     out: Path = Path("students")
+
+    _parse_boundaries = field_validator("boundaries", mode="before")(classmethod(lambda cls, v: int_list(v)))
 
     @field_validator("mode")
     @classmethod

@@ -10,15 +10,15 @@ or, when ``out`` does not end in ``.safetensors``, a ``merged`` stage directory.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
+from o2mcli.parsing import number, number_list
 
 ARTIFACT = "merged.safetensors"
 
@@ -31,8 +31,10 @@ class MergeConfig(BaseModel):
     inputs: tuple[str, ...]
     out: Path = Path("merged.safetensors")
     method: Literal["task-arithmetic", "average"] = "task-arithmetic"
-    lam: Optional[float] = None
-    weights: Optional[tuple[float, ...]] = None
+    lam: Optional[float] = None  # "0.25" and "1/4" accepted
+    weights: Optional[tuple[float, ...]] = None  # "1,1,2,1" accepted
+    _parse_lam = field_validator("lam", mode="before")(classmethod(lambda cls, v: number(v)))
+    _parse_weights = field_validator("weights", mode="before")(classmethod(lambda cls, v: number_list(v)))
     force: bool = False
 
 
@@ -44,17 +46,6 @@ class StudentRef:
     timestep_range: tuple[int, int]
     provenance: dict
     sha256: str
-
-
-def parse_number(text: str, name: str) -> float:
-    """A finite float, or a one-line error naming the option."""
-    try:
-        v = float(text)
-    except ValueError as e:
-        raise O2MError(f"{name} {text!r}: not a number") from e
-    if not math.isfinite(v):
-        raise O2MError(f"{name} {text!r}: must be finite")
-    return v
 
 
 # 1. Finding the students and their shared initialization ------------------------------------------------
@@ -153,14 +144,14 @@ def run_merge(cfg: MergeConfig) -> Path:
     k = len(students)
     weights = list(cfg.weights) if cfg.weights is not None else [1.0] * k
     if len(weights) != k:
-        raise O2MError(f"--weights: {len(weights)} values for {k} students")
+        raise OptionError("weights", weights, f"{len(weights)} values for {k} students")
     if cfg.method == "average" and sum(weights) <= 0:
-        raise O2MError(f"--weights {weights}: must sum to a positive number for an average")
+        raise OptionError("weights", weights, "must sum to a positive number for an average")
     lam = cfg.lam if cfg.lam is not None else 1.0 / k
     if cfg.method == "task-arithmetic" and (lam == 0 or all(w == 0 for w in weights)):
-        what = f"--lambda {lam}" if lam == 0 else f"--weights {','.join(f'{w:g}' for w in weights)}"
-        raise O2MError(f"{what}: every task vector is weighted 0, so the result would be the initialization "
-                       "(theta_0) itself; give some student a nonzero weight")
+        raise OptionError(*(("lam", lam) if lam == 0 else ("weights", tuple(weights))),
+                          "every task vector is weighted 0, so the result would be the initialization (theta_0) "
+                          "itself; give some student a nonzero weight")
 
     # 2. theta_0 and the students' tensors.
     base_path, base = (None, None)

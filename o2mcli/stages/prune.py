@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.chain import resolve_model_spec
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
+from o2mcli.parsing import macs
 
 ARTIFACT = "template.safetensors"
 
@@ -35,7 +36,8 @@ class PruneConfig(BaseModel):
 
     teacher: str
     ratio: Optional[float] = None  # checked by plan_widths, with the message users need
-    target_macs: Optional[float] = None
+    target_macs: Optional[float] = None  # "3.4G" accepted
+    _parse_macs = field_validator("target_macs", mode="before")(classmethod(lambda cls, v: macs(v)))
     round_to: Optional[int] = Field(None, ge=1)
     importance: Literal["magnitude", "random", "taylor"] = "magnitude"
     data: Optional[str] = None
@@ -64,7 +66,7 @@ def run_prune(cfg: PruneConfig) -> Path:
     if cfg.ratio is not None and cfg.target_macs is not None:
         raise O2MError(f"--ratio {cfg.ratio} and --target-macs {cfg.target_macs:.4g}: give one budget, not both")
     if cfg.target_macs is not None and cfg.target_macs <= 0:
-        raise O2MError(f"--target-macs {cfg.target_macs:.4g}: must be positive")
+        raise OptionError("target_macs", cfg.target_macs, "must be positive")
     out = Path(cfg.out)
     check_output_free(out, cfg.force, inputs=[cfg.teacher, cfg.data])
     teacher_path = resolve_model_spec(cfg.teacher)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError
+from o2mcli.parsing import int_list
 from o2mcli.fsutil import atomic_dir, check_output_free
 from o2mcli.manifest import write_manifest
 from o2mcli.models.configs import scheduler_config, unet_config
@@ -49,11 +50,13 @@ class TrainConfig(BaseModel):
     resume: bool = False
     force: bool = False
 
+    _parse_channels = field_validator("block_out_channels", mode="before")(classmethod(lambda cls, v: int_list(v)))
+
     @field_validator("block_out_channels")
     @classmethod
     def _channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or any(c <= 0 for c in v):
-            raise ValueError(f"block_out_channels must be positive, got {v}")
+            raise ValueError("channel counts must be positive")
         return v
 
 

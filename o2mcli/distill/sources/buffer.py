@@ -23,13 +23,13 @@ from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type, ddim_
 from o2mcli.distill.sources.base import Batch
 from o2mcli.models.denoise import predict
 from o2mcli.runtime.run import progress
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
 
 
 def buffer_slots(rho: float, T: int, batch_size: int, min_slots: int | None = None) -> int:
     """rho * T * b, at least ``min_slots`` (default b: one step's draws must fit, disjoint)."""
     if not rho > 0:
-        raise O2MError(f"--rho {rho}: must be positive (the buffer holds rho*T*b samples)")
+        raise OptionError("rho", rho, "must be positive (the buffer holds rho*T*b samples)")
     return max(min_slots or batch_size, int(round(rho * T * batch_size)))
 
 
