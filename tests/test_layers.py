@@ -136,3 +136,16 @@ def test_the_checks_can_fail() -> None:
     graph = {"o2mcli.data.x": {"o2mcli.stages.score"}, "o2mcli.stages.score": {"o2mcli.data.x"}}
     assert _violations(graph) == ["o2mcli.data.x -> o2mcli.stages.score (layer 4 -> 6)"]
     assert _cycles(graph) == [["o2mcli.data.x", "o2mcli.stages.score"]]
+
+
+def test_only_the_families_import_diffusers_model_classes() -> None:
+    """The denoiser interface is the one door to diffusers' model classes (UNet2DModel and the like)."""
+    found = []
+    for path in ROOT.rglob("*.py"):
+        if "families" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers"):
+                found += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
+                          if a.name.endswith(("Model", "Transformer2DModel")) or a.name.startswith("UNet")]
+    assert not found, found

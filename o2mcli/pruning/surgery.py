@@ -23,7 +23,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.denoise import predict
-from o2mcli.pruning.widths import WidthPlan
+from o2mcli.pruning.widths import WidthPlan, reference_unet  # noqa: F401 - part of this module's API
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -210,11 +210,3 @@ def attribute_mismatches(model: nn.Module, reference: nn.Module) -> list[str]:
         if ref_shapes.get(k) != tuple(v.shape):
             out.append(f"{k}: shape {tuple(v.shape)} vs {ref_shapes.get(k)}")
     return out
-
-
-def reference_unet(cfg: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
-    """A fresh diffusers UNet2DModel built from ``cfg`` (on the meta device by default: no memory)."""
-    from diffusers import UNet2DModel
-
-    with torch.device(device):
-        return UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")}).eval()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.models.families import family_for_config
 
 
 @dataclass(frozen=True)
@@ -89,13 +92,9 @@ def plan_widths(cfg: dict[str, Any], ratio: float, round_to: int | None = None) 
 @torch.no_grad()
 def config_macs(cfg: dict[str, Any]) -> int:
     """MACs of one batch-1 forward of a UNet built from ``cfg``, on the meta device (no memory, no compute)."""
-    from diffusers import UNet2DModel
-
     from o2mcli.models.stats import count_macs
 
-    with torch.device("meta"):
-        unet = UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
-    return count_macs(unet)
+    return count_macs(reference_unet(cfg))
 
 
 def plan_for_macs(cfg: dict[str, Any], target_macs: float, round_to: int | None = None) -> WidthPlan:
@@ -122,3 +121,9 @@ def plan_for_macs(cfg: dict[str, Any], target_macs: float, round_to: int | None 
         raise O2MError(f"--target-macs {target_macs / 1e9:.4g}G: below what a uniform template can reach "
                        f"(the smallest costs {smallest / 1e9:.4g}G; lower --round-to to go further)")
     return best
+
+
+def reference_unet(cfg: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
+    """A fresh model of ``cfg``'s family built from it (on the meta device by default: no memory)."""
+    with torch.device(device):
+        return family_for_config(cfg, Path("config")).build(cfg, None, Path("config"))
