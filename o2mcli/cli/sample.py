@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from o2mcli.cli.app import app, handles_errors
+from o2mcli.errors import O2MError
 from o2mcli.cli.options import Device, Force, seed_option, stage_out
 
 
@@ -25,6 +26,11 @@ def sample(
     out: Annotated[Optional[Path], stage_out("samples")] = None,
     force: Force = False,
     no_png: bool = typer.Option(False, "--no-png", help="Skip the individual PNGs (samples.npz and grid.png only)."),
+    class_: Optional[int] = typer.Option(None, "--class", help="Class-conditional models: sample this class."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Class-conditional models: these classes in turn, "
+                                          "e.g. 0,1,2 (default: every class, balanced)."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance weight w (1 = plain "
+                                   "conditional; larger: more class-typical)."),
 ) -> None:
     """Sample images from a model (one UNet or a group of students) into a samples directory."""
     import json
@@ -35,8 +41,11 @@ def sample(
 
     model = model if model is not None else str(find_newest_model(Path(".")))
     out = out if out is not None else default_output(Path("."), "samples")
+    if class_ is not None and classes is not None:
+        raise O2MError(f"--class {class_} and --classes {classes}: give one")
     cfg = SampleConfig(model=model, scheduler=scheduler, steps=steps, n=n, batch_size=batch_size, seed=seed,
-                       device=device, out=out, force=force, png=not no_png)
+                       device=device, out=out, force=force, png=not no_png, guidance=guidance,
+                       classes=(class_,) if class_ is not None else classes)
     path = run_sample(cfg)
     s = read_manifest(path, verify=False).summary
     extra = f", served {json.dumps(s['served'])}" if "served" in s else ""

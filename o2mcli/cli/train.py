@@ -20,6 +20,10 @@ def train(
     batch_size: int = typer.Option(128, "--batch-size", "-b"),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (linear warm-up)."),
     variance: str = typer.Option("fixed", help="fixed (C outputs) or learned (2C outputs, hybrid loss)."),
+    cond: str = typer.Option("none", "--cond", help="none, or class: a class-conditional teacher from the data's "
+                             "labels (the digits, or a folder with one subfolder per class)."),
+    label_dropout: float = typer.Option(0.1, "--label-dropout", help="--cond class: probability a label is "
+                                        "replaced by the null class, so classifier-free guidance works."),
     channels: str = typer.Option("32,64,64", help="block_out_channels, comma-separated."),
     layers_per_block: int = typer.Option(1, "--layers-per-block"),
     norm_groups: int = typer.Option(8, "--norm-groups", help="GroupNorm groups."),
@@ -37,6 +41,7 @@ def train(
     from o2mcli.stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(data=data, out=out, steps=steps, batch_size=batch_size, lr=lr, variance=variance,
+                      cond=cond, label_dropout=label_dropout,
                       block_out_channels=channels, layers_per_block=layers_per_block,
                       norm_num_groups=norm_groups, attention_level=None if attention_level < 0 else attention_level,
                       num_train_timesteps=timesteps, ema_decay=ema_decay, seed=seed, device=device,

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images as float32 in [0, 1], shape (N, C, H, W), with where they came from."""
+    """Images as float32 in [0, 1], shape (N, C, H, W), with where they came from, and class labels where the
+    data have them (``labels[i]`` indexes ``classes``)."""
 
     images: torch.Tensor
     name: str
     source: str
     sha256: str
+    labels: Optional[torch.Tensor] = None  # int64 (N,)
+    classes: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -21,7 +21,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits() -> ImageSet:
     """The digits as one-channel images scaled to [0, 1] (value / 16)."""
-    images, _ = digits_arrays()
+    images, labels = digits_arrays()
     x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
     digest = hashlib.sha256(images.tobytes()).hexdigest()
-    return ImageSet(images=x, name="digits", source="sklearn.datasets.load_digits (bundled)", sha256=digest)
+    return ImageSet(images=x, name="digits", source="sklearn.datasets.load_digits (bundled)", sha256=digest,
+                    labels=torch.from_numpy(labels.astype(np.int64)), classes=tuple(str(d) for d in range(10)))

@@ -15,16 +15,38 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_PIXELS = 8192 * 8192  # per image; a larger header is a decompression bomb, refused before decoding
 
 
-def load_folder(folder: Path) -> ImageSet:
-    """Every image file directly in ``folder``; mixed sizes, mixed modes or unreadable files are refused."""
-    from PIL import Image, UnidentifiedImageError
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
+
+def load_folder(folder: Path) -> ImageSet:
+    """Every image file directly in ``folder``, or, when it holds none, one subfolder per class (the
+    ImageFolder convention: labels by sorted subfolder name). Mixed sizes, mixed modes or unreadable files
+    are refused."""
     folder = Path(folder)
     if not folder.is_dir():
         raise O2MError(f"{folder}: not a directory of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise O2MError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    files = _images_in(folder)
+    if files:
+        images, digest = _read(files)
+        return ImageSet(images=images, name=folder.name, source=str(folder.resolve()), sha256=digest)
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = [(d.name, _images_in(d)) for d in subdirs]
+    per_class = [(name, fs) for name, fs in per_class if fs]
+    if not per_class:
+        raise O2MError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, directly or in one "
+                       "subfolder per class)")
+    files = [f for _, fs in per_class for f in fs]
+    labels = torch.tensor([k for k, (_, fs) in enumerate(per_class) for _ in fs], dtype=torch.int64)
+    images, digest = _read(files)
+    return ImageSet(images=images, name=folder.name, source=str(folder.resolve()), sha256=digest, labels=labels,
+                    classes=tuple(name for name, _ in per_class))
+
+
+def _read(files: list[Path]) -> tuple[torch.Tensor, str]:
+    """The images of ``files`` as (N, C, H, W) in [0, 1], and the sha256 of their pixels."""
+    from PIL import Image, UnidentifiedImageError
+
     arrays, first_shape, digest = [], None, hashlib.sha256()
     for f in files:
         try:
@@ -49,7 +71,7 @@ def load_folder(folder: Path) -> ImageSet:
         arrays.append(arr)
         digest.update(arr.tobytes())
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    return ImageSet(images=x.contiguous(), name=folder.name, source=str(folder.resolve()), sha256=digest.hexdigest())
+    return x.contiguous(), digest.hexdigest()
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

@@ -42,3 +42,15 @@ def load_samples(directory: Path) -> tuple[Any, np.ndarray]:
         if key not in man.config:
             raise O2MError(f"{directory}: the manifest config lacks {key!r}")
     return man, images
+
+
+def load_sample_labels(directory: Path, n: int) -> np.ndarray | None:
+    """The class labels a conditional model's samples were asked for (``labels`` in samples.npz), or None."""
+    path = Path(directory) / SAMPLES_FILE
+    with np.load(path, allow_pickle=False) as z:
+        if "labels" not in z.files:
+            return None
+        labels = z["labels"]
+    if labels.dtype.kind not in "iu" or labels.shape != (n,):
+        raise O2MError(f"{path}: 'labels' must be {n} integers, got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)

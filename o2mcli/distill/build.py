@@ -54,10 +54,14 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
 
 
 def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.Tensor, hyper: Hyper,
-                 vlb_weight: float, seed: int, device: torch.device, dist: DistState) -> Distiller:
+                 vlb_weight: float, seed: int, device: torch.device, dist: DistState,
+                 labels: torch.Tensor | None = None, null_class: int | None = None,
+                 label_dropout: float = 0.0) -> Distiller:
     """Plain DDPM training as the engine's special case: one student, no teacher, no KD, real images, L_diff.
 
     ``images`` are in the model's range [-1, 1]; the generators are seeded as a distillation run's are.
+    ``labels`` train a class-conditional model, each label dropped to ``null_class`` with probability
+    ``label_dropout``.
     """
     from diffusers import DDPMScheduler
 
@@ -72,6 +76,7 @@ def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.T
     terms = DiffusionTerms(sched.betas)
     kd = build_kd_loss("none", {}, {}, torch.Generator().manual_seed(seed)).to(device)
     student = Student(0, model.to(device).train(), kd, hyper, dist)
-    return Distiller(teacher=None, students=[student], source=ImageSource(images, terms, device),
+    source = ImageSource(images, terms, device, labels, null_class, label_dropout)
+    return Distiller(teacher=None, students=[student], source=source,
                      plan=TimestepPlan((0, terms.T), 0.0), objective=Objective(alpha=0.0, vlb_weight=vlb_weight),
                      terms=terms, hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)

@@ -128,7 +128,7 @@ class Distiller:
             batch: Batch = batches[r]
             st.model.train()
             with autocast(self.device):
-                s_raw = predict(st.model, batch.x_t, batch.t).float()
+                s_raw = predict(st.model, batch.x_t, batch.t, batch.cond).float()
             learned = s_raw.shape[1] == 2 * self.channels
             s_out = split_outputs(s_raw, self.channels, learned, {n: f.float() for n, f in st.tap.pop().items()})
             loss, parts = self.objective(st.kd, s_out, teacher_out[r], batch, self.terms)
@@ -148,8 +148,10 @@ class Distiller:
         """The teacher, once over every distinct batch of this step; its outputs split back per range."""
         x = torch.cat([batches[r].x_t for r in order])
         t = torch.cat([batches[r].t for r in order])
+        conds = [batches[r].cond for r in order]
+        cond = None if any(c is None for c in conds) else torch.cat(conds)
         with torch.no_grad(), autocast(self.device):
-            t_raw = predict(self.teacher, x, t).float()
+            t_raw = predict(self.teacher, x, t, cond).float()
         t_feats = {n: f.detach().float() for n, f in self.teacher_tap.pop().items()}
         self.teacher_samples += x.shape[0]
         teacher_out = {}

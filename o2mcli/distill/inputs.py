@@ -107,4 +107,8 @@ def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Modu
                            f"T={teacher.num_train_timesteps}")
     if teacher.is_group:
         raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
+    for path, cfg_ in ((teacher_path, teacher.unet.config), (where, student_unet.config)):
+        if cfg_.get("num_class_embeds"):
+            raise O2MError(f"{path}: a class-conditional model; o2m distill does not distil class-conditional "
+                           "models yet (train, sample and score do)")
     return template_path, template, teacher_path, teacher, student_unet, where

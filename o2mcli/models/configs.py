@@ -11,8 +11,13 @@ Variance = Literal["fixed", "learned"]
 
 def unet_config(*, sample_size: int, channels: int, variance: Variance = "fixed",
                 block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
-                norm_num_groups: int = 8, attention_level: int | None = 1) -> dict[str, Any]:
-    """A DDPM-style ``UNet2DModel`` config: attention at one level, 2C outputs for learned variance."""
+                norm_num_groups: int = 8, attention_level: int | None = 1,
+                num_classes: int | None = None) -> dict[str, Any]:
+    """A DDPM-style ``UNet2DModel`` config: attention at one level, 2C outputs for learned variance.
+
+    ``num_classes`` K makes it class-conditional: K + 1 class embeddings, the last one the null class that
+    classifier-free guidance uses (Ho & Salimans 2022) and label dropout trains.
+    """
     n = len(block_out_channels)
     down = ["AttnDownBlock2D" if i == attention_level else "DownBlock2D" for i in range(n)]
     up = ["AttnUpBlock2D" if n - 1 - i == attention_level else "UpBlock2D" for i in range(n)]
@@ -30,6 +35,7 @@ def unet_config(*, sample_size: int, channels: int, variance: Variance = "fixed"
         "layers_per_block": layers_per_block,
         "norm_num_groups": norm_num_groups,
         "attention_head_dim": 8,
+        **({"num_class_embeds": num_classes + 1} if num_classes else {}),
     }
 
 

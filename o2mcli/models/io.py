@@ -47,6 +47,8 @@ class LoadedModel:
     sha256: str
     manifest: Manifest | None = None
     notes: list[str] = field(default_factory=list)
+    # A class-conditional model: {"type": "class", "classes": [...], "null_class": K or None}; None otherwise.
+    conditioning: dict[str, Any] | None = None
 
     @property
     def is_group(self) -> bool:
@@ -173,7 +175,7 @@ def _load_file(path: Path) -> LoadedModel:
     rng = check_timestep_range(_meta_json(meta, "o2m.timestep_range", path), T, path)
     unet = build_unet(cfg, state, path)
     return LoadedModel(source=path, form="o2m-file", unet=unet, scheduler_config=sched, unet_configs=[cfg],
-                       ranges=[rng], sha256=sha256_file(path))
+                       ranges=[rng], sha256=sha256_file(path), conditioning=conditioning_of(cfg, meta, path))
 
 
 def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path,
@@ -197,7 +199,8 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
         notes.append(f"no scheduler config beside {model_dir}; using DDPM linear betas, T=1000")
     T = int(sched.get("num_train_timesteps", 1000))
     return LoadedModel(source=root, form=form, unet=unet, scheduler_config=sched, unet_configs=[cfg],
-                       ranges=[(0, T)], sha256=sha256_file(weights), notes=notes)
+                       ranges=[(0, T)], sha256=sha256_file(weights), notes=notes,
+                       conditioning=conditioning_of(cfg, {}, weights))
 
 
 def _load_stage(path: Path) -> LoadedModel:
@@ -206,11 +209,12 @@ def _load_stage(path: Path) -> LoadedModel:
     if man.scheduler_config is None:
         raise O2MError(f"{path}: model manifest has no scheduler_config")
     T = check_scheduler_config(man.scheduler_config, path / "manifest.json")
-    units, ranges = [], []
+    units, ranges, metas = [], [], []
     for rec in man.models:
         check_timestep_range(list(rec.timestep_range), T, path / rec.artifact)
         check_unet_config(rec.unet_config, path / rec.artifact)
-        state, _ = _read_safetensors(path / rec.artifact)
+        state, meta = _read_safetensors(path / rec.artifact)
+        metas.append(meta)
         units.append(build_unet(rec.unet_config, state, path / rec.artifact))
         ranges.append(tuple(rec.timestep_range))
     if man.scheduler_config is None:
@@ -218,7 +222,27 @@ def _load_stage(path: Path) -> LoadedModel:
     unet = units[0] if len(units) == 1 else StudentGroup(units, ranges)
     return LoadedModel(source=path, form=f"stage:{man.kind}", unet=unet, scheduler_config=man.scheduler_config,
                        unet_configs=[r.unet_config for r in man.models], ranges=ranges,
-                       sha256=sha256_file(path / "manifest.json"), manifest=man)
+                       sha256=sha256_file(path / "manifest.json"), manifest=man,
+                       conditioning=conditioning_of(man.models[0].unet_config, metas[0], path / man.models[0].artifact))
+
+
+def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> dict[str, Any] | None:
+    """What a class-conditional model conditions on: its classes and null class (from o2m's provenance), or
+    for another model the class indices with no known null class; None for an unconditional model."""
+    n = cfg.get("num_class_embeds")
+    if not n:
+        return None
+    try:
+        found = json.loads(meta.get("o2m.provenance", "{}")).get("conditioning")
+    except (ValueError, AttributeError):
+        found = None
+    if isinstance(found, dict) and isinstance(found.get("classes"), list) and found.get("null_class") is not None:
+        classes, null = [str(c) for c in found["classes"]], found["null_class"]
+        if not (isinstance(null, int) and null == len(classes) and null < n):
+            raise O2MError(f"{where}: conditioning metadata names {len(classes)} classes and null class {null!r} "
+                           f"for {n} class embeddings")
+        return {"type": "class", "classes": classes, "null_class": null}
+    return {"type": "class", "classes": [str(i) for i in range(int(n))], "null_class": None}
 
 
 # 3. Writing ---------------------------------------------------------------------------------------

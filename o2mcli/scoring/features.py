@@ -63,6 +63,10 @@ class FeatureExtractor:
     def check_shape(self, shape: tuple[int, int, int]) -> None:
         """Refuse image shapes (C, H, W) this extractor cannot take, with a one-line reason."""
 
+    def classify(self, images_u8: np.ndarray) -> np.ndarray | None:
+        """Predicted class per image (N, H, W, C) uint8, where the extractor is a classifier; else None."""
+        return None
+
     def info(self) -> dict:
         """What the report records about this extractor."""
         return {"name": self.name, "dim": self.dim, "description": self.description}
@@ -115,6 +119,13 @@ class DigitsExtractor(FeatureExtractor):
 
     def resize(self, img: np.ndarray) -> np.ndarray:
         return np.asarray(img, dtype=np.float32)  # the classifier sees the images at their own 8x8 size
+
+    @torch.no_grad()
+    def classify(self, images_u8: np.ndarray) -> np.ndarray:
+        """The digits classifier's argmax (it was trained on the digits, independently of any diffusion model)."""
+        x = torch.from_numpy(np.ascontiguousarray(images_u8.transpose(0, 3, 1, 2))).float().mean(1, keepdim=True)
+        out = [self.net(b.to(self.device) / 255.0).argmax(1).cpu() for b in x.split(self.batch_size)]
+        return torch.cat(out).numpy()
 
     @torch.no_grad()
     def model(self, batch: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,10 @@ def row_label(row: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The Table-1-style Markdown table of score rows."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    """The Table-1-style Markdown table of score rows (with class accuracy where samples carry labels)."""
+    acc = any(r.get("class_accuracy") is not None for r in rows)
+    cols = [*COLUMNS, "Class acc."] if acc else COLUMNS
+    lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in rows:
         cells = [
             row_label(r).replace("|", "\\|"),
@@ -39,6 +41,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{_num(r['kid_mean'] * 1e3)} ± {_num(r['kid_std'] * 1e3)}",
             str(r["n_samples"]),
         ]
+        if acc:
+            cells.append("-" if r.get("class_accuracy") is None else f"{r['class_accuracy']:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

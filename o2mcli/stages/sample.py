@@ -15,14 +15,15 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.chain import resolve_model_spec
 from o2mcli.devices import resolve_device
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
+from o2mcli.parsing import int_list
 from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.fsutil import atomic_dir, atomic_write_bytes, check_output_free
 from o2mcli.manifest import parent_ref, write_manifest
@@ -47,6 +48,9 @@ class SampleConfig(BaseModel):
     out: Path = Path("samples")
     force: bool = False
     png: bool = True
+    classes: Optional[tuple[int, ...]] = None  # class-conditional models: the classes asked for, in turn ("0,1,2")
+    guidance: float = Field(1.0, ge=0)  # classifier-free guidance weight w (1: plain conditional)
+    _parse_classes = field_validator("classes", mode="before")(classmethod(lambda cls, v: int_list(v)))
 
 
 def run_sample(cfg: SampleConfig) -> Path:
@@ -74,10 +78,12 @@ def run_sample(cfg: SampleConfig) -> Path:
         group.served = [0] * len(group.students)
     parent = parent_ref(model_path)
 
+    labels, null_class = class_labels(loaded.conditioning, cfg, model_path)
+
     # 3. Sample.
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
-                             cfg.seed, device)
+                             cfg.seed, device, labels=labels, guidance=cfg.guidance, null_class=null_class)
     seconds = time.perf_counter() - t0
     if not np.isfinite(images01).all():
         raise O2MError(f"{model_path}: sampling produced non-finite values; the model is broken")
@@ -100,17 +106,47 @@ def run_sample(cfg: SampleConfig) -> Path:
     }
     if group is not None:
         summary["served"] = [int(s) for s in group.served]
+    if labels is not None:
+        names = loaded.conditioning["classes"]
+        summary["classes"] = {names[k]: int((labels == k).sum()) for k in sorted(set(labels.tolist()))}
+        summary["guidance"] = cfg.guidance
     if loaded.notes:
         summary["notes"] = list(loaded.notes)
     with atomic_dir(out, force=cfg.force) as tmp:
         buf = io.BytesIO()
-        np.savez(buf, images=images)
+        np.savez(buf, images=images, **({} if labels is None else {"labels": labels.numpy().astype(np.int64)}))
         atomic_write_bytes(tmp / SAMPLES_FILE, buf.getvalue())
         if cfg.png:
             _write_pngs(images, tmp / "png")
         save_png(grid_image(images[:GRID_IMAGES], min_cell=GRID_MIN_CELL), tmp / "grid.png")
         write_manifest(tmp, "samples", config, parents=[parent], summary=summary)
     return out
+
+
+def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path):
+    """(labels for the ``cfg.n`` images or None, the null class for guidance): the classes asked for in turn,
+    or all classes balanced; refusals for an unconditional model, an unknown class, guidance without a null class."""
+    import torch
+
+    if conditioning is None:
+        if cfg.classes is not None:
+            raise OptionError("classes", cfg.classes, f"{model_path} is not class-conditional")
+        if cfg.guidance != 1.0:
+            raise OptionError("guidance", cfg.guidance, f"{model_path} is not class-conditional (guidance needs "
+                              "a class-conditional model)")
+        return None, None
+    null = conditioning["null_class"]
+    k = null if null is not None else len(conditioning["classes"])
+    wanted = list(cfg.classes) if cfg.classes is not None else list(range(k))
+    bad = [c for c in wanted if not 0 <= c < k]
+    if bad or not wanted:
+        raise OptionError("classes", cfg.classes, f"{model_path} has classes 0..{k - 1} "
+                          f"({', '.join(conditioning['classes'][:k])})")
+    if cfg.guidance != 1.0 and null is None:
+        raise OptionError("guidance", cfg.guidance, f"{model_path} has no null class recorded (it was not trained "
+                          "by o2m with label dropout), so it cannot be guided; use --guidance 1")
+    labels = torch.tensor(wanted, dtype=torch.int64)[torch.arange(cfg.n) % len(wanted)]
+    return labels, null
 
 
 def _write_pngs(images: np.ndarray, folder: Path) -> None:

@@ -101,6 +101,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
 def run_score(cfg: ScoreConfig) -> Path:
     """Score every samples directory against the reference; write a ``scores`` stage directory."""
     from o2mcli.data import load_dataset, load_samples
+    from o2mcli.data.samples import load_sample_labels
     from o2mcli.devices import resolve_device
     from o2mcli.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_free
     from o2mcli.manifest import parent_ref, write_manifest
@@ -146,6 +147,9 @@ def run_score(cfg: ScoreConfig) -> Path:
         kid_mean, kid_std = kid_from_features(feats, ref_feats, subsets=cfg.kid_subsets,
                                               subset_size=cfg.kid_subset_size, seed=cfg.seed)
         warnings += size_warnings(images.shape[0], extractor.dim, "samples")
+        labels = load_sample_labels(d, images.shape[0])
+        predicted = extractor.classify(images) if labels is not None else None
+        accuracy = None if predicted is None else float((predicted == labels).mean())
         key = (man.parents[0].path, man.parents[0].sha256, man.config["scheduler"], man.config["steps"])
         if key not in models:
             models[key] = measure_model(man, d, device, cfg)
@@ -155,7 +159,7 @@ def run_score(cfg: ScoreConfig) -> Path:
             "name": d.name, "samples": str(d.resolve()), "model": m["model"], "model_name": m["model_name"],
             "model_sha256": m["model_sha256"], "model_form": m["model_form"], "students": m["students"],
             "params": m["params"], "macs": m["macs"], "throughput": m["throughput"],
-            "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std,
+            "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "class_accuracy": accuracy,
             "n_samples": int(images.shape[0]), "n_reference": len(ref),
             "features": extractor.name, "feature_dim": extractor.dim,
             "scheduler": man.config["scheduler"], "steps": int(man.config["steps"]), "seed": man.config.get("seed"),

@@ -38,6 +38,8 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     variance: Literal["fixed", "learned"] = "fixed"
     vlb_weight: float = Field(0.001, ge=0)
+    cond: Literal["none", "class"] = "none"  # class: a class-conditional UNet (the data's labels)
+    label_dropout: float = Field(0.1, ge=0, le=1)  # P(label -> the null class): classifier-free guidance
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
@@ -88,11 +90,20 @@ def run_train(cfg: TrainConfig) -> Path:
     if h % (2 ** (len(cfg.block_out_channels) - 1)):
         raise O2MError(f"{data.source}: size {h} is not divisible by 2^{len(cfg.block_out_channels) - 1} "
                        f"(the downsamplings of {len(cfg.block_out_channels)} blocks)")
+    classes: tuple[str, ...] = ()
+    if cfg.cond == "class":
+        if data.labels is None:
+            raise O2MError(f"{data.source}: --cond class needs labelled images (the bundled digits, or a folder with "
+                           "one subfolder per class)")
+        classes = data.classes
+        if len(classes) < 2:
+            raise O2MError(f"{data.source}: --cond class needs at least 2 classes; found {len(classes)} "
+                           f"({', '.join(classes)})")
     seed_everything(cfg.seed)  # the model's initialization
     try:
         ucfg = unet_config(sample_size=h, channels=c, variance=cfg.variance, block_out_channels=cfg.block_out_channels,
                            layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
-                           attention_level=cfg.attention_level)
+                           attention_level=cfg.attention_level, num_classes=len(classes) or None)
     except ValueError as e:
         raise O2MError(str(e)) from e
     scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps)
@@ -104,7 +115,8 @@ def run_train(cfg: TrainConfig) -> Path:
     dist = init_distributed(device.type)
     try:
         device = local_device(dist, device)
-        engine = make_trainer(model, scfg, data.to_model_range(), hyper, cfg.vlb_weight, cfg.seed, device, dist)
+        engine = make_trainer(model, scfg, data.to_model_range(), hyper, cfg.vlb_weight, cfg.seed, device, dist,
+                              data.labels if classes else None, len(classes), cfg.label_dropout)
         fit(engine, FitPlan(steps=cfg.steps, log_every=cfg.log_every, save_every=cfg.save_every, resume=cfg.resume,
                             desc="train"), work, _fingerprint(cfg), lambda _engine, _log: {})
         if dist.is_main:
@@ -124,6 +136,8 @@ def _write(cfg: TrainConfig, out: Path, work: Path, engine, scfg: dict, data) ->
     config = cfg.model_dump(mode="json")
     provenance = {"stage": "train", "config": config, "data": {"name": data.name, "source": data.source,
                                                                 "sha256": data.sha256, "n": len(data)}}
+    if cfg.cond == "class":  # what sample and score need to ask for a class and to guide
+        provenance["conditioning"] = {"type": "class", "classes": list(data.classes), "null_class": len(data.classes)}
     if out.suffix == ".safetensors":
         save_model_file(out, model, scfg, kind="teacher", provenance=provenance, force=cfg.force)
     else:

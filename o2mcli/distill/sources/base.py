@@ -18,6 +18,7 @@ class Batch:
     x0: torch.Tensor | None = None
     slots: torch.Tensor | None = None  # buffer slots (data-free sources)
     t_host: torch.Tensor | None = None  # the same t on the CPU (buffer bookkeeping without a device sync)
+    cond: torch.Tensor | None = None  # class labels (the null class where dropped), for conditional models
 
 
 class DataSource(Protocol):

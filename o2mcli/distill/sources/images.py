@@ -15,10 +15,15 @@ class ImageSource:
     name = "images"
     needs_teacher = False
 
-    def __init__(self, images: torch.Tensor, terms: DiffusionTerms, device: torch.device) -> None:
+    def __init__(self, images: torch.Tensor, terms: DiffusionTerms, device: torch.device,
+                 labels: torch.Tensor | None = None, null_class: int | None = None, label_dropout: float = 0.0) -> None:
+        """``labels`` make the batches conditional; a label is replaced by ``null_class`` with probability
+        ``label_dropout`` (classifier-free guidance trains both branches; Ho & Salimans 2022)."""
         self.images = images.to(device)  # [-1, 1], (N, C, H, W)
         self.terms = terms
         self.device = device
+        self.labels = None if labels is None else labels.to(torch.int64)
+        self.null_class, self.label_dropout = null_class, float(label_dropout)
 
     def begin_step(self) -> None:
         """Independent draws: nothing to reset."""
@@ -28,8 +33,14 @@ class ImageSource:
         t = draw_timesteps(lo, hi, n, generator)
         noise = torch.randn((n, *self.images.shape[1:]), generator=generator)
         x0 = self.images[idx.to(self.device)]
+        cond = None
+        if self.labels is not None:  # (unconditional draws take nothing more from the generator)
+            cond = self.labels[idx].clone()
+            if self.label_dropout > 0:
+                cond[torch.rand(n, generator=generator) < self.label_dropout] = self.null_class
+            cond = cond.to(self.device)
         t, noise = t.to(self.device), noise.to(self.device)
-        return Batch(x_t=q_sample(self.terms, x0, t, noise), t=t, noise=noise, x0=x0)
+        return Batch(x_t=q_sample(self.terms, x0, t, noise), t=t, noise=noise, x0=x0, cond=cond)
 
     def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator) -> None:
         """Real data does not depend on the teacher."""

@@ -70,6 +70,11 @@ class UNet2D(DenoiserFamily):
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n_embeds = getattr(getattr(model, "module", model).config, "num_class_embeds", None)
+        if cond is None and n_embeds:
+            # A class-conditional model asked without labels (MACs, feature shapes): the last embedding, which
+            # is the null class of o2m's conditional models (classifier-free guidance's unconditional branch).
+            cond = torch.full((x_t.shape[0],), n_embeds - 1, dtype=torch.long, device=x_t.device)
         if cond is None:
             return model(x_t, t).sample
         return model(x_t, t, class_labels=cond).sample
