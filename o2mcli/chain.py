@@ -2,7 +2,8 @@
 
 ``sample`` takes the newest model (stage directory of kind teacher/template/students/merged,
 or an o2m ``.safetensors`` file) in the working directory; ``score`` the newest samples.
-The built-in name ``digits-teacher`` is the teacher shipped in the package.
+The built-in names ``digits-teacher`` and ``digits-cond-teacher`` (class-conditional) are the teachers shipped
+in the package.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from o2mcli.fsutil import read_metadata
 from o2mcli.manifest import MODEL_KINDS, list_stage_dirs
 
 ASSETS = Path(__file__).with_name("assets")
-BUILTIN_MODELS = {"digits-teacher": ASSETS / "digits_teacher.safetensors"}
+BUILTIN_MODELS = {"digits-teacher": ASSETS / "digits_teacher.safetensors",
+                  "digits-cond-teacher": ASSETS / "digits_cond_teacher.safetensors"}  # class-conditional
 
 
 def resolve_model_spec(spec: str | Path) -> Path:
