@@ -11,7 +11,7 @@ from torch import nn
 
 from o2mcli.devices import autocast, synchronize
 from o2mcli.diffusion.schedulers import make_scheduler, set_steps, uses_learned_variance
-from o2mcli.models.denoise import predict
+from o2mcli.models.denoise import input_shape, predict
 from o2mcli.runtime.run import progress
 
 
@@ -65,15 +65,13 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
     so the same seed gives the same images whatever else ran before, on CPU bit-for-bit. ``labels`` (N,)
     ask a class-conditional model for those classes, guided with weight ``guidance``.
     """
-    cfg = unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = input_shape(unet)
     out = []
     batches = range(0, n, batch_size)
     for i, start in enumerate(progress(batches, desc="sample") if show_progress else batches):
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(seed + i)
-        noise = torch.randn((b, cfg.in_channels, h, w), generator=g).to(device)
+        noise = torch.randn((b, *shape), generator=g).to(device)
         lab = None if labels is None else labels[start:start + b].to(device)
         x = denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, labels=lab, guidance=guidance,
                     null_class=null_class)
@@ -84,11 +82,8 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
 def measure_throughput(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,
                        batch_size: int, device: torch.device, repeats: int = 2, seed: int = 0) -> dict[str, float]:
     """Images per second of full sampling runs at ``batch_size`` (one warm-up run not counted)."""
-    cfg = unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((batch_size, cfg.in_channels, h, w), generator=g).to(device)
+    noise = torch.randn((batch_size, *input_shape(unet)), generator=g).to(device)
     denoise(unet, scheduler_name, scheduler_config, min(steps, 3), noise, generator=g)  # warm-up
     synchronize(device)
     t0 = time.perf_counter()

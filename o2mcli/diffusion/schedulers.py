@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from o2mcli.diffusion.gaussian import check_variance_type
+from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type
 from o2mcli.errors import O2MError
 from o2mcli.registry import Registry
 
@@ -43,6 +43,11 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
         # because diffusers' DPM-Solver slices a hard-coded 3 channels for learned variance.
         cfg = {k: v for k, v in cfg.items() if k != "variance_type"}
     return build(cfg)
+
+
+def schedule_terms(base_config: dict[str, Any]) -> DiffusionTerms:
+    """The DDPM constants of a model's scheduler config (betas as diffusers' DDPMScheduler computes them)."""
+    return DiffusionTerms(_ddpm({k: v for k, v in base_config.items() if not k.startswith("_")}).betas)
 
 
 def uses_learned_variance(name: str, base_config: dict[str, Any]) -> bool:

@@ -121,10 +121,8 @@ def run_prune(cfg: PruneConfig) -> Path:
 # 5. Helpers ---------------------------------------------------------------------------------------
 
 def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch.device) -> float:
-    from diffusers import DDPMScheduler
-
     from o2mcli.data import load_dataset
-    from o2mcli.diffusion.gaussian import DiffusionTerms
+    from o2mcli.diffusion.schedulers import schedule_terms
     from o2mcli.pruning.importance.taylor import accumulate_denoising_grads
 
     data = load_dataset(cfg.data)
@@ -132,9 +130,8 @@ def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch
     if data.shape != (c, size, size):
         raise O2MError(f"{data.source}: images are {'x'.join(map(str, data.shape))} (CxHxW) but the teacher "
                        f"takes {c}x{size}x{size}")
-    sched = DDPMScheduler.from_config({k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")})
     unet.to(device)
-    loss = accumulate_denoising_grads(unet, data.to_model_range(), DiffusionTerms(sched.betas),
+    loss = accumulate_denoising_grads(unet, data.to_model_range(), schedule_terms(loaded.scheduler_config),
                                       batches=cfg.taylor_batches, batch_size=cfg.batch_size, seed=cfg.seed)
     unet.to("cpu")
     if loss != loss:
