@@ -22,7 +22,7 @@ def debug_enabled() -> bool:
 
 
 # Config fields whose flag is not ``--`` + the field name with dashes.
-FLAGS = {"lam": "--lambda", "classes": "--classes", "num_train_timesteps": "--timesteps", "norm_num_groups": "--norm-groups",
+FLAGS = {"lam": "--lambda", "num_train_timesteps": "--timesteps", "norm_num_groups": "--norm-groups",
          "block_out_channels": "--channels"}
 
 

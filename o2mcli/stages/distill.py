@@ -123,7 +123,8 @@ def run_distill(cfg: DistillConfig) -> Path:
     template_path, template, teacher_path, teacher, student_unet, where = load_inputs(cfg)
     scfg = unet_config_of(teacher.unet if cfg.init == "teacher" else student_unet)
     mode.check_inputs(teacher, teacher_path, scfg, where)
-    data = load_dataset(mode.data_spec()) if mode.data_spec() is not None else None
+    spec = mode.data_spec()
+    data = load_dataset(spec) if spec is not None else None
     check_fit(teacher, scfg, None if data is None else data.shape, where, teacher_path)
     plan = plan_for(cfg.boundaries, teacher.num_train_timesteps, cfg.students, cfg.p_own)
 
