@@ -53,8 +53,8 @@ o2m() {
 
 START=$(date +%s)
 trap 'kill 0' INT TERM  # Ctrl-C stops both lanes and their o2m processes
-# Two lanes run at once, each process on one torch thread: on 2 cores that is ~1.9x the throughput of
-# one lane on two threads (the models are tiny), and one thread gives the same bits on any machine.
+# Two lanes run at once, each process on one torch thread: the models are tiny, so two 1-thread processes use
+# 2 cores better than one 2-thread process, and one thread gives the same bits on any machine.
 # Lane A: ratio 0.3, the synthetic dataset, the teacher's samples. Lane B: ratio 0.5 and its seed-1 rows.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 METHODS=(nokd o2okd o2okd-4x o2mkd o2mkd-merged dkdm dfo2mkd dfo2mkd-merged synth)
