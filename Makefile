@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.o2m-installed
 
-.PHONY: install demo test bench table clean
+.PHONY: install demo test bench table gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,20 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_prune.py
 	$(BIN)/python benchmarks/bench_distill.py
 	$(BIN)/python benchmarks/bench_dkdm.py
+
+# The CUDA checks and the benchmarks on one GPU (benchmarks/gpu_check.py, a few minutes on an H200): writes
+# docs/benchmarks-gpu.md. It installs nothing: the python (PYTHON=... if given, else .venv's if there, else
+# python3) needs o2m's requirements and pytest; the repository root goes on PYTHONPATH, so o2m need not be
+# installed. GPU_CHECK_ARGS="--device cpu" is a dry run on the CPU (runs/gpu-check-cpu.md). CI never runs it.
+ifeq ($(origin PYTHON),command line)
+GPU_PYTHON := $(PYTHON)
+else
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+endif
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

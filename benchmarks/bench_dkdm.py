@@ -12,7 +12,7 @@ weights) and its ratio-0.3 template, in one run on one device:
    The exact build is timed in full for digits; for CIFAR10 (hours on a CPU) its cost is the
    exact forward count times the measured seconds per teacher sample-forward.
 
-    python benchmarks/bench_dkdm.py [--device auto] [--only digits|cifar10]
+    python benchmarks/bench_dkdm.py [--device auto] [--only digits|cifar10] [--rounds 3] [--init-slots N]
 """
 
 from __future__ import annotations
@@ -72,12 +72,15 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--init-steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (best kept)")
+    ap.add_argument("--init-slots", type=int, help="buffer slots of the initialization timings (default: 512 digits, "
+                    "16 cifar10)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for su in _setups(work, args.only):
+            su["init_slots"] = args.init_slots or su["init_slots"]
             tpl = template(su["teacher"], work, su["name"])
             teacher = load_model(su["teacher"], "cpu")
             T = teacher.num_train_timesteps
