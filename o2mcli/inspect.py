@@ -81,6 +81,7 @@ def _describe_model(path: Path) -> dict[str, Any]:
         "macs": count_macs(unet),
         "timestep_range": list(loaded.ranges[0]),
         "scheduler_config": loaded.scheduler_config,
+        "conditioning": loaded.conditioning,
     }
     if path.is_file():
         info["size"] = path.stat().st_size
@@ -213,6 +214,12 @@ def format_text(info: dict[str, Any]) -> str:
     out.append(f"MACs:        {_macs(info['macs'])} per forward of one image")
     lo, hi = info["timestep_range"]
     out.append(f"timesteps:   [{lo}, {hi})")
+    cond = info.get("conditioning")
+    if cond:
+        null = "no null class recorded" if cond["null_class"] is None else f"null class {cond['null_class']}"
+        drop = "" if cond.get("label_dropout") is None else f", label dropout {cond['label_dropout']:g}"
+        out.append(f"classes:     {len(cond['classes'])} ({', '.join(cond['classes'][:12])}"
+                   f"{', ...' if len(cond['classes']) > 12 else ''}); {null}{drop}")
     out.append("unet config:")
     out += _compact(info["unet_config"])
     out.append("scheduler:")

@@ -24,32 +24,11 @@
 # and docs/results.md + docs/results-fid-vs-macs.png (or $O2M_DOCS/...).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-O2M=${O2M:-o2m}
-case "$O2M" in /*) ;; */*) O2M="$PWD/$O2M" ;; esac
-# The report writer runs on the Python that runs o2m (the venv's, under `make table`).
-PY=${O2M_PYTHON:-$(dirname "$(command -v "$O2M")")/python}
-[ -x "$PY" ] || PY=python3
-DOCS=${O2M_DOCS:-$HERE/../docs}
-case "$DOCS" in /*) ;; *) DOCS="$PWD/$DOCS" ;; esac
-WORK=${1:-runs/digits-table}
-N=${O2M_N:-1000}
-STEPS=${O2M_STEPS:-400}
-RHO=${O2M_RHO:-0.2}  # (O2M_STEPS, O2M_RHO, O2M_N: smaller budgets for a quick check of the recipe itself)
-TRAIN="--steps $STEPS --batch-size 64 --lr 5e-4 --seed 0 --force"
+DEFAULT_WORK=runs/digits-table
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 SAMPLE="-n $N --scheduler ddim --steps 50 --seed 0 --no-png --force"
 DDPM="-n $N --scheduler ddpm --steps 50 --seed 0 --no-png --force"
-mkdir -p "$WORK" "$DOCS"
-cd "$WORK"
-git -C "$HERE" rev-parse --short HEAD > commit.txt 2>/dev/null || echo unknown > commit.txt  # what ran
-
-# Runs one o2m command, logging its wall time and the command as a user types it.
-o2m() {
-  local t0
-  echo "+ o2m $*" >&2
-  t0=$(date +%s%N)
-  "$O2M" "$@"
-  printf '%s\t%s\n' "$(( ($(date +%s%N) - t0) / 1000000 ))" "o2m $*" >> "$LOG"
-}
 
 START=$(date +%s)
 trap 'kill 0' INT TERM  # Ctrl-C stops both lanes and their o2m processes

@@ -15,6 +15,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+import sections
+
 METHODS = {  # samples-dir suffix -> (method, data, students)
     "nokd": ("no KD (plain training)", "digits", "1"),
     "o2okd": ("O2OKD", "digits", "1"),
@@ -343,8 +345,13 @@ def main() -> None:
     notes = list(report.get("notes", [])) + [f"{r['name']}: {w}" for r in report["rows"] for w in r.get("warnings", [])]
     if notes:
         page[-1:-1] = ["## Notes from o2m score", "", *[f"- {n}" for n in notes], ""]
+    text = "\n".join(page)
+    old_page = a.docs / "results.md"
+    kept = sections.extract(old_page.read_text(), "conditional") if old_page.is_file() else None
+    if kept is not None:  # recipes/digits-cond-table.sh's section survives a rerun of this table
+        text = sections.splice(text, "conditional", kept.split("\n", 1)[1].rsplit("\n", 1)[0])
     tmp = a.docs / ".results.md.tmp"
-    tmp.write_text("\n".join(page))
+    tmp.write_text(text)
     os.replace(tmp, a.docs / "results.md")
     shutil.copyfile(a.work / "scores" / "report.json", a.docs / ".results-report.json.tmp")
     os.replace(a.docs / ".results-report.json.tmp", a.docs / "results-report.json")

@@ -54,6 +54,22 @@ def assert_refused(result, *words: str) -> None:
         assert w in lines[0], lines[0]
 
 
+def crash_at_step(monkeypatch: pytest.MonkeyPatch, n: int):
+    """Make the engine's ``n``-th step raise (a crash mid-run); returns a function that undoes it."""
+    from o2mcli.distill.engine import Distiller
+
+    real, calls = Distiller.step, {"n": 0}
+
+    def crash(self):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated crash")
+        return real(self)
+
+    monkeypatch.setattr(Distiller, "step", crash)
+    return lambda: monkeypatch.setattr(Distiller, "step", real)
+
+
 def kill_after_checkpoint(cmd: list[str], state: Path, min_step: int, env: dict) -> bool:
     """Run ``cmd``; SIGKILL it once ``state`` (a checkpoint JSON) reaches ``min_step``. False if it finished first."""
     import json

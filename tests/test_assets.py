@@ -55,7 +55,8 @@ def test_shipped_cond_teacher_draws_the_class_asked_for(tmp_path) -> None:
     from o2mcli.stages.sample import SampleConfig, run_sample
 
     teacher = load_model(BUILTIN_MODELS["digits-cond-teacher"])
-    assert teacher.conditioning == {"type": "class", "classes": list("0123456789"), "null_class": 10}
+    assert teacher.conditioning == {"type": "class", "classes": list("0123456789"), "null_class": 10,
+                                   "label_dropout": 0.1}
     out = run_sample(SampleConfig(model="digits-cond-teacher", classes=(3,), n=200, device="cpu", png=False,
                                   out=tmp_path / "s"))
     with np.load(out / "samples.npz") as z:

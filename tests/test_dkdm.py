@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from conftest import assert_refused, cli, tiny_teacher_file, tiny_unet
+from conftest import assert_refused, cli, crash_at_step, tiny_teacher_file, tiny_unet
 from o2mcli.diffusion.gaussian import DiffusionTerms, normal_kl, reverse_kl
 from o2mcli.distill.sources.base import Batch
 from o2mcli.distill.sources.buffer import DynamicBuffer, buffer_slots
@@ -242,24 +242,14 @@ def test_data_free_o2mkd_routes_each_student_to_its_range(template: Path) -> Non
 
 
 def test_buffer_survives_resume(in_tmp: Path, template: Path, monkeypatch) -> None:
-    from o2mcli.distill.engine import Distiller
-
     args = ["distill", template, "--mode", "dkdm", "-k", "2", "--steps", "6", "--save-every", "2", *FAST]
     assert cli(*args, "-o", "ref").exit_code == 0
-    real, calls = Distiller.step, {"n": 0}
-
-    def crash(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        return real(self)
-
-    monkeypatch.setattr(Distiller, "step", crash)
+    undo = crash_at_step(monkeypatch, 4)
     assert cli(*args, "-o", "run").exit_code == 1
     ck = json.loads((in_tmp / "run.partial" / "checkpoint.json").read_text())
     # rho 0.1 * T 20 * b 8 = 16 slots, raised to 24: three disjoint batches of 8 per step (K=2, p_own 0.5)
     assert ck["step"] == 2 and ck["init_info"]["slots"] == 24
-    monkeypatch.setattr(Distiller, "step", real)
+    undo()
     assert_refused(cli(*[a if a != "0.1" else "0.2" for a in args], "-o", "run", "--resume"), "other settings")
     res = cli(*args, "-o", "run", "--resume")
     assert res.exit_code == 0, res.output

@@ -77,10 +77,13 @@ def test_the_family_gives_shapes_kd_points_and_its_pipeline() -> None:
 def test_prune_finds_its_pruner_by_family() -> None:
     from o2mcli.pruning.pruners import PRUNERS, pruner_for
 
-    unet = tiny_unet()
+    unet = tiny_unet(block_out_channels=(8, 16))
     pruner = pruner_for(dict(unet.config), Path("t"))
     assert pruner is PRUNERS["UNet2DModel"] and set(PRUNERS) <= set(FAMILIES)
     with pytest.raises(O2MError, match=r"^t: found a DiTTransformer2DModel; o2m prune supports UNet2DModel$"):
         pruner_for({"_class_name": "DiTTransformer2DModel"}, Path("t"))
     plan = pruner.plan(dict(unet.config), 0.5, None, None)
-    assert plan.new_channels != plan.old_channels
+    assert plan.new_channels == (4, 8) and plan.old_channels == (8, 16)
+    # (4, 8) -> (4, 4) would drop a trained shortcut conv that no diffusers config of equal widths holds.
+    with pytest.raises(O2MError, match=r"\[4, 8\] -> \[4, 4\].*conv_shortcut"):
+        pruner.plan(dict(tiny_unet().config), 0.5, None, None)

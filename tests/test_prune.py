@@ -262,6 +262,8 @@ def test_target_macs_command(in_tmp: Path, teacher8: Path) -> None:
     (["--importance", "fisher"], ["--importance", "fisher"]),
     (["--round-to", "3"], ["--round-to 3"]),
     (["--importance", "taylor", "--data", "nowhere"], ["nowhere"]),
+    # (8, 16) -> (8, 8): the second block's shortcut conv has no place in a diffusers config of equal widths.
+    (["--ratio", "0.5", "--round-to", "8"], ["[8, 16] -> [8, 8]", "conv_shortcut", "unequal widths"]),
 ])
 def test_bad_options_are_refused(in_tmp: Path, teacher8: Path, args, words) -> None:
     assert_refused(cli("prune", teacher8, *args, "--no-throughput"), *words)

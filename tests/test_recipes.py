@@ -25,10 +25,12 @@ def test_smoke_recipe_runs_the_whole_chain(tmp_path: Path) -> None:
     assert (tmp_path / "smoke" / "scores" / "fid_vs_macs.png").is_file()
 
 
-def _results_md():
+def _results_md(name: str = "results_md"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("results_md", RECIPES / "results_md.py")
+    if str(RECIPES) not in sys.path:  # the writers import their siblings, as they do when run as scripts
+        sys.path.insert(0, str(RECIPES))
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -118,3 +120,70 @@ def test_results_page_with_training_seeds_ddpm_rows_and_the_synthetic_baseline(t
     assert "## Sampled with DDPM" in page and "| 0.5 | DKDM | none | 1 |" in page
     assert "1700 images sampled from the teacher with DDPM 50 steps (85,000 teacher forwards" in page
     assert "| 0.5 | O2MKD, training seed 1 | digits | 4 |" in page
+
+
+def _fake_cond_run(work: Path, fid: dict[str, float], acc: dict[str, float]) -> None:
+    """What recipes/digits-cond-table.sh leaves behind, with made-up numbers (``fid``/``acc`` keyed g1-/g2-row)."""
+    tp = {"batch_size": 64, "repeats": 1, "scheduler": "ddim", "steps": 50, "images_per_s": 30.0}
+    rows = [{"name": n, "fid": f, "class_accuracy": acc[n], "kid_mean": 0.01, "kid_std": 0.002, "params": 1_114_000,
+             "macs": 16_110_000, "n_samples": 1000, "n_reference": 1797,
+             "scheduler": "ddim" if n.startswith("g1") else "ddpm", "steps": 50, "seed": 0, "throughput": tp}
+            for n, f in fid.items()]
+    (work / "scores").mkdir(parents=True)
+    (work / "scores" / "report.json").write_text(json.dumps({
+        "rows": rows, "device": "cpu", "features": {"name": "digits", "description": "classifier features"},
+        "kid": {"subsets": 100, "subset_size": 1000}, "notes": []}))
+    (work / "commands.tsv").write_text("5000\to2m prune digits-cond-teacher --ratio 0.5 -o template --force\n"
+                                       "130000\to2m distill template --mode o2mkd -k 4 --seed 0 --force -o o2mkd\n")
+    cfg = {"steps": 1200, "batch_size": 64, "lr": 5e-4, "ema_decay": 0.999, "seed": 0, "rho": 0.2, "init_steps": 10}
+    for name in ("o2mkd", "dkdm"):
+        (work / name).mkdir()
+        (work / name / "manifest.json").write_text(json.dumps({"config": cfg}))
+    (work / "template").mkdir()
+    (work / "template" / "manifest.json").write_text(json.dumps({"summary": {
+        "teacher": {"block_out_channels": [32, 64, 64]}, "template": {"block_out_channels": [16, 32, 32]}}}))
+
+
+def test_conditional_section_is_judged_and_survives_the_main_table(tmp_path: Path, monkeypatch) -> None:
+    rows = ("teacher", "teacher-seed1", "o2okd", "o2mkd", "o2mkd-s1", "dkdm")
+    fid = {f"g1-{m}": v for m, v in zip(rows, (0.40, 0.45, 1.60, 1.00, 1.10, 1.58))}
+    fid.update({f"g2-{m}": v + 0.3 for m, v in zip(rows, (0.40, 0.45, 1.60, 1.00, 1.10, 1.58))})
+    acc = {f"g1-{m}": v for m, v in zip(rows, (0.99, 0.98, 0.93, 0.95, 0.94, 0.85))}
+    acc.update({f"g2-{m}": min(1.0, v + 0.04) for m, v in zip(rows, (0.99, 0.98, 0.93, 0.95, 0.94, 0.85))})
+    for m, a in zip(("teacher", "o2okd", "o2mkd", "o2mkd-s1", "dkdm"), (0.965, 0.81, 0.835, 0.84, 0.855)):
+        fid[f"c3ddim-{m}"], acc[f"c3ddim-{m}"] = 9.0, a
+        fid[f"c3ddpm-{m}"], acc[f"c3ddpm-{m}"] = 9.0, min(0.99, a + 0.1)
+    _fake_cond_run(tmp_path / "cond", fid, acc)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("# Results\n\n## Table\n\nold rows\n\n## Machine\n\n- cpu: x\n")
+    monkeypatch.setattr(sys, "argv", ["results_cond_md.py", "--work", str(tmp_path / "cond"), "--docs", str(docs),
+                                      "--seconds", "600", "--guidance", "2"])
+    _results_md("results_cond_md").main()
+    page = (docs / "results.md").read_text()
+    assert page.index("<!-- section: conditional -->") < page.index("## Machine") and "old rows" in page
+    assert "1200 steps x batch 64 per student, lr 0.0005, EMA 0.999, seed 0; DKDM with rho 0.2, its buffer built by " \
+           "10-step DDIM jumps" in page
+    assert "| O2MKD | labelled digits | 4 | 1.114 | 16.11 | 130 | 1.000 | 95.0% | 1.300 | 99.0% |" in page
+    # The 90% bar: DKDM at 85% fails it, O2OKD at 93% passes.
+    assert "guidance 1 (DDIM 50): DKDM keeps at least 90% class accuracy: **does not hold** (85.0%)" in page
+    assert "guidance 1 (DDIM 50): O2OKD keeps at least 90% class accuracy: **holds** (93.0%)" in page
+    # FID noise at guidance 1: max(|0.40-0.45|, |1.00-1.10|) = 0.1; O2MKD mean 1.05 vs O2OKD 1.60 holds, DKDM ties.
+    assert ("guidance 1 (DDIM 50): O2MKD (mean of 2 seeds) has a lower FID than O2OKD: **holds** (1.050 vs 1.600, "
+            "gap +0.550; noise 0.100)") in page
+    assert "has a lower FID than O2OKD on data (the DKDM paper's claim is a match, which a tie shows): **tie" in page
+    # The one-class check: a table of its own, and the 90% bar per sampler.
+    assert "| O2MKD | 83.5% | 93.5% |" in page and "| teacher (digits-cond-teacher) | 96.5% | 99.0% |" in page
+    assert "`--class 3 -n 200`, DDIM 50: DKDM keeps at least 90%: **does not hold** (85.5%; the teacher 96.5%)" in page
+    assert "`--class 3 -n 200`, DDPM 50: DKDM keeps at least 90%: **holds** (95.5%; the teacher 99.0%)" in page
+    # Rerunning the conditional recipe replaces its section; the main table keeps it when it rewrites the page.
+    _results_md("results_cond_md").main()
+    assert (docs / "results.md").read_text().count("<!-- section: conditional -->") == 1
+    fids = {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0, "r0.3-o2okd": 2.0}
+    _fake_table_run(tmp_path / "work", fids)
+    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
+                                      "--seconds", "2400"])
+    _results_md().main()
+    page = (docs / "results.md").read_text()
+    assert "old rows" not in page and page.count("<!-- section: conditional -->") == 1
+    assert "| O2MKD | labelled digits | 4 | 1.114 |" in page and page.index("section: conditional") < page.index("## Machine")

@@ -37,7 +37,12 @@ def distill(
     init_batch: int = typer.Option(1024, "--init-batch", help="dkdm: teacher batch while building the buffer."),
     kl_weight: float = typer.Option(1.0, "--kl-weight", help="dkdm: weight of KL(p_T || p_S) (learned variances)."),
     student_config: Optional[Path] = typer.Option(None, "--student-config", help="A diffusers UNet2DModel config "
-                                                  "JSON: fresh students of any shape, random init (needs --teacher)."),
+                                                  "JSON: fresh students of any shape, random init (needs --teacher; "
+                                                  "for a class-conditional teacher, the same num_class_embeds)."),
+    label_dropout: Optional[float] = typer.Option(None, "--label-dropout", help="Class-conditional teacher: "
+                                                  "probability a batch label (o2mkd) or buffer slot's label (dkdm) is "
+                                                  "the null class, so students learn both guidance branches. "
+                                                  "Default: the teacher's own training dropout."),
     steps: int = typer.Option(1000, help="Optimizer steps (every student takes one per step)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch per student per step (per process)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up)."),
@@ -62,10 +67,10 @@ def distill(
         out = default_output(Path("."), "students") if not resume else Path("students")
     cfg = DistillConfig(template=template, mode=mode, teacher=teacher, students=students, boundaries=boundaries,
                         p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, rho=rho, init_steps=init_steps,
-                        init_batch=init_batch, kl_weight=kl_weight, student_config=student_config, steps=steps,
-                        batch_size=batch_size,
-                        lr=lr, lr_warmup=lr_warmup, ema_decay=ema_decay, seed=seed, device=device, save_every=save_every,
-                        log_every=log_every, resume=resume, out=out, force=force)
+                        init_batch=init_batch, kl_weight=kl_weight, label_dropout=label_dropout,
+                        student_config=student_config, steps=steps, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup,
+                        ema_decay=ema_decay, seed=seed, device=device, save_every=save_every, log_every=log_every,
+                        resume=resume, out=out, force=force)
     path = run_distill(cfg)
     import os
     if int(os.environ.get("RANK", "0")) == 0:

@@ -57,6 +57,22 @@ def check_fit(teacher: Any, student_cfg: Any, data_shape: tuple[int, ...] | None
                        f"takes {c}x{s}x{s}")
 
 
+def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, where: Path) -> None:
+    """Students condition as the teacher does: the same number of class embeddings, or none on both sides."""
+    t_n, s_n = teacher_cfg.get("num_class_embeds"), student_cfg.get("num_class_embeds")
+    if not t_n and s_n:
+        raise O2MError(f"{where}: a class-conditional student ({s_n} class embeddings) under the unconditional "
+                       f"teacher {teacher_path}; drop num_class_embeds from the student")
+    if t_n and not s_n:
+        raise O2MError(f"{where}: the student has no class embedding but the teacher {teacher_path} is "
+                       f"class-conditional; set num_class_embeds to {t_n} (its classes and null class)")
+    if t_n and int(t_n) != int(s_n):
+        raise O2MError(f"{where}: {s_n} class embeddings, the teacher {teacher_path} has {t_n}; use {t_n}")
+    if t_n and student_cfg.get("class_embed_type") != teacher_cfg.get("class_embed_type"):
+        raise O2MError(f"{where}: class_embed_type={student_cfg.get('class_embed_type')!r} but the teacher "
+                       f"{teacher_path} has {teacher_cfg.get('class_embed_type')!r}")
+
+
 def load_student_config(path: Path, seed: int) -> torch.nn.Module:
     """A fresh, randomly initialized UNet2DModel from a diffusers config JSON (``--student-config``)."""
     from o2mcli.models.io import build_unet
@@ -107,8 +123,5 @@ def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Modu
                            f"T={teacher.num_train_timesteps}")
     if teacher.is_group:
         raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
-    for path, cfg_ in ((teacher_path, teacher.unet.config), (where, student_unet.config)):
-        if cfg_.get("num_class_embeds"):
-            raise O2MError(f"{path}: a class-conditional model; o2m distill does not distil class-conditional "
-                           "models yet (train, sample and score do)")
+    check_conditioning(teacher.unet.config, teacher_path, student_unet.config, where)
     return template_path, template, teacher_path, teacher, student_unet, where

@@ -44,6 +44,8 @@ def write_students(cfg: Any, mode: Any, out: Path, work: Path, engine: Any, plan
                     "teacher_sha256": teacher.sha256, "template": config["template"], "init": cfg.init,
                     "init_sha256": init_from.sha256 if init_from is not None else None,
                     "student_config": config.get("student_config")}
+            if mode.labels is not None:  # what sample and score read: classes, null class, the dropout used
+                prov["conditioning"] = mode.labels.record()
             save_model_file(tmp / name, model, student_sched, kind="students", timestep_range=rng,
                             provenance=prov)
             records.append(model_record(f"student_{st.k}", name, model, rng))

@@ -198,9 +198,15 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
         sched = default_scheduler_config("learned" if is_learned_variance(cfg) else "fixed")
         notes.append(f"no scheduler config beside {model_dir}; using DDPM linear betas, T=1000")
     T = int(sched.get("num_train_timesteps", 1000))
+    meta = {}
+    marker = root / "o2m_export.json"
+    if cfg.get("num_class_embeds") and marker.is_file():  # o2m's export keeps the class names beside diffusers' files
+        rec = _read_json(marker)
+        found = rec.get("conditioning") if isinstance(rec, dict) else None
+        meta = {"o2m.provenance": json.dumps({"conditioning": found})}
     return LoadedModel(source=root, form=form, unet=unet, scheduler_config=sched, unet_configs=[cfg],
                        ranges=[(0, T)], sha256=sha256_file(weights), notes=notes,
-                       conditioning=conditioning_of(cfg, {}, weights))
+                       conditioning=conditioning_of(cfg, meta, weights))
 
 
 def _load_stage(path: Path) -> LoadedModel:
@@ -227,22 +233,28 @@ def _load_stage(path: Path) -> LoadedModel:
 
 
 def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> dict[str, Any] | None:
-    """What a class-conditional model conditions on: its classes and null class (from o2m's provenance), or
-    for another model the class indices with no known null class; None for an unconditional model."""
+    """What a class-conditional model conditions on: its classes, null class and training label dropout (from
+    o2m's provenance), or for another model the class indices with no known null class; None if unconditional."""
     n = cfg.get("num_class_embeds")
     if not n:
         return None
     try:
-        found = json.loads(meta.get("o2m.provenance", "{}")).get("conditioning")
+        prov = json.loads(meta.get("o2m.provenance", "{}"))
+        found = prov.get("conditioning")
     except (ValueError, AttributeError):
-        found = None
+        prov, found = {}, None
     if isinstance(found, dict) and isinstance(found.get("classes"), list) and found.get("null_class") is not None:
         classes, null = [str(c) for c in found["classes"]], found["null_class"]
         if not (isinstance(null, int) and null == len(classes) and null < n):
             raise O2MError(f"{where}: conditioning metadata names {len(classes)} classes and null class {null!r} "
                            f"for {n} class embeddings")
-        return {"type": "class", "classes": classes, "null_class": null}
-    return {"type": "class", "classes": [str(i) for i in range(int(n))], "null_class": None}
+        # Models trained before the dropout was recorded here carry it in their training config.
+        dropout = found.get("label_dropout", (prov.get("config") or {}).get("label_dropout")
+                            if isinstance(prov.get("config"), dict) else None)
+        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout <= 1):
+            dropout = None
+        return {"type": "class", "classes": classes, "null_class": null, "label_dropout": dropout}
+    return {"type": "class", "classes": [str(i) for i in range(int(n))], "null_class": None, "label_dropout": None}
 
 
 # 3. Writing ---------------------------------------------------------------------------------------
@@ -301,6 +313,10 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False) -> 
     with atomic_dir(out_dir, force=force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # Marks the pipeline as o2m's, so `o2m export --force` may replace it (and nothing else).
-        atomic_write_json(tmp / "o2m_export.json", {"format": "o2m-export/1", "source": str(loaded.source),
-                                                   "sha256": loaded.sha256})
+        record = {"format": "o2m-export/1", "source": str(loaded.source), "sha256": loaded.sha256}
+        if loaded.conditioning is not None:
+            # diffusers' DDPMPipeline passes no class labels; the UNet takes them (`class_labels=`), the last
+            # embedding being the null class. The class names stay here, and o2m reads them back.
+            record["conditioning"] = loaded.conditioning
+        atomic_write_json(tmp / "o2m_export.json", record)
     return out_dir

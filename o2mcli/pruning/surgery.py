@@ -48,8 +48,11 @@ def check_prunable(cfg: dict[str, Any], where: Path) -> None:
     for key, want in checks:
         if cfg.get(key, want) != want:
             raise O2MError(f"{where}: {key}={cfg[key]!r} is not supported by o2m prune (only {want!r})")
-    if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
-        raise O2MError(f"{where}: class-conditional UNets are not supported by o2m prune")
+    if cfg.get("class_embed_type") is not None:
+        # A learned label table (num_class_embeds) is narrowed with the time embedding it is added to; the other
+        # class embeddings project a vector through their own MLP, which o2m does not yet plan widths for.
+        raise O2MError(f"{where}: class_embed_type={cfg['class_embed_type']!r} is not supported by o2m prune (only "
+                       "a class label table: num_class_embeds with class_embed_type null)")
 
 
 # 2. Choosing the channels to keep ----------------------------------------------------------------

@@ -89,6 +89,22 @@ def plan_widths(cfg: dict[str, Any], ratio: float, round_to: int | None = None) 
                      new_time_dim=new_t)
 
 
+def check_same_structure(cfg: dict[str, Any], plan: WidthPlan) -> None:
+    """Refuse a plan whose config builds a model with other tensors than the teacher's, not only narrower ones.
+
+    diffusers gives a ResNet block a 1x1 shortcut conv only when its input and output widths differ, so a plan
+    that makes two different widths equal (e.g. 8, 16 -> 8, 8) would drop a trained layer that no config can keep.
+    """
+    old_keys = set(reference_unet(cfg).state_dict())
+    new_keys = set(reference_unet(plan.new_config(cfg)).state_dict())
+    if old_keys != new_keys:
+        lost = sorted(old_keys - new_keys) or sorted(new_keys - old_keys)
+        raise O2MError(f"--ratio {plan.ratio}: blocks {list(plan.old_channels)} -> {list(plan.new_channels)} at "
+                       f"--round-to {plan.round_to} changes the model's layers ({lost[0]} and {len(lost) - 1} more "
+                       "exist only on one side: diffusers builds a shortcut conv only between unequal widths); use "
+                       "a ratio or --round-to that keeps unequal widths unequal")
+
+
 @torch.no_grad()
 def config_macs(cfg: dict[str, Any]) -> int:
     """MACs of one batch-1 forward of a UNet built from ``cfg``, on the meta device (no memory, no compute)."""

@@ -47,6 +47,7 @@ class DistillConfig(BaseModel):
     init_steps: Optional[int] = Field(None, ge=1)
     init_batch: int = Field(1024, ge=1)
     kl_weight: float = Field(1.0, ge=0)
+    label_dropout: Optional[float] = Field(None, ge=0, le=1)  # class-conditional teacher: None = its own dropout
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)

@@ -126,6 +126,12 @@ def check_same_shapes(base: dict[str, torch.Tensor], states: list[dict[str, torc
             raise O2MError(f"{s.path}: has tensor {extra[0]} that the shared initialization lacks")
 
 
+def _classes(provenance: dict) -> str:
+    """A student's conditioning in words, for a refusal."""
+    c = provenance.get("conditioning")
+    return "unconditional" if not c else f"classes {','.join(map(str, c.get('classes', [])))}"
+
+
 # 2. The stage ----------------------------------------------------------------------------------------------
 
 def run_merge(cfg: MergeConfig) -> Path:
@@ -153,6 +159,13 @@ def run_merge(cfg: MergeConfig) -> Path:
                           "every task vector is weighted 0, so the result would be the initialization (theta_0) "
                           "itself; give some student a nonzero weight")
 
+    conditioning = students[0].provenance.get("conditioning")
+    for s in students[1:]:
+        if s.provenance.get("conditioning") != conditioning:
+            raise O2MError(f"{s.path} and {students[0].path}: students conditioned differently "
+                           f"({_classes(s.provenance)} vs {_classes(students[0].provenance)}); merge the students "
+                           "of one run")
+
     # 2. theta_0 and the students' tensors.
     base_path, base = (None, None)
     if cfg.method == "task-arithmetic":
@@ -175,6 +188,8 @@ def run_merge(cfg: MergeConfig) -> Path:
                   "theta_0_sha256": base.sha256 if base is not None else None,
                   "teacher": students[0].provenance.get("teacher"),
                   "teacher_sha256": students[0].provenance.get("teacher_sha256")}
+    if conditioning is not None:  # the merged model asks for classes as its students did
+        provenance["conditioning"] = conditioning
 
     # 4. Write: one self-describing file, or a stage directory.
     if out.suffix == ".safetensors":

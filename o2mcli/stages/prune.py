@@ -109,6 +109,8 @@ def run_prune(cfg: PruneConfig) -> Path:
     T = loaded.num_train_timesteps
     provenance = {"stage": "prune", "teacher": str(teacher_path.resolve()), "teacher_sha256": loaded.sha256,
                   "ratio": plan.ratio, "importance": cfg.importance, "seed": cfg.seed}
+    if loaded.conditioning is not None and loaded.conditioning.get("null_class") is not None:
+        provenance["conditioning"] = loaded.conditioning  # the template asks for the teacher's classes
     with atomic_dir(out, force=cfg.force) as tmp:
         save_model_file(tmp / ARTIFACT, template, loaded.scheduler_config, kind="template", timestep_range=(0, T),
                         provenance=provenance)
@@ -130,9 +132,16 @@ def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch
     if data.shape != (c, size, size):
         raise O2MError(f"{data.source}: images are {'x'.join(map(str, data.shape))} (CxHxW) but the teacher "
                        f"takes {c}x{size}x{size}")
+    labels = None
+    if loaded.conditioning is not None:
+        from o2mcli.data.labels import check_data_classes, label_plan
+
+        # The teacher's own conditional loss ranks the channels: each image with its class (no dropout).
+        labels = check_data_classes(label_plan(loaded.conditioning, 0.0, Path(cfg.teacher)), data, Path(cfg.teacher))
     unet.to(device)
     loss = accumulate_denoising_grads(unet, data.to_model_range(), schedule_terms(loaded.scheduler_config),
-                                      batches=cfg.taylor_batches, batch_size=cfg.batch_size, seed=cfg.seed)
+                                      batches=cfg.taylor_batches, batch_size=cfg.batch_size, seed=cfg.seed,
+                                      labels=labels)
     unet.to("cpu")
     if loss != loss:
         raise O2MError(f"{cfg.teacher}: the teacher's denoising loss is NaN on {data.source}; cannot rank channels")

@@ -137,7 +137,8 @@ def _write(cfg: TrainConfig, out: Path, work: Path, engine, scfg: dict, data) ->
     provenance = {"stage": "train", "config": config, "data": {"name": data.name, "source": data.source,
                                                                 "sha256": data.sha256, "n": len(data)}}
     if cfg.cond == "class":  # what sample and score need to ask for a class and to guide
-        provenance["conditioning"] = {"type": "class", "classes": list(data.classes), "null_class": len(data.classes)}
+        provenance["conditioning"] = {"type": "class", "classes": list(data.classes), "null_class": len(data.classes),
+                                      "label_dropout": cfg.label_dropout}
     if out.suffix == ".safetensors":
         save_model_file(out, model, scfg, kind="teacher", provenance=provenance, force=cfg.force)
     else:

@@ -23,6 +23,7 @@ class DistillMode:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        self.labels: Any = None  # the run's LabelPlan (class-conditional teacher), set by check_inputs
 
     # 1. Options and inputs
     def check_options(self) -> None:
@@ -33,7 +34,12 @@ class DistillMode:
         return self.cfg.data or "digits"
 
     def check_inputs(self, teacher: Any, teacher_path: Path, student_config: Any, where: Path) -> None:
-        """Refuse a teacher / student pair this mode cannot distil (after loading, before building)."""
+        """Refuse a teacher / student pair this mode cannot distil (after loading, before building); a
+        class-conditional teacher's label plan (its classes, null class and dropout) is settled here."""
+        from o2mcli.data.labels import label_plan
+
+        self.labels = label_plan(teacher.conditioning, self.cfg.label_dropout, teacher_path)
+        self.teacher_path = teacher_path
 
     # 2. The engine's parts
     def make_source(self, teacher: Any, data: Any, plan: Any, log: Optional[Callable[[str], None]]
@@ -42,7 +48,14 @@ class DistillMode:
         from o2mcli.distill.sources import ImageSource
 
         images = data.to_model_range()
-        return lambda terms, dev: ImageSource(images, terms, dev)
+        lp = self.labels
+        if lp is None:
+            return lambda terms, dev: ImageSource(images, terms, dev)
+        from o2mcli.data.labels import check_data_classes
+
+        # Each batch's labels go to teacher and students alike, dropped to the null class as the teacher was trained.
+        labels = check_data_classes(lp, data, self.teacher_path)
+        return lambda terms, dev: ImageSource(images, terms, dev, labels, lp.null_class, lp.dropout)
 
     @classmethod
     def objective(cls, cfg: Any, teacher_unet: Any, student_unet: Any, source: Any) -> Objective:
@@ -56,7 +69,7 @@ class DistillMode:
 
     def summary(self, engine: Any, init_info: dict) -> dict:
         """What the mode adds to the manifest's summary."""
-        return {}
+        return {} if self.labels is None else {"conditioning": self.labels.record()}
 
     def losses_text(self, engine: Any, learned_student: bool) -> str:
         """The loss the students minimised, in words, for the manifest."""

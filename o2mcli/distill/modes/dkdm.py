@@ -35,6 +35,7 @@ class DKDM(DistillMode):
         return None
 
     def check_inputs(self, teacher: Any, teacher_path: Path, student_config: Any, where: Path) -> None:
+        super().check_inputs(teacher, teacher_path, student_config, where)
         self.reverse = teacher_reverse_settings(teacher.scheduler_config, teacher_path)
         self.teacher_learned = is_learned_variance(teacher.unet.config)
         if is_learned_variance(student_config) and not self.teacher_learned:
@@ -57,8 +58,10 @@ class DKDM(DistillMode):
                 f"the minimum for {plan.max_draws_per_step} disjoint batches of {cfg.batch_size} per step")
         shape = (int(tc.in_channels), int(tc.sample_size), int(tc.sample_size))
         variance, clip = self.reverse
+        # A class-conditional teacher: every slot keeps a label (the null class with the label dropout), which
+        # the teacher's reverse steps and the students' inputs use.
         return lambda terms, dev: DynamicBuffer(shape, slots, terms, dev, variance_type=variance,
-                                                learned=self.teacher_learned, clip=clip)
+                                                learned=self.teacher_learned, clip=clip, labels=self.labels)
 
     @classmethod
     def objective(cls, cfg: Any, teacher_unet: Any, student_unet: Any, source: Any) -> Objective:
@@ -79,7 +82,8 @@ class DKDM(DistillMode):
                 "slots": buf.n, "bytes": buf.bytes, "init_steps": cfg.init_steps}
 
     def summary(self, engine: Any, init_info: dict) -> dict:
-        return {"buffer": {**init_info, "restarts": engine.source.restarts, "data": "none (teacher only)"}}
+        return {**super().summary(engine, init_info),
+                "buffer": {**init_info, "restarts": engine.source.restarts, "data": "none (teacher only)"}}
 
     def losses_text(self, engine: Any, learned_student: bool) -> str:
         cfg, obj = self.cfg, engine.objective

@@ -5,7 +5,9 @@ data-free O2MKD); the engine's single teacher forward on them gives the KD targe
 ``after_teacher`` writes one ancestral reverse step x_{t-1} back into the slots; a slot that
 was at t = 0 restarts from fresh noise at t = T-1. Initialization ("shuffle denoise") brings
 every slot from pure noise down to a uniform random t, either exactly (T-1-t ancestral teacher
-steps) or, beyond the paper, with an S-step DDIM jump (``init_steps``).
+steps) or, beyond the paper, with an S-step DDIM jump (``init_steps``). Under a class-conditional
+teacher each slot also keeps a class label (the null class with the label dropout), drawn when the slot
+starts from noise; the teacher's steps on the slot and the students' inputs use it.
 Slot timesteps live on the CPU (drawing needs no device sync); images live on the device.
 """
 
@@ -63,7 +65,9 @@ class DynamicBuffer:
     needs_teacher = True  # its slots advance by the teacher's reverse steps
 
     def __init__(self, shape: tuple[int, int, int], slots: int, terms: DiffusionTerms, device: torch.device,
-                 variance_type: str = "fixed_small", learned: bool = False, clip: float | None = 1.0) -> None:
+                 variance_type: str = "fixed_small", learned: bool = False, clip: float | None = 1.0,
+                 labels: Any = None) -> None:
+        """``labels`` (a ``LabelPlan``, for a class-conditional teacher) gives every slot a class label."""
         self.shape, self.n, self.terms, self.device = tuple(shape), int(slots), terms, device
         # The teacher's scheduler config decides the reverse step, as diffusers' DDPMScheduler.step would.
         check_variance_type(variance_type, "teacher scheduler config")
@@ -79,6 +83,8 @@ class DynamicBuffer:
         self.x = torch.zeros((self.n, *self.shape), device=device)
         self.t = torch.zeros(self.n, dtype=torch.long)  # on the CPU
         self.steps_done = torch.zeros(self.n, dtype=torch.long)  # reverse steps applied by training, per slot
+        self.label_plan = labels
+        self.y: torch.Tensor | None = None if labels is None else torch.zeros(self.n, dtype=torch.long)  # on the CPU
         self.restarts = 0
         self.init_forwards = 0
         self._report: Callable[[], None] | None = None  # the build's progress reporter, while it runs
@@ -117,6 +123,8 @@ class DynamicBuffer:
         """
         T = self.T
         target = torch.randint(0, T, (self.n,), generator=generator)
+        if self.label_plan is not None:
+            self.y = self.label_plan.draw(self.n, generator)
         total = self.planned_forwards(target, init_steps)
         say = log or (lambda _msg: None)
         how = f"{init_steps}-step DDIM jumps" if init_steps else "exact shuffle denoise"
@@ -152,26 +160,28 @@ class DynamicBuffer:
             idx = torch.arange(lo, min(lo + batch_size, self.n))
             noise = torch.randn((len(idx), *self.shape), generator=generator).to(self.device)
             goal = target[idx]
+            y = None if self.y is None else self.y[idx]
             if init_steps:
-                x = self._ddim_init(teacher, noise, goal, init_steps)
+                x = self._ddim_init(teacher, noise, goal, init_steps, y)
             else:
-                x = self._exact_init(teacher, noise, goal, generator)
+                x = self._exact_init(teacher, noise, goal, generator, y)
             self.x[idx.to(self.device)] = x
         self._report = None
         bar.close()
         self.t = target.clone()
 
-    def _eps(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _eps(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         c = self.shape[0]
         with autocast(self.device):
-            out = predict(teacher, x, t.to(self.device)).float()
+            out = predict(teacher, x, t.to(self.device), None if y is None else y.to(self.device)).float()
         self.init_forwards += x.shape[0]
         if self._report is not None:
             self._report()
         return out[:, :c], (out[:, c:2 * c] if self.learned else None)
 
     def _exact_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: torch.Generator, y: torch.Tensor | None) -> torch.Tensor:
         # Step every slot whose goal is below the current t; all slots share the clock s = T-1 ... 1.
         for s in range(self.T - 1, int(goal.min()), -1):
             active = (goal < s).nonzero().flatten()
@@ -179,12 +189,13 @@ class DynamicBuffer:
                 continue
             a = active.to(self.device)
             t = torch.full((active.numel(),), s, dtype=torch.long)
-            eps, v = self._eps(teacher, x[a], t)
+            eps, v = self._eps(teacher, x[a], t, None if y is None else y[active])
             z = torch.randn((active.numel(), *self.shape), generator=generator).to(self.device)
             x[a] = reverse_step(self.terms, x[a], t.to(self.device), eps, v, z, self.variance_type, self.clip)
         return x
 
-    def _ddim_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor, steps: int) -> torch.Tensor:
+    def _ddim_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor, steps: int,
+                   y: torch.Tensor | None) -> torch.Tensor:
         start = self.T - 1
         for j in range(steps):
             t_cur = start - torch.div((start - goal) * j, steps, rounding_mode="floor")
@@ -193,7 +204,7 @@ class DynamicBuffer:
             if move.numel() == 0:
                 continue
             m = move.to(self.device)
-            eps, _ = self._eps(teacher, x[m], t_cur[move])
+            eps, _ = self._eps(teacher, x[m], t_cur[move], None if y is None else y[move])
             x[m] = ddim_jump(self.terms, x[m], t_cur[move].to(self.device), t_next[move].to(self.device), eps,
                              self.clip)
         return x
@@ -223,7 +234,9 @@ class DynamicBuffer:
             slots = torch.multinomial(mask.float(), min(n, have), replacement=False, generator=generator)
         self._taken[slots] = True
         t_host = self.t[slots].clone()
-        return Batch(x_t=self.x[slots.to(self.device)], t=t_host.to(self.device), slots=slots, t_host=t_host)
+        cond = None if self.y is None else self.y[slots].to(self.device)
+        return Batch(x_t=self.x[slots.to(self.device)], t=t_host.to(self.device), slots=slots, t_host=t_host,
+                     cond=cond)
 
     @torch.no_grad()
     def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator) -> None:
@@ -246,14 +259,19 @@ class DynamicBuffer:
         if fresh is not None:
             self.x[slots[done].to(self.device)] = fresh
             self.restarts += int(done.sum())
+            if self.y is not None:  # a restarted slot is a new sample: a new label too
+                self.y[slots[done]] = self.label_plan.draw(int(done.sum()), g)
         self.t[slots] = torch.where(done, torch.full_like(t, self.T - 1), t - 1)
         self.steps_done[slots] += 1
 
     # 3. Checkpoint state -------------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"x": self.x.detach().cpu(), "t": self.t.clone(), "steps_done": self.steps_done.clone(),
-                "restarts": torch.tensor(self.restarts)}
+        out = {"x": self.x.detach().cpu(), "t": self.t.clone(), "steps_done": self.steps_done.clone(),
+               "restarts": torch.tensor(self.restarts)}
+        if self.y is not None:
+            out["y"] = self.y.clone()
+        return out
 
     def load_state_tensors(self, tensors: dict[str, Any]) -> None:
         x = tensors.get("x")
@@ -265,3 +283,9 @@ class DynamicBuffer:
         self.t = tensors["t"].clone()
         self.steps_done = tensors["steps_done"].clone()
         self.restarts = int(tensors["restarts"])
+        if self.y is not None:
+            y = tensors.get("y")
+            if y is None or tuple(y.shape) != (self.n,):
+                raise O2MError("checkpoint buffer has no slot labels, this run's teacher is class-conditional; resume "
+                               "with the same teacher")
+            self.y = y.clone()

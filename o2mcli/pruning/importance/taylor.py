@@ -19,8 +19,11 @@ from o2mcli.models.denoise import predict
 
 
 def accumulate_denoising_grads(unet: nn.Module, images: torch.Tensor, terms: DiffusionTerms, *, batches: int,
-                               batch_size: int, seed: int) -> float:
-    """Fill ``p.grad`` with the summed gradient of the eps-MSE over ``batches`` batches; returns the mean loss."""
+                               batch_size: int, seed: int, labels: torch.Tensor | None = None) -> float:
+    """Fill ``p.grad`` with the summed gradient of the eps-MSE over ``batches`` batches; returns the mean loss.
+
+    ``labels`` (a class-conditional teacher): each image's class goes with it, so the conditional branch the
+    model serves is what ranks the channels."""
     g = torch.Generator().manual_seed(seed)
     device = next(unet.parameters()).device
     unet.zero_grad(set_to_none=True)
@@ -32,7 +35,8 @@ def accumulate_denoising_grads(unet: nn.Module, images: torch.Tensor, terms: Dif
         t = torch.randint(0, terms.T, (batch_size,), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         x_t = q_sample(terms, x0, t, noise)
-        eps = predict(unet, x_t, t)[:, :c]
+        cond = None if labels is None else labels[idx].to(device)
+        eps = predict(unet, x_t, t, cond)[:, :c]
         loss = F.mse_loss(eps, noise)
         loss.backward()
         total += float(loss.detach())

@@ -15,7 +15,7 @@ from o2mcli.models.io import build_unet
 from o2mcli.models.stats import count_block_macs, count_block_params
 from o2mcli.pruning.pruners.base import Pruner
 from o2mcli.pruning.surgery import attribute_mismatches, check_prunable, prune_uniform
-from o2mcli.pruning.widths import WidthPlan, plan_for_macs, plan_widths
+from o2mcli.pruning.widths import WidthPlan, check_same_structure, plan_for_macs, plan_widths
 
 
 class UNet2DPruner(Pruner):
@@ -35,6 +35,7 @@ class UNet2DPruner(Pruner):
         if plan.new_channels == plan.old_channels:
             raise O2MError(f"--ratio {plan.ratio}: removes no channel at --round-to {plan.round_to} (every block "
                            f"keeps {list(plan.old_channels)}); use a larger ratio")
+        check_same_structure(cfg, plan)
         return plan
 
     def prune(self, model: nn.Module, plan: WidthPlan, importance: Callable[[Any], torch.Tensor]) -> Any:
@@ -63,7 +64,8 @@ class UNet2DPruner(Pruner):
         old, new = plan.old_channels, plan.new_channels
         n = len(old)
         widths = {"conv_in": (old[0], new[0]), "time_embedding": (plan.old_time_dim, plan.new_time_dim),
-                  "conv_norm_out": (old[0], new[0]), "conv_out": (old[0], new[0]), "mid_block": (old[-1], new[-1])}
+                  "conv_norm_out": (old[0], new[0]), "conv_out": (old[0], new[0]), "mid_block": (old[-1], new[-1]),
+                  "class_embedding": (plan.old_time_dim, plan.new_time_dim)}  # added to the time embedding
         widths.update({f"down_blocks.{i}": (old[i], new[i]) for i in range(n)})
         widths.update({f"up_blocks.{i}": (old[n - 1 - i], new[n - 1 - i]) for i in range(n)})
         blocks = []
