@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The comparison table on the embedded default (about 26 minutes on 2 CPU cores, two lanes at once), then its
-# class-conditional section (table-cond): writes docs/results.md.
+# class-conditional section (table-cond, about 16 minutes): writes docs/results.md.
 table: $(STAMP)
 	O2M=$(BIN)/o2m bash recipes/digits-table.sh
 	$(MAKE) table-cond
