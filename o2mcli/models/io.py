@@ -70,7 +70,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "si
 
 def check_unet_config(cfg: Any, where: Path) -> None:
     """The model config's family, type, keys and sizes, before anything is built (crafted metadata is refused)."""
-    family_for_config(cfg, where).check_config(cfg, where)
+    family_for_config(cfg, where, served=True).check_config(cfg, where)
 
 
 def check_scheduler_config(sched: Any, where: Path) -> int:
@@ -105,7 +105,7 @@ def check_timestep_range(rng: Any, T: int, where: Path) -> tuple[int, int]:
 
 def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
     """The model a config describes (its family by ``_class_name``); weights, if given, must match exactly."""
-    return family_for_config(cfg, where).build(cfg, state, where)
+    return family_for_config(cfg, where, served=True).build(cfg, state, where)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

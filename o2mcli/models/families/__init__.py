@@ -10,22 +10,29 @@ from torch import nn
 from o2mcli.errors import O2MError
 from o2mcli.models.families.base import DenoiserFamily
 from o2mcli.models.families.unet2d import UNet2D
+from o2mcli.models.families.unet2d_condition import UNet2DCondition
 from o2mcli.registry import Registry
 
 FAMILIES: Registry[DenoiserFamily] = Registry("_class_name", "model family")
 FAMILIES.register(UNet2D.name, UNet2D())
+FAMILIES.register(UNet2DCondition.name, UNet2DCondition())
 
 DEFAULT_FAMILY = UNet2D.name  # a config without _class_name (o2m's own, older files)
 
 __all__ = ["FAMILIES", "DenoiserFamily", "family_for_config", "family_of"]
 
 
-def family_for_config(cfg: Any, where: Path) -> DenoiserFamily:
-    """The family a config's ``_class_name`` names; an unsupported class is refused by name."""
+def family_for_config(cfg: Any, where: Path, served: bool = False) -> DenoiserFamily:
+    """The family a config's ``_class_name`` names; an unsupported class is refused by name, and with ``served``
+    so is a family whose stages are not built yet (loading a model for a stage asks that)."""
     name = cfg.get("_class_name", DEFAULT_FAMILY) if isinstance(cfg, dict) else DEFAULT_FAMILY
+    ready = [n for n in FAMILIES if FAMILIES[n].not_yet is None]
     if name not in FAMILIES:
-        raise O2MError(f"{where}: found a {name}; o2m supports {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+        raise O2MError(f"{where}: found a {name}; o2m supports {', '.join(ready)}")
+    family = FAMILIES[name]
+    if served and family.not_yet is not None:
+        raise O2MError(f"{where}: found a {name}: {family.not_yet}")
+    return family
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.configs import check_int_in
-from o2mcli.models.families.base import DenoiserFamily
+from o2mcli.models.families.base import DenoiserFamily, load_state_exact
 
 MAX_SAMPLE_SIZE = 2048
 MAX_ACTIVATION_BYTES = 16 << 30  # one sample's largest feature maps, a generous bound for a UNet2DModel
@@ -54,18 +54,7 @@ class UNet2D(DenoiserFamily):
         except (TypeError, ValueError, KeyError) as e:
             raise O2MError(f"{where}: invalid UNet2DModel config ({e})") from e
         if state is not None:
-            own = unet.state_dict()
-            missing = sorted(set(own) - set(state))
-            unexpected = sorted(set(state) - set(own))
-            if missing or unexpected:
-                what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-                raise O2MError(f"{where}: config does not match the weights ({what}; "
-                               f"{len(missing)} missing, {len(unexpected)} unexpected tensors)")
-            for k, v in state.items():
-                if own[k].shape != v.shape:
-                    raise O2MError(f"{where}: config does not match the weights ({k}: weights {tuple(v.shape)}, "
-                                   f"config expects {tuple(own[k].shape)})")
-            unet.load_state_dict(state, strict=True)
+            load_state_exact(unet, state, where)
         return unet.eval()
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,

@@ -1,0 +1,88 @@
+"""diffusers' ``UNet2DConditionModel``: Stable Diffusion's latent, text-conditioned UNet (issue #13).
+
+The condition is the text encoder's last hidden state, ``(B, L, cross_attention_dim)``, passed as
+``encoder_hidden_states``. The family is built ahead of the stages that serve it: until they do,
+loading such a model is refused by name (``not_yet``), so no stage runs it half-supported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from o2mcli.errors import O2MError
+from o2mcli.models.configs import check_int_in
+from o2mcli.models.families.base import DenoiserFamily, load_state_exact
+from o2mcli.models.families.unet2d import MAX_ACTIVATION_BYTES, MAX_SAMPLE_SIZE, clean_config
+
+SHAPE_TOKENS = 77  # CLIP's context length: the stand-in condition's length when only shapes matter
+
+
+class UNet2DCondition(DenoiserFamily):
+    """``UNet2DConditionModel``: eps from ``model(x_t, t, encoder_hidden_states=text).sample``."""
+
+    name = "UNet2DConditionModel"
+    not_yet = ("Stable Diffusion (latent, text-conditioned) models are not served by o2m's stages yet "
+               "(issue #13); o2m works with UNet2DModel")
+
+    def check_config(self, cfg: Any, where: Path) -> None:
+        if not isinstance(cfg, dict):
+            raise O2MError(f"{where}: the UNet config is a JSON {type(cfg).__name__}, expected an object")
+        for key, hi in (("in_channels", 64), ("out_channels", 128), ("block_out_channels", 16384),
+                        ("layers_per_block", 64), ("sample_size", MAX_SAMPLE_SIZE), ("cross_attention_dim", 16384)):
+            check_int_in(cfg, key, 1, hi, where, "UNet config")
+        size = cfg.get("sample_size") or 64
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        widest = max(cfg.get("block_out_channels") or [1])
+        if hw[0] * hw[1] * widest * 4 * 4 > MAX_ACTIVATION_BYTES:
+            raise O2MError(f"{where}: UNet config sample_size {size!r} x {widest} channels is too large to build")
+
+    def build(self, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]], where: Path) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        self.check_config(cfg, where)
+        try:
+            unet = UNet2DConditionModel.from_config(clean_config(cfg))
+        except (TypeError, ValueError, KeyError) as e:
+            raise O2MError(f"{where}: invalid UNet2DConditionModel config ({e})") from e
+        if state is not None:
+            load_state_exact(unet, state, where)
+        return unet.eval()
+
+    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``cond``: text embeddings (B, L, D). Without one, zeros of CLIP's length stand in: enough for MACs and
+        feature shapes; sampling and training always pass real embeddings (the empty prompt's for guidance)."""
+        if cond is None:
+            dim = _cross_dim(getattr(model, "module", model).config)
+            cond = torch.zeros(x_t.shape[0], SHAPE_TOKENS, dim, device=x_t.device, dtype=x_t.dtype)
+        if cond.ndim != 3:
+            raise O2MError(f"a UNet2DConditionModel takes text embeddings (batch, tokens, dim), got shape "
+                           f"{tuple(cond.shape)}")
+        return model(x_t, t, encoder_hidden_states=cond).sample
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        cfg = model.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(cfg.in_channels), int(h), int(w)
+
+    def feature_points(self, model: nn.Module) -> list[str]:
+        """Every down block's output, the mid block's and every up block's (BK-SDM's block-output KD points)."""
+        names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+        if getattr(model, "mid_block", None) is not None:
+            names.append("mid_block")
+        return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+
+    def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
+        raise O2MError("exporting a UNet2DConditionModel needs its pipeline's VAE, text encoder and tokenizer; "
+                       "not built yet (issue #13)")
+
+
+def _cross_dim(cfg: Any) -> int:
+    """The text embedding width a config expects (diffusers allows one per block; SD 1.x/2.x use one)."""
+    d = cfg.cross_attention_dim
+    return int(d[0] if isinstance(d, (list, tuple)) else d)

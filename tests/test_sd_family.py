@@ -1,0 +1,83 @@
+"""Stable Diffusion groundwork (issue #13): the tiny offline SD pipeline, the UNet2DConditionModel family behind
+the denoiser interface, and the one-line refusal while the stages do not serve it yet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_refused, cli
+from o2mcli.errors import O2MError
+from o2mcli.models.denoise import input_shape, predict
+from o2mcli.models.families import FAMILIES, family_for_config, family_of
+from sd_tiny import WORDS, save_tiny_sd, tiny_sd_pipeline, tiny_tokenizer
+
+pytest.importorskip("transformers")
+
+
+def test_tokenizer_is_written_offline_and_knows_whole_words(tmp_path: Path) -> None:
+    tok = tiny_tokenizer(tmp_path / "tok")
+    ids = tok("a photo of a cat").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(ids) == 2 + 5  # each word is one token
+    assert tok.decode(ids[1:-1]) == "a photo of a cat"
+    assert len(set(tok(w).input_ids[1] for w in WORDS)) == len(WORDS)
+
+
+def test_tiny_pipeline_saves_and_plain_diffusers_samples_it(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    folder = save_tiny_sd(tmp_path / "sd")
+    assert {p.name for p in folder.iterdir()} >= {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
+                                                  "scheduler"}
+    assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    out = pipe("a red cat", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_family_predicts_eps_from_text_embeddings(tmp_path: Path) -> None:
+    unet, _, text, _ = tiny_sd_pipeline()
+    tok = tiny_tokenizer(tmp_path / "tok")
+    fam = family_of(unet)
+    assert fam is FAMILIES["UNet2DConditionModel"] and input_shape(unet) == (4, 8, 8)
+    ids = tok(["a red cat", "a blue dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = text(ids).last_hidden_state
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+        eps = predict(unet, x, t, emb)
+        assert eps.shape == (2, 4, 8, 8)
+        assert torch.allclose(eps, unet(x, t, encoder_hidden_states=emb).sample)
+        assert not torch.allclose(predict(unet, x, t, emb.flip(0)), eps)  # the text changes the prediction
+        assert predict(unet, x, t).shape == (2, 4, 8, 8)  # a zero stand-in condition, for shapes and MACs
+    names = dict(unet.named_modules())
+    assert all(n in names for n in fam.feature_points(unet)) and "mid_block" in fam.feature_points(unet)
+    with pytest.raises(O2MError, match=r"text embeddings \(batch, tokens, dim\), got shape \(2, 3\)"):
+        predict(unet, x, t, torch.zeros(2, 3))
+
+
+def test_family_rebuilds_from_config_and_refuses_mismatches(tmp_path: Path) -> None:
+    unet, _, _, _ = tiny_sd_pipeline()
+    cfg = {**dict(unet.config), "_class_name": "UNet2DConditionModel"}
+    fam = family_for_config(cfg, Path("c"))
+    rebuilt = fam.build(cfg, unet.state_dict(), Path("c"))
+    x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(predict(rebuilt, x, t, emb), predict(unet, x, t, emb))
+    bad = {k: v for k, v in unet.state_dict().items() if not k.startswith("mid_block")}
+    with pytest.raises(O2MError, match="c: config does not match the weights .missing mid_block"):
+        fam.build(cfg, bad, Path("c"))
+    with pytest.raises(O2MError, match="sample_size"):
+        fam.check_config({**cfg, "sample_size": 10**6}, Path("c"))
+
+
+def test_stages_refuse_a_stable_diffusion_pipeline_by_name(in_tmp: Path) -> None:
+    save_tiny_sd(in_tmp / "sd")
+    for args in (["sample", "sd", "-n", "2", "--steps", "2", "--device", "cpu", "-o", "s"],
+                 ["prune", "sd", "--ratio", "0.5", "--no-throughput", "-o", "p"],
+                 ["info", "sd"]):
+        assert_refused(cli(*args), "UNet2DConditionModel", "issue #13")
+    assert not (in_tmp / "s").exists() and not (in_tmp / "p").exists()
