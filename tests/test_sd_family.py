@@ -81,3 +81,56 @@ def test_stages_refuse_a_stable_diffusion_pipeline_by_name(in_tmp: Path) -> None
                  ["info", "sd"]):
         assert_refused(cli(*args), "UNet2DConditionModel", "issue #13")
     assert not (in_tmp / "s").exists() and not (in_tmp / "p").exists()
+
+
+# The pipeline's parts: read offline, and the text and latent maps around the denoiser ------------------------------
+
+def test_parts_load_offline_and_match_plain_diffusers(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from o2mcli.models.families.stable_diffusion import (decode_latents, encode_images, encode_prompts, is_sd_pipeline,
+                                                         load_sd_parts)
+
+    folder = save_tiny_sd(tmp_path / "sd")
+    assert is_sd_pipeline(folder) and not is_sd_pipeline(tmp_path)
+    parts = load_sd_parts(folder)
+    assert set(parts.hashes) == {"unet", "vae", "text_encoder"} and all(len(h) == 64 for h in parts.hashes.values())
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    prompts = ["a red cat", "", "a photo of a digit seven"]
+    ours = encode_prompts(parts, prompts, batch_size=2)
+    theirs, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    assert ours.shape == (3, 77, 32) and torch.allclose(ours, theirs, atol=1e-6)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pipe.image_processor.postprocess(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample,
+                                                output_type="pt")
+    images = decode_latents(parts.vae, z)
+    assert images.shape == (2, 3, 16, 16) and torch.allclose(images, want, atol=1e-5)
+    lat = encode_images(parts.vae, images)
+    assert lat.shape == (2, 4, 8, 8)  # the VAE halves each side once
+    g = torch.Generator().manual_seed(1)
+    assert not torch.allclose(encode_images(parts.vae, images, g), lat)  # a posterior draw, not its mean
+
+
+def test_parts_refusals(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from o2mcli.models.families.stable_diffusion import load_sd_parts
+
+    folder = save_tiny_sd(tmp_path / "sd")
+    index = json.loads((folder / "model_index.json").read_text())
+    xl = tmp_path / "xl"
+    shutil.copytree(folder, xl)
+    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(O2MError, match="StableDiffusionXLPipeline: SDXL"):
+        load_sd_parts(xl)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    w = pickled / "vae" / "diffusion_pytorch_model.safetensors"
+    w.rename(w.with_suffix(".bin"))
+    with pytest.raises(O2MError, match=r"vae: only diffusion_pytorch_model.bin \(pickle\) found"):
+        load_sd_parts(pickled)
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(O2MError, match="no tokenizer/ folder"):
+        load_sd_parts(folder)

@@ -1,0 +1,160 @@
+"""A Stable Diffusion pipeline directory's parts (issue #13): the UNet (the denoiser), and the VAE, text encoder and
+tokenizer that stages use around it, read offline from safetensors, with the text and latent maps they need.
+
+The layout is diffusers' SD 1.x / 2.x one: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``. SDXL (two text encoders, added time ids) is refused by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from o2mcli.errors import O2MError
+from o2mcli.fsutil import loads_bounded
+from o2mcli.models.families.base import load_state_exact
+
+PIPELINE = "StableDiffusionPipeline"
+REFUSED = {"StableDiffusionXLPipeline": "SDXL (two text encoders and added time ids) is not supported yet"}
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors"}
+
+
+@dataclass
+class SDParts:
+    """The pipeline's parts on one device, and each weight file's sha256 (stages refer to the unchanged VAE and
+    text encoder by path and hash rather than copying them)."""
+
+    root: Path
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return loads_bounded(path.read_bytes(), str(path))
+    except FileNotFoundError as e:
+        raise O2MError(f"{path}: missing") from e
+
+
+def is_sd_pipeline(path: Path) -> bool:
+    """Whether ``path`` is a diffusers pipeline directory whose index names a Stable Diffusion class."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    found = _json(index)
+    return isinstance(found, dict) and str(found.get("_class_name", "")).startswith("StableDiffusion")
+
+
+def _weights(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A part's safetensors state and its sha256; a pickle checkpoint is refused by name."""
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS[name]
+    if not path.is_file():
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+        if pickled:
+            raise O2MError(f"{folder}: only {pickled[0]} (pickle) found; o2m loads safetensors weights only")
+        raise O2MError(f"{path}: missing {name} weights")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return load_file(str(path)), digest
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise O2MError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_sd_parts(path: Path, device: torch.device | str = "cpu") -> SDParts:
+    """Every part of a Stable Diffusion pipeline directory, built from its configs and exactly matching weights."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from o2mcli.models.families.unet2d_condition import UNet2DCondition
+
+    # 1. The index names a pipeline class this module serves, and every part is there.
+    root = Path(path)
+    index = _json(root / "model_index.json")
+    cls = index.get("_class_name") if isinstance(index, dict) else None
+    if cls in REFUSED:
+        raise O2MError(f"{root}: a {cls}: {REFUSED[cls]}")
+    if cls != PIPELINE:
+        raise O2MError(f"{root}: model_index.json names {cls!r}; expected {PIPELINE}")
+    for part in PARTS:
+        if not (root / part).is_dir():
+            raise O2MError(f"{root}: no {part}/ folder (a Stable Diffusion pipeline has {', '.join(PARTS)})")
+
+    # 2. The parts, each from its config and safetensors weights.
+    hashes = {}
+    ucfg = _json(root / "unet" / "config.json")
+    state, hashes["unet"] = _weights(root / "unet", "unet")
+    unet = UNet2DCondition().build(ucfg, state, root / "unet")
+    vcfg = _json(root / "vae" / "config.json")
+    try:
+        vae = AutoencoderKL.from_config({k: v for k, v in vcfg.items() if not k.startswith("_")})
+    except (TypeError, ValueError, KeyError) as e:
+        raise O2MError(f"{root / 'vae'}: invalid AutoencoderKL config ({e})") from e
+    state, hashes["vae"] = _weights(root / "vae", "vae")
+    load_state_exact(vae, state, root / "vae")
+    try:
+        text = CLIPTextModel(CLIPTextConfig.from_json_file(str(root / "text_encoder" / "config.json")))
+    except (OSError, TypeError, ValueError, KeyError) as e:
+        raise O2MError(f"{root / 'text_encoder'}: invalid CLIP text config ({e})") from e
+    state, hashes["text_encoder"] = _weights(root / "text_encoder", "text_encoder")
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older exports carry
+    own = {k for k in text.state_dict() if not k.endswith("position_ids")}
+    if set(state) != own:
+        raise O2MError(f"{root / 'text_encoder'}: config does not match the weights "
+                       f"({sorted(own ^ set(state))[0]})")
+    text.load_state_dict(state, strict=False)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise O2MError(f"{root / 'tokenizer'}: not a readable CLIP tokenizer ({e})") from e
+    sched = _json(root / "scheduler" / "scheduler_config.json")
+    return SDParts(root=root, unet=unet.to(device).eval(), vae=vae.to(device).eval(),
+                   text_encoder=text.to(device).eval(), tokenizer=tokenizer, scheduler_config=sched, hashes=hashes)
+
+
+# The maps around the denoiser -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(parts: SDParts, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Text embeddings (N, L, D): the text encoder's last hidden state over max-length padded tokens (SD's
+    conditioning; the empty prompt "" gives the unconditional branch of classifier-free guidance)."""
+    tok, dev = parts.tokenizer, next(parts.text_encoder.parameters()).device
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+        ids = tok(prompts[lo:lo + batch_size], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(dev)
+        out.append(parts.text_encoder(ids)[0])
+    return torch.cat(out)
+
+
+def latent_scale(vae: nn.Module) -> float:
+    """The factor that brings the VAE's latents to unit variance (SD 1.x: 0.18215)."""
+    return float(getattr(vae.config, "scaling_factor", 0.18215))
+
+
+@torch.no_grad()
+def encode_images(vae: nn.Module, images01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents of images in [0, 1], (N, 3, H, W): a draw from the VAE posterior (its mean without a
+    generator), as SD's training does."""
+    dist = vae.encode(images01 * 2 - 1).latent_dist
+    z = dist.mean if generator is None else dist.mean + dist.std * torch.randn(
+        dist.mean.shape, generator=generator).to(dist.mean.device)
+    return z * latent_scale(vae)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], (N, 3, H, W), from scaled latents."""
+    return (vae.decode(latents / latent_scale(vae)).sample / 2 + 0.5).clamp(0, 1)
