@@ -25,3 +25,17 @@ o2m() {
   "$O2M" "$@"
   printf '%s\t%s\n' "$(( ($(date +%s%N) - t0) / 1000000 ))" "o2m $*" >> "$LOG"
 }
+
+# Runs the recipe's lane_a and lane_b at once, each in a subshell that stops at its first error (lane_b may watch
+# $LANE_A), waits for both, and records how the commands shared the machine ($2) in parallel.txt; $1 names the
+# recipe in the error.
+run_lanes() {
+  ( set -e; lane_a ) & LANE_A=$!
+  ( set -e; lane_b ) & LANE_B=$!
+  local failed=0
+  wait "$LANE_A" || failed=1
+  wait "$LANE_B" || failed=1
+  [ "$failed" = 0 ] || { echo "$1: a lane failed (see above)" >&2; exit 1; }
+  unset OMP_NUM_THREADS MKL_NUM_THREADS
+  printf '%s\n' "$2" > parallel.txt
+}

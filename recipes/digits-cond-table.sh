@@ -64,14 +64,7 @@ lane_b() {
   sample_both dkdm dkdm
 }
 
-( set -e; lane_a ) & LANE_A=$!
-( set -e; lane_b ) & LANE_B=$!
-FAILED=0
-wait "$LANE_A" || FAILED=1
-wait "$LANE_B" || FAILED=1
-[ "$FAILED" = 0 ] || { echo "digits-cond-table: a lane failed (see above)" >&2; exit 1; }
-unset OMP_NUM_THREADS MKL_NUM_THREADS
-printf 'two lanes at once (O2MKD and its seed-1 run | O2OKD, DKDM and the teacher), one torch thread per process; o2m score on the default threads\n' > parallel.txt
+run_lanes digits-cond-table 'two lanes at once (O2MKD and its seed-1 run | O2OKD, DKDM and the teacher), one torch thread per process; o2m score on the default threads'
 
 LOG=commands-c.tsv
 ROWS=()

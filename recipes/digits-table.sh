@@ -117,14 +117,7 @@ lane_b() {
   sample_ratio 0.5 "${METHODS[@]}" "${SEED1_METHODS[@]}"
 }
 
-( set -e; lane_a ) & LANE_A=$!
-( set -e; lane_b ) & LANE_B=$!
-FAILED=0
-wait "$LANE_A" || FAILED=1
-wait "$LANE_B" || FAILED=1
-[ "$FAILED" = 0 ] || { echo "digits-table: a lane failed (see above)" >&2; exit 1; }
-unset OMP_NUM_THREADS MKL_NUM_THREADS
-printf 'two lanes at once (ratio 0.3 + the teacher | ratio 0.5), one torch thread per process; o2m score on the default threads\n' > parallel.txt
+run_lanes digits-table 'two lanes at once (ratio 0.3 + the teacher | ratio 0.5), one torch thread per process; o2m score on the default threads'
 
 ROWS=(samples-teacher samples-teacher-seed1)
 DDPM_ROWS=(samples-ddpm-teacher)

@@ -21,6 +21,22 @@ def clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
 
 
+def unet_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of a diffusers UNet's input, from its config (``sample_size`` an int or [H, W])."""
+    cfg = model.config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(cfg.in_channels), int(h), int(w)
+
+
+def unet_block_outputs(model: nn.Module) -> list[str]:
+    """Every down block's output, the mid block's and every up block's: a diffusers UNet's feature-KD points."""
+    names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+    if getattr(model, "mid_block", None) is not None:
+        names.append("mid_block")
+    return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+
+
 class UNet2D(DenoiserFamily):
     """``UNet2DModel``: eps (and v) from ``model(x_t, t[, class_labels]).sample``."""
 
@@ -69,17 +85,10 @@ class UNet2D(DenoiserFamily):
         return model(x_t, t, class_labels=cond).sample
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
-        cfg = model.config
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return int(cfg.in_channels), int(h), int(w)
+        return unet_input_shape(model)
 
     def feature_points(self, model: nn.Module) -> list[str]:
-        """Every down block's output, the mid block's and every up block's."""
-        names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-        if getattr(model, "mid_block", None) is not None:
-            names.append("mid_block")
-        return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+        return unet_block_outputs(model)
 
     def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
         from diffusers import DDPMPipeline

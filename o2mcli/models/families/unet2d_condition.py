@@ -16,7 +16,8 @@ from torch import nn
 from o2mcli.errors import O2MError
 from o2mcli.models.configs import check_int_in
 from o2mcli.models.families.base import DenoiserFamily, load_state_exact
-from o2mcli.models.families.unet2d import MAX_ACTIVATION_BYTES, MAX_SAMPLE_SIZE, clean_config
+from o2mcli.models.families.unet2d import (MAX_ACTIVATION_BYTES, MAX_SAMPLE_SIZE, clean_config, unet_block_outputs,
+                                           unet_input_shape)
 
 SHAPE_TOKENS = 77  # CLIP's context length: the stand-in condition's length when only shapes matter
 
@@ -65,17 +66,11 @@ class UNet2DCondition(DenoiserFamily):
         return model(x_t, t, encoder_hidden_states=cond).sample
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
-        cfg = model.config
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return int(cfg.in_channels), int(h), int(w)
+        return unet_input_shape(model)  # latent channels and size
 
     def feature_points(self, model: nn.Module) -> list[str]:
-        """Every down block's output, the mid block's and every up block's (BK-SDM's block-output KD points)."""
-        names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-        if getattr(model, "mid_block", None) is not None:
-            names.append("mid_block")
-        return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+        """The block outputs, as for UNet2DModel (BK-SDM's feature-KD points)."""
+        return unet_block_outputs(model)
 
     def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
         raise O2MError("exporting a UNet2DConditionModel needs its pipeline's VAE, text encoder and tokenizer; "
