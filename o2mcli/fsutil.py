@@ -97,7 +97,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-O2M_DIR_MARKERS = ("manifest.json", "o2m_export.json")  # a stage directory; an `o2m export` pipeline
+# a stage directory; an `o2m export` pipeline; a latent cache (data/latent_cache.py)
+O2M_DIR_MARKERS = ("manifest.json", "o2m_export.json", "o2m_latent_cache.json")
 
 
 MAX_SAFETENSORS_HEADER = 16 << 20

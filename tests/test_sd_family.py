@@ -134,3 +134,52 @@ def test_parts_refusals(tmp_path: Path) -> None:
     shutil.rmtree(folder / "tokenizer")
     with pytest.raises(O2MError, match="no tokenizer/ folder"):
         load_sd_parts(folder)
+
+
+def test_latent_cache_is_built_once_reused_and_checked(tmp_path: Path) -> None:
+    """Latents and text embeddings are computed once (counted), equal the parts' own maps, and are reused;
+    other inputs rebuild the cache; a changed shard is refused."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from o2mcli.data.captions import read_captions
+    from o2mcli.data.latent_cache import build_cache, load_cache, load_rgb
+    from o2mcli.models.families.stable_diffusion import encode_images, encode_prompts, load_sd_parts
+
+    parts = load_sd_parts(save_tiny_sd(tmp_path / "sd"))
+    d = tmp_path / "caps"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (w, h) in enumerate([(20, 16), (16, 24), (16, 16)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": ["a red cat", "a blue dog", ""][i]})
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    items = read_captions(d)
+    calls = {"img": 0, "txt": 0}
+
+    def img(x):
+        calls["img"] += len(x)
+        return encode_images(parts.vae, x)
+
+    def txt(t):
+        calls["txt"] += len(t)
+        return encode_prompts(parts, t)
+
+    record = {"vae": parts.hashes["vae"], "text_encoder": parts.hashes["text_encoder"]}
+    out = build_cache(tmp_path / "cache", items, img, txt, record, resolution=16, batch_size=2, shard_size=2)
+    assert calls == {"img": 3, "txt": 3} and len(list(out.glob("shard-*.safetensors"))) == 2
+    lat, emb = load_cache(out)
+    assert lat.shape == (3, 4, 8, 8) and emb.shape == (3, 77, 32)
+    assert torch.allclose(lat[1], encode_images(parts.vae, load_rgb(items[1].path, 16)[None])[0], atol=1e-5)
+    assert torch.allclose(emb[2], encode_prompts(parts, [""])[0], atol=1e-6)
+    build_cache(out, items, img, txt, record, resolution=16, batch_size=2, shard_size=2)
+    assert calls == {"img": 3, "txt": 3}  # reused: no encoder ran
+    build_cache(out, items, img, txt, {**record, "vae": "other"}, resolution=16, batch_size=2, shard_size=2)
+    assert calls == {"img": 6, "txt": 6}  # another VAE: rebuilt
+    shard = out / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(O2MError, match="shard-00000.safetensors: missing or changed"):
+        load_cache(out)
