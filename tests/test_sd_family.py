@@ -72,6 +72,9 @@ def test_family_rebuilds_from_config_and_refuses_mismatches(tmp_path: Path) -> N
         fam.build(cfg, bad, Path("c"))
     with pytest.raises(O2MError, match="sample_size"):
         fam.check_config({**cfg, "sample_size": 10**6}, Path("c"))
+    # The checks every UNet config gets, shared with UNet2DModel: a malformed size is one line, not a crash.
+    with pytest.raises(O2MError, match=r"c: UNet config sample_size = \[8, 8, 8\]; expected an integer or"):
+        fam.check_config({**cfg, "sample_size": [8, 8, 8]}, Path("c"))
 
 
 def test_stages_refuse_a_stable_diffusion_pipeline_by_name(in_tmp: Path) -> None:

@@ -16,6 +16,26 @@ import torch
 from torch import nn
 
 
+def clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without diffusers' private keys (``_class_name`` kept)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+
+
+def build_from_config(model_cls: Any, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]],
+                      where: Path) -> nn.Module:
+    """A diffusers model class built from ``cfg`` (a bad config is a one-line error) and, if given, exactly
+    matching weights; in eval mode."""
+    from o2mcli.errors import O2MError
+
+    try:
+        model = model_cls.from_config(clean_config(cfg))
+    except (TypeError, ValueError, KeyError) as e:
+        raise O2MError(f"{where}: invalid {model_cls.__name__} config ({e})") from e
+    if state is not None:
+        load_state_exact(model, state, where)
+    return model.eval()
+
+
 def load_state_exact(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Load ``state`` into ``model``, refusing (one line) any missing, unexpected or misshapen tensor."""
     from o2mcli.errors import O2MError

@@ -17,7 +17,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import loads_bounded
-from o2mcli.models.families.base import load_state_exact
+from o2mcli.models.families.base import build_from_config
 
 PIPELINE = "StableDiffusionPipeline"
 REFUSED = {"StableDiffusionXLPipeline": "SDXL (two text encoders and added time ids) is not supported yet"}
@@ -97,13 +97,8 @@ def load_sd_parts(path: Path, device: torch.device | str = "cpu") -> SDParts:
     ucfg = _json(root / "unet" / "config.json")
     state, hashes["unet"] = _weights(root / "unet", "unet")
     unet = UNet2DCondition().build(ucfg, state, root / "unet")
-    vcfg = _json(root / "vae" / "config.json")
-    try:
-        vae = AutoencoderKL.from_config({k: v for k, v in vcfg.items() if not k.startswith("_")})
-    except (TypeError, ValueError, KeyError) as e:
-        raise O2MError(f"{root / 'vae'}: invalid AutoencoderKL config ({e})") from e
     state, hashes["vae"] = _weights(root / "vae", "vae")
-    load_state_exact(vae, state, root / "vae")
+    vae = build_from_config(AutoencoderKL, _json(root / "vae" / "config.json"), state, root / "vae")
     try:
         text = CLIPTextModel(CLIPTextConfig.from_json_file(str(root / "text_encoder" / "config.json")))
     except (OSError, TypeError, ValueError, KeyError) as e:

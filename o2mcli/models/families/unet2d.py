@@ -10,15 +10,30 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.configs import check_int_in
-from o2mcli.models.families.base import DenoiserFamily, load_state_exact
+from o2mcli.models.families.base import DenoiserFamily, build_from_config
 
 MAX_SAMPLE_SIZE = 2048
 MAX_ACTIVATION_BYTES = 16 << 30  # one sample's largest feature maps, a generous bound for a UNet2DModel
 
 
-def clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without diffusers' private keys (``_class_name`` kept)."""
-    return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+def check_unet_sizes(cfg: Any, where: Path, extra: tuple[tuple[str, int], ...] = ()) -> None:
+    """What every diffusers UNet config must pass before it is built: an object, integer sizes in bounds (and the
+    ``extra`` keys' upper bounds), ``sample_size`` an int or [H, W], and activations of bounded size."""
+    if not isinstance(cfg, dict):
+        raise O2MError(f"{where}: the UNet config is a JSON {type(cfg).__name__}, expected an object")
+    for key, hi in (("in_channels", 64), ("out_channels", 128), ("block_out_channels", 16384),
+                    ("layers_per_block", 64), ("sample_size", MAX_SAMPLE_SIZE), *extra):
+        check_int_in(cfg, key, 1, hi, where, "UNet config")
+    size = cfg.get("sample_size")
+    if isinstance(size, (list, tuple)) and len(size) != 2:
+        raise O2MError(f"{where}: UNet config sample_size = {size!r}; expected an integer or [height, width]")
+    hw = (size, size) if isinstance(size, int) else tuple(size or (32, 32))
+    widest = max(cfg.get("block_out_channels") or [1])
+    need = hw[0] * hw[1] * widest * 4 * 4  # a few float32 maps at full resolution and the widest width
+    if need > MAX_ACTIVATION_BYTES:
+        raise O2MError(f"{where}: UNet config sample_size {size!r} x {widest} channels implies "
+                       f"{need / 2**30:.0f} GiB of activations per image; refused (at most "
+                       f"{MAX_ACTIVATION_BYTES >> 30} GiB)")
 
 
 def unet_input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -43,35 +58,13 @@ class UNet2D(DenoiserFamily):
     name = "UNet2DModel"
 
     def check_config(self, cfg: Any, where: Path) -> None:
-        if not isinstance(cfg, dict):
-            raise O2MError(f"{where}: the UNet config is a JSON {type(cfg).__name__}, expected an object")
-        check_int_in(cfg, "in_channels", 1, 64, where, "UNet config")
-        check_int_in(cfg, "out_channels", 1, 128, where, "UNet config")
-        check_int_in(cfg, "block_out_channels", 1, 16384, where, "UNet config")
-        check_int_in(cfg, "layers_per_block", 1, 64, where, "UNet config")
-        size = cfg.get("sample_size")
-        check_int_in(cfg, "sample_size", 1, MAX_SAMPLE_SIZE, where, "UNet config")
-        if isinstance(size, (list, tuple)) and len(size) != 2:
-            raise O2MError(f"{where}: UNet config sample_size = {size!r}; expected an integer or [height, width]")
-        hw = (size, size) if isinstance(size, int) else tuple(size or (32, 32))
-        widest = max(cfg.get("block_out_channels") or [1])
-        need = hw[0] * hw[1] * widest * 4 * 4  # a few float32 maps at full resolution and the widest width
-        if need > MAX_ACTIVATION_BYTES:
-            raise O2MError(f"{where}: UNet config sample_size {size!r} x {widest} channels implies "
-                           f"{need / 2**30:.0f} GiB of activations per image; refused (at most "
-                           f"{MAX_ACTIVATION_BYTES >> 30} GiB)")
+        check_unet_sizes(cfg, where)
 
     def build(self, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]], where: Path) -> nn.Module:
         from diffusers import UNet2DModel
 
         self.check_config(cfg, where)
-        try:
-            unet = UNet2DModel.from_config(clean_config(cfg))
-        except (TypeError, ValueError, KeyError) as e:
-            raise O2MError(f"{where}: invalid UNet2DModel config ({e})") from e
-        if state is not None:
-            load_state_exact(unet, state, where)
-        return unet.eval()
+        return build_from_config(UNet2DModel, cfg, state, where)
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -14,10 +14,8 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.models.configs import check_int_in
-from o2mcli.models.families.base import DenoiserFamily, load_state_exact
-from o2mcli.models.families.unet2d import (MAX_ACTIVATION_BYTES, MAX_SAMPLE_SIZE, clean_config, unet_block_outputs,
-                                           unet_input_shape)
+from o2mcli.models.families.base import DenoiserFamily, build_from_config
+from o2mcli.models.families.unet2d import check_unet_sizes, unet_block_outputs, unet_input_shape
 
 SHAPE_TOKENS = 77  # CLIP's context length: the stand-in condition's length when only shapes matter
 
@@ -30,28 +28,13 @@ class UNet2DCondition(DenoiserFamily):
                "(issue #13); o2m works with UNet2DModel")
 
     def check_config(self, cfg: Any, where: Path) -> None:
-        if not isinstance(cfg, dict):
-            raise O2MError(f"{where}: the UNet config is a JSON {type(cfg).__name__}, expected an object")
-        for key, hi in (("in_channels", 64), ("out_channels", 128), ("block_out_channels", 16384),
-                        ("layers_per_block", 64), ("sample_size", MAX_SAMPLE_SIZE), ("cross_attention_dim", 16384)):
-            check_int_in(cfg, key, 1, hi, where, "UNet config")
-        size = cfg.get("sample_size") or 64
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        widest = max(cfg.get("block_out_channels") or [1])
-        if hw[0] * hw[1] * widest * 4 * 4 > MAX_ACTIVATION_BYTES:
-            raise O2MError(f"{where}: UNet config sample_size {size!r} x {widest} channels is too large to build")
+        check_unet_sizes(cfg, where, extra=(("cross_attention_dim", 16384),))
 
     def build(self, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]], where: Path) -> nn.Module:
         from diffusers import UNet2DConditionModel
 
         self.check_config(cfg, where)
-        try:
-            unet = UNet2DConditionModel.from_config(clean_config(cfg))
-        except (TypeError, ValueError, KeyError) as e:
-            raise O2MError(f"{where}: invalid UNet2DConditionModel config ({e})") from e
-        if state is not None:
-            load_state_exact(unet, state, where)
-        return unet.eval()
+        return build_from_config(UNet2DConditionModel, cfg, state, where)
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
