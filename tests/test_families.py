@@ -25,13 +25,23 @@ def test_unet2d_is_the_first_family() -> None:
 
 
 def test_an_unsupported_family_is_refused_by_name() -> None:
-    with pytest.raises(O2MError, match=r"x.json: found a DiTTransformer2DModel; o2m supports UNet2DModel$"):
+    with pytest.raises(O2MError, match=r"x.json: found a DiTTransformer2DModel; o2m supports UNet2DModel, "
+                                       r"UNet2DConditionModel$"):
         family_for_config({"_class_name": "DiTTransformer2DModel"}, Path("x.json"))
     # A family built ahead of its stages: known, but refused when a model is loaded for a stage.
-    assert family_for_config({"_class_name": "UNet2DConditionModel"}, Path("x.json")).name == "UNet2DConditionModel"
-    with pytest.raises(O2MError, match=r"x.json: found a UNet2DConditionModel: .*not served by o2m's stages yet "
-                                       r"\(issue #13\)"):
-        family_for_config({"_class_name": "UNet2DConditionModel"}, Path("x.json"), served=True)
+    from o2mcli.models.families import FAMILIES
+
+    class Early(DenoiserFamily):
+        name = "EarlyModel"
+        not_yet = "not served by o2m's stages yet (issue #99)"
+
+    FAMILIES.register(Early.name, Early())
+    try:
+        assert family_for_config({"_class_name": "EarlyModel"}, Path("x.json")).name == "EarlyModel"
+        with pytest.raises(O2MError, match=r"x.json: found a EarlyModel: not served by o2m's stages yet \(issue #99\)"):
+            family_for_config({"_class_name": "EarlyModel"}, Path("x.json"), served=True)
+    finally:
+        FAMILIES._items.pop("EarlyModel", None)
     with pytest.raises(O2MError, match="a Linear is not a model family"):
         family_of(torch.nn.Linear(2, 2))
 

@@ -77,13 +77,20 @@ def test_family_rebuilds_from_config_and_refuses_mismatches(tmp_path: Path) -> N
         fam.check_config({**cfg, "sample_size": [8, 8, 8]}, Path("c"))
 
 
-def test_stages_refuse_a_stable_diffusion_pipeline_by_name(in_tmp: Path) -> None:
-    save_tiny_sd(in_tmp / "sd")
-    for args in (["sample", "sd", "-n", "2", "--steps", "2", "--device", "cpu", "-o", "s"],
-                 ["prune", "sd", "--ratio", "0.5", "--no-throughput", "-o", "p"],
-                 ["info", "sd"]):
-        assert_refused(cli(*args), "UNet2DConditionModel", "issue #13")
-    assert not (in_tmp / "s").exists() and not (in_tmp / "p").exists()
+def test_a_pipeline_loads_as_a_text_conditioned_model_naming_its_parts(tmp_path: Path) -> None:
+    from o2mcli.models.io import load_model
+
+    root = save_tiny_sd(tmp_path / "sd")
+    loaded = load_model(root)
+    cond = loaded.conditioning
+    assert loaded.form == "diffusers-pipeline" and cond["type"] == "text"
+    assert cond["pipeline"] == str(root.resolve()) and set(cond["hashes"]) == {"vae", "text_encoder", "tokenizer"}
+    # v-prediction (SD 2.x 768) is refused by name: o2m's losses and samplers take eps.
+    import json
+    sc = root / "scheduler" / "scheduler_config.json"
+    sc.write_text(json.dumps({**json.loads(sc.read_text()), "prediction_type": "v_prediction"}))
+    with pytest.raises(O2MError, match="v_prediction"):
+        load_model(root)
 
 
 # The pipeline's parts: read offline, and the text and latent maps around the denoiser ------------------------------
@@ -97,7 +104,7 @@ def test_parts_load_offline_and_match_plain_diffusers(tmp_path: Path) -> None:
     folder = save_tiny_sd(tmp_path / "sd")
     assert is_sd_pipeline(folder) and not is_sd_pipeline(tmp_path)
     parts = load_sd_parts(folder)
-    assert set(parts.hashes) == {"unet", "vae", "text_encoder"} and all(len(h) == 64 for h in parts.hashes.values())
+    assert set(parts.hashes) == {"unet", "vae", "text_encoder", "tokenizer"} and all(len(h) == 64 for h in parts.hashes.values())
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
     prompts = ["a red cat", "", "a photo of a digit seven"]
     ours = encode_prompts(parts, prompts, batch_size=2)

@@ -26,6 +26,7 @@ from o2mcli.fsutil import (atomic_dir, atomic_file, atomic_write_json, check_out
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
 from o2mcli.models.configs import check_int_in, is_learned_variance
 from o2mcli.models.families import family_for_config, family_of
+from o2mcli.models.families.stable_diffusion import check_sd_layout, is_sd_pipeline, text_conditioning
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
 
@@ -89,6 +90,9 @@ def check_scheduler_config(sched: Any, where: Path) -> int:
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
                               or not 0 < v < 1):
             raise O2MError(f"{where}: scheduler config {key} = {v!r}; expected a number in (0, 1)")
+    if str(sched.get("prediction_type", "epsilon")) != "epsilon":
+        raise O2MError(f"{where}: scheduler config prediction_type {sched.get('prediction_type')!r} is not supported; "
+                       "o2m's losses and samplers take eps-prediction models (SD 1.x, SD 2.x base)")
     if sched.get("trained_betas") is not None:
         raise O2MError(f"{where}: scheduler config trained_betas is not supported; use a beta_schedule")
     return int(sched.get("num_train_timesteps", 1000))
@@ -145,8 +149,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     elif is_stage_dir(path):
         loaded = _load_stage(path)
     elif (path / "unet").is_dir() or (path / "model_index.json").is_file():
+        sd = is_sd_pipeline(path)
+        if sd:  # a Stable Diffusion pipeline: every part there, safetensors only, SDXL refused by name
+            check_sd_layout(path)
         loaded = _load_diffusers_dir(path / "unet", path, form="diffusers-pipeline",
                                      sched_json=path / "scheduler" / "scheduler_config.json")
+        if sd:
+            loaded.conditioning = text_conditioning(path)
     elif (path / "config.json").is_file():
         loaded = _load_diffusers_dir(path, path, form="diffusers-model",
                                      sched_json=path / "scheduler_config.json")
@@ -236,13 +245,15 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
     """What a class-conditional model conditions on: its classes, null class and training label dropout (from
     o2m's provenance), or for another model the class indices with no known null class; None if unconditional."""
     n = cfg.get("num_class_embeds")
-    if not n:
-        return None
     try:
         prov = json.loads(meta.get("o2m.provenance", "{}"))
         found = prov.get("conditioning")
     except (ValueError, AttributeError):
         prov, found = {}, None
+    if cfg.get("_class_name") == "UNet2DConditionModel":
+        return text_record(found, where)
+    if not n:
+        return None
     if isinstance(found, dict) and isinstance(found.get("classes"), list) and found.get("null_class") is not None:
         classes, null = [str(c) for c in found["classes"]], found["null_class"]
         if not (isinstance(null, int) and null == len(classes) and null < n):
@@ -255,6 +266,24 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
             dropout = None
         return {"type": "class", "classes": classes, "null_class": null, "label_dropout": dropout}
     return {"type": "class", "classes": [str(i) for i in range(int(n))], "null_class": None, "label_dropout": None}
+
+
+def text_record(found: Any, where: Path) -> dict[str, Any]:
+    """A text-conditioned model's ``conditioning``: its pipeline (path, and the VAE's, text encoder's and tokenizer's
+    sha256) and caption dropout from o2m's provenance; for another SD UNet, no known pipeline (``--pipeline``)."""
+    out: dict[str, Any] = {"type": "text", "pipeline": None, "hashes": None, "caption_dropout": None}
+    if not isinstance(found, dict) or found.get("type") != "text":
+        return out
+    pipe, hashes, drop = found.get("pipeline"), found.get("hashes"), found.get("caption_dropout")
+    if pipe is not None and not isinstance(pipe, str):
+        raise O2MError(f"{where}: conditioning metadata names pipeline {pipe!r}; expected a path")
+    if hashes is not None and not (isinstance(hashes, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())):
+        raise O2MError(f"{where}: conditioning metadata hashes {hashes!r}; expected part -> sha256")
+    if not (isinstance(drop, (int, float)) and not isinstance(drop, bool) and 0 <= drop <= 1):
+        drop = None
+    out.update(pipeline=pipe, hashes=hashes, caption_dropout=drop)
+    return out
 
 
 # 3. Writing ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import loads_bounded
+from o2mcli.fsutil import loads_bounded, sha256_file
 from o2mcli.models.families.base import build_from_config
 
 PIPELINE = "StableDiffusionPipeline"
@@ -32,7 +32,7 @@ class SDParts:
     text encoder by path and hash rather than copying them)."""
 
     root: Path
-    unet: nn.Module
+    unet: nn.Module | None
     vae: nn.Module
     text_encoder: nn.Module
     tokenizer: Any
@@ -56,32 +56,31 @@ def is_sd_pipeline(path: Path) -> bool:
     return isinstance(found, dict) and str(found.get("_class_name", "")).startswith("StableDiffusion")
 
 
-def _weights(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """A part's safetensors state and its sha256; a pickle checkpoint is refused by name."""
-    from safetensors.torch import load_file
-
+def _weights_path(folder: Path, name: str) -> Path:
+    """A part's safetensors file; a pickle-only part is refused by name."""
     path = folder / WEIGHTS[name]
     if not path.is_file():
         pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
         if pickled:
             raise O2MError(f"{folder}: only {pickled[0]} (pickle) found; o2m loads safetensors weights only")
         raise O2MError(f"{path}: missing {name} weights")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return path
+
+
+def _weights(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A part's safetensors state and its sha256."""
+    from safetensors.torch import load_file
+
+    path = _weights_path(folder, name)
+    digest = sha256_file(path)
     try:
         return load_file(str(path)), digest
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise O2MError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def load_sd_parts(path: Path, device: torch.device | str = "cpu") -> SDParts:
-    """Every part of a Stable Diffusion pipeline directory, built from its configs and exactly matching weights."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from o2mcli.models.families.unet2d_condition import UNet2DCondition
-
-    # 1. The index names a pipeline class this module serves, and every part is there.
-    root = Path(path)
+def check_sd_layout(root: Path) -> None:
+    """The index names a pipeline class this module serves, every part is there, and weights are safetensors."""
     index = _json(root / "model_index.json")
     cls = index.get("_class_name") if isinstance(index, dict) else None
     if cls in REFUSED:
@@ -91,19 +90,46 @@ def load_sd_parts(path: Path, device: torch.device | str = "cpu") -> SDParts:
     for part in PARTS:
         if not (root / part).is_dir():
             raise O2MError(f"{root}: no {part}/ folder (a Stable Diffusion pipeline has {', '.join(PARTS)})")
+    for part in WEIGHTS:
+        _weights_path(root / part, part)
 
-    # 2. The parts, each from its config and safetensors weights.
-    hashes = {}
-    ucfg = _json(root / "unet" / "config.json")
-    state, hashes["unet"] = _weights(root / "unet", "unet")
-    unet = UNet2DCondition().build(ucfg, state, root / "unet")
-    state, hashes["vae"] = _weights(root / "vae", "vae")
-    vae = build_from_config(AutoencoderKL, _json(root / "vae" / "config.json"), state, root / "vae")
+
+def tokenizer_digest(folder: Path) -> str:
+    """sha256 over the tokenizer folder's files (names and bytes), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def aux_hashes(root: Path) -> dict[str, str]:
+    """The sha256 of the parts around the UNet (VAE, text encoder, tokenizer): what a student refers to."""
+    return {"vae": sha256_file(_weights_path(root / "vae", "vae")),
+            "text_encoder": sha256_file(_weights_path(root / "text_encoder", "text_encoder")),
+            "tokenizer": tokenizer_digest(root / "tokenizer")}
+
+
+def text_conditioning(root: Path) -> dict[str, Any]:
+    """The ``conditioning`` record of a model from the pipeline at ``root``: the pipeline by path and hashes."""
+    return {"type": "text", "pipeline": str(Path(root).resolve()), "hashes": aux_hashes(root),
+            "caption_dropout": None}
+
+
+def _load_vae(root: Path) -> tuple[nn.Module, str]:
+    from diffusers import AutoencoderKL
+
+    state, digest = _weights(root / "vae", "vae")
+    return build_from_config(AutoencoderKL, _json(root / "vae" / "config.json"), state, root / "vae"), digest
+
+
+def _load_text(root: Path) -> tuple[nn.Module, Any, str]:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     try:
         text = CLIPTextModel(CLIPTextConfig.from_json_file(str(root / "text_encoder" / "config.json")))
     except (OSError, TypeError, ValueError, KeyError) as e:
         raise O2MError(f"{root / 'text_encoder'}: invalid CLIP text config ({e})") from e
-    state, hashes["text_encoder"] = _weights(root / "text_encoder", "text_encoder")
+    state, digest = _weights(root / "text_encoder", "text_encoder")
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older exports carry
     own = {k for k in text.state_dict() if not k.endswith("position_ids")}
     if set(state) != own:
@@ -114,9 +140,49 @@ def load_sd_parts(path: Path, device: torch.device | str = "cpu") -> SDParts:
         tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     except (OSError, ValueError) as e:
         raise O2MError(f"{root / 'tokenizer'}: not a readable CLIP tokenizer ({e})") from e
+    return text, tokenizer, digest
+
+
+def load_sd_parts(path: Path, device: torch.device | str = "cpu", unet: bool = True) -> SDParts:
+    """Every part of a Stable Diffusion pipeline directory, built from its configs and exactly matching weights
+    (``unet=False``: all but the UNet, which o2m loads as a model input)."""
+    from o2mcli.models.families.unet2d_condition import UNet2DCondition
+
+    root = Path(path)
+    check_sd_layout(root)
+    hashes = {}
+    model = None
+    if unet:
+        state, hashes["unet"] = _weights(root / "unet", "unet")
+        model = UNet2DCondition().build(_json(root / "unet" / "config.json"), state, root / "unet").to(device).eval()
+    vae, hashes["vae"] = _load_vae(root)
+    text, tokenizer, hashes["text_encoder"] = _load_text(root)
+    hashes["tokenizer"] = tokenizer_digest(root / "tokenizer")
     sched = _json(root / "scheduler" / "scheduler_config.json")
-    return SDParts(root=root, unet=unet.to(device).eval(), vae=vae.to(device).eval(),
-                   text_encoder=text.to(device).eval(), tokenizer=tokenizer, scheduler_config=sched, hashes=hashes)
+    return SDParts(root=root, unet=model, vae=vae.to(device).eval(), text_encoder=text.to(device).eval(),
+                   tokenizer=tokenizer, scheduler_config=sched, hashes=hashes)
+
+
+def resolve_parts(conditioning: dict[str, Any], where: Path, pipeline: Path | None = None,
+                  device: torch.device | str = "cpu") -> SDParts:
+    """The VAE, text encoder and tokenizer a text-conditioned model uses: from ``pipeline`` (``--pipeline``) or the
+    pipeline its provenance names, refused unless they are the ones it was made with (sha256)."""
+    root = Path(pipeline) if pipeline is not None else (
+        Path(conditioning["pipeline"]) if conditioning.get("pipeline") else None)
+    if root is None:
+        raise O2MError(f"{where}: a Stable Diffusion UNet that does not name its pipeline; pass --pipeline DIR "
+                       "(the pipeline whose VAE and text encoder it was trained with)")
+    if not (root / "model_index.json").is_file():
+        how = "" if pipeline is not None else " (recorded in its provenance); pass --pipeline DIR"
+        raise O2MError(f"{where}: its pipeline {root} is not a Stable Diffusion pipeline directory{how}")
+    check_sd_layout(root)
+    want = conditioning.get("hashes") or {}
+    have = aux_hashes(root)
+    for part, digest in want.items():
+        if have.get(part) != digest:
+            raise O2MError(f"{root}: its {part} differs from the one {where} was made with (sha256 "
+                           f"{str(have.get(part))[:12]}, recorded {str(digest)[:12]})")
+    return load_sd_parts(root, device, unet=False)
 
 
 # The maps around the denoiser -------------------------------------------------------------------------------------

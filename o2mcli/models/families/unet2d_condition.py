@@ -1,8 +1,9 @@
 """diffusers' ``UNet2DConditionModel``: Stable Diffusion's latent, text-conditioned UNet (issue #13).
 
 The condition is the text encoder's last hidden state, ``(B, L, cross_attention_dim)``, passed as
-``encoder_hidden_states``. The family is built ahead of the stages that serve it: until they do,
-loading such a model is refused by name (``not_yet``), so no stage runs it half-supported.
+``encoder_hidden_states``. Its VAE, text encoder and tokenizer stay in the
+teacher's pipeline directory, named by path and sha256 in the ``conditioning`` provenance
+(``families/stable_diffusion.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ class UNet2DCondition(DenoiserFamily):
     """``UNet2DConditionModel``: eps from ``model(x_t, t, encoder_hidden_states=text).sample``."""
 
     name = "UNet2DConditionModel"
-    not_yet = ("Stable Diffusion (latent, text-conditioned) models are not served by o2m's stages yet "
-               "(issue #13); o2m works with UNet2DModel")
 
     def check_config(self, cfg: Any, where: Path) -> None:
         check_unet_sizes(cfg, where, extra=(("cross_attention_dim", 16384),))
