@@ -215,7 +215,11 @@ def format_text(info: dict[str, Any]) -> str:
     lo, hi = info["timestep_range"]
     out.append(f"timesteps:   [{lo}, {hi})")
     cond = info.get("conditioning")
-    if cond:
+    if cond and cond.get("type") == "text":
+        drop = "" if cond.get("caption_dropout") is None else f", caption dropout {cond['caption_dropout']:g}"
+        where = cond.get("pipeline") or "its pipeline not recorded (sample/export with --pipeline DIR)"
+        out.append(f"text:        Stable Diffusion prompts; VAE and text encoder from {where}{drop}")
+    elif cond:
         null = "no null class recorded" if cond["null_class"] is None else f"null class {cond['null_class']}"
         drop = "" if cond.get("label_dropout") is None else f", label dropout {cond['label_dropout']:g}"
         out.append(f"classes:     {len(cond['classes'])} ({', '.join(cond['classes'][:12])}"

@@ -83,3 +83,30 @@ def save_tiny_sd(folder: Path, seed: int = 0) -> Path:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+CAPTIONS = ["a red cat", "a blue dog", "a photo of a digit three", "a photo of a digit seven"]
+
+
+def save_captioned(folder: Path, n: int = 12, seed: int = 0) -> Path:
+    """A captioned image folder in the ecosystem's convention: random RGB images (not square, so they are cropped)
+    and metadata.jsonl naming each with one of CAPTIONS in turn."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": CAPTIONS[i % len(CAPTIONS)]}) + "\n")
+    return folder
+
+
+def student_config(channels: tuple[int, int] = (16, 32)) -> dict:
+    """A diffusers config for a fresh text-conditioned student of the tiny pipeline's teacher."""
+    return {"_class_name": "UNet2DConditionModel", "block_out_channels": list(channels), "layers_per_block": 1,
+            "sample_size": 8, "in_channels": 4, "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
+            "attention_head_dim": 8, "norm_num_groups": 8}

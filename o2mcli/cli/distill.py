@@ -29,8 +29,9 @@ def distill(
                                           "on the data, the teacher never runs)."),
     alpha: float = typer.Option(1.0, help="Weight of the KD loss against the plain diffusion loss."),
     init: str = typer.Option("template", help="Start the students from the template or from the teacher."),
-    data: Optional[str] = typer.Option(None, "--data", help="o2mkd: 'digits' (default) or a folder of images; "
-                                                            "dkdm takes none."),
+    data: Optional[str] = typer.Option(None, "--data", help="o2mkd: 'digits' (default) or a folder of images (for "
+                                                            "Stable Diffusion: with metadata.jsonl captions); dkdm "
+                                                            "takes none."),
     rho: float = typer.Option(0.4, help="dkdm: the buffer holds rho*T*b noisy samples."),
     init_steps: Optional[int] = typer.Option(None, "--init-steps", help="dkdm: reach each slot's t with an S-step "
                                              "DDIM jump instead of exact ancestral shuffle denoise."),
@@ -39,10 +40,19 @@ def distill(
     student_config: Optional[Path] = typer.Option(None, "--student-config", help="A diffusers UNet2DModel config "
                                                   "JSON: fresh students of any shape, random init (needs --teacher; "
                                                   "for a class-conditional teacher, the same num_class_embeds)."),
-    label_dropout: Optional[float] = typer.Option(None, "--label-dropout", help="Class-conditional teacher: "
-                                                  "probability a batch label (o2mkd) or buffer slot's label (dkdm) is "
-                                                  "the null class, so students learn both guidance branches. "
-                                                  "Default: the teacher's own training dropout."),
+    label_dropout: Optional[float] = typer.Option(None, "--label-dropout", help="Conditional teacher: "
+                                                  "probability a batch label or caption (o2mkd) or buffer slot's "
+                                                  "label or prompt (dkdm) is the null class or empty prompt, so "
+                                                  "students learn both guidance branches. Default: the teacher's own "
+                                                  "training dropout (Stable Diffusion: 0.1)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="dkdm under a Stable Diffusion teacher: a prompt "
+                                           "file (one per line); every buffer slot is a latent with one prompt."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Stable Diffusion teacher: the pipeline whose "
+                                           "VAE and text encoder to use (default: the one the teacher records; "
+                                           "sha256-checked)."),
+    latent_cache: Optional[Path] = typer.Option(None, "--latent-cache", help="Stable Diffusion teacher: where the "
+                                                "captioned --data's latents and text embeddings are cached (default: "
+                                                "beside the output, DATA.latents-RES; reused when it matches)."),
     steps: int = typer.Option(1000, help="Optimizer steps (every student takes one per step)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch per student per step (per process)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up)."),
@@ -67,7 +77,8 @@ def distill(
         out = default_output(Path("."), "students") if not resume else Path("students")
     cfg = DistillConfig(template=template, mode=mode, teacher=teacher, students=students, boundaries=boundaries,
                         p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, rho=rho, init_steps=init_steps,
-                        init_batch=init_batch, kl_weight=kl_weight, label_dropout=label_dropout,
+                        init_batch=init_batch, kl_weight=kl_weight, label_dropout=label_dropout, prompts=prompts,
+                        pipeline=pipeline, latent_cache=latent_cache,
                         student_config=student_config, steps=steps, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup,
                         ema_decay=ema_decay, seed=seed, device=device, save_every=save_every, log_every=log_every,
                         resume=resume, out=out, force=force)

@@ -38,15 +38,48 @@ class LabelPlan:
             labels[torch.rand(n, generator=generator) < self.dropout] = self.null_class
         return labels
 
+    def cond(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the model is called with for label indices ``idx``: the labels themselves."""
+        return idx
+
     def record(self) -> dict[str, Any]:
         """The ``conditioning`` provenance the students carry (what sample and score read)."""
         return {"type": "class", "classes": list(self.classes), "null_class": self.null_class,
                 "label_dropout": self.dropout}
 
 
+@dataclass(frozen=True)
+class TextPlan(LabelPlan):
+    """Text conditions as labels: index ``i < n`` is prompt (or caption) ``i``, index ``n`` the empty prompt (the
+    null condition, what caption dropout gives); ``table`` (n + 1, L, D) holds their text embeddings, computed once
+    (a training step never runs the text encoder)."""
+
+    table: Optional[torch.Tensor] = None
+    source: Optional[dict[str, Any]] = None  # the pipeline record: path and the VAE/text encoder/tokenizer sha256
+
+    def cond(self, idx: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (B, L, D) for indices ``idx``, on ``idx``'s device."""
+        return self.table[idx.cpu()].to(idx.device)
+
+    def record(self) -> dict[str, Any]:
+        return {**(self.source or {}), "type": "text", "caption_dropout": self.dropout}
+
+
+def text_plan(texts: list[str], embeddings: torch.Tensor, null_embedding: torch.Tensor, dropout: float,
+              source: dict[str, Any]) -> TextPlan:
+    """A plan over ``texts`` with their embeddings (N, L, D) and the empty prompt's (1, L, D) as the null condition."""
+    if embeddings.shape[0] != len(texts):
+        raise ValueError(f"{len(texts)} texts but {embeddings.shape[0]} embeddings")
+    table = torch.cat([embeddings.float(), null_embedding.float().reshape(1, *embeddings.shape[1:])]).contiguous()
+    source = {k: v for k, v in source.items() if k in ("pipeline", "hashes")}
+    return TextPlan(tuple(texts), len(texts), float(dropout), table=table, source=source)
+
+
 def label_plan(conditioning: Optional[dict[str, Any]], dropout: Optional[float], teacher_path: Path
                ) -> Optional[LabelPlan]:
     """The plan for a teacher's ``conditioning`` (None: unconditional) and ``--label-dropout`` (None: the teacher's)."""
+    if conditioning is not None and conditioning.get("type") == "text":
+        return None  # a text plan needs the prompts or captions: made when they are read (data/text.py)
     if conditioning is None:
         if dropout is not None:
             raise OptionError("label_dropout", dropout, f"the teacher {teacher_path} is not class-conditional")

@@ -58,7 +58,18 @@ def check_fit(teacher: Any, student_cfg: Any, data_shape: tuple[int, ...] | None
 
 
 def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, where: Path) -> None:
-    """Students condition as the teacher does: the same number of class embeddings, or none on both sides."""
+    """Students condition as the teacher does: on text of the same width, the same number of class embeddings, or
+    on nothing."""
+    t_text = teacher_cfg.get("cross_attention_dim") is not None and "Condition" in str(teacher_cfg.get("_class_name"))
+    s_text = student_cfg.get("cross_attention_dim") is not None and "Condition" in str(student_cfg.get("_class_name"))
+    if t_text != s_text:
+        what = "a text-conditioned" if s_text else f"a {student_cfg.get('_class_name', 'UNet2DModel')} (not text-" \
+                                                   "conditioned)"
+        raise O2MError(f"{where}: {what} student under the teacher {teacher_path} "
+                       f"({teacher_cfg.get('_class_name', 'UNet2DModel')}); students take the teacher's condition")
+    if t_text and _width(student_cfg["cross_attention_dim"]) != _width(teacher_cfg["cross_attention_dim"]):
+        raise O2MError(f"{where}: cross_attention_dim {student_cfg['cross_attention_dim']} but the teacher "
+                       f"{teacher_path} takes text embeddings of width {teacher_cfg['cross_attention_dim']}")
     t_n, s_n = teacher_cfg.get("num_class_embeds"), student_cfg.get("num_class_embeds")
     if not t_n and s_n:
         raise O2MError(f"{where}: a class-conditional student ({s_n} class embeddings) under the unconditional "
@@ -73,8 +84,13 @@ def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, w
                        f"{teacher_path} has {teacher_cfg.get('class_embed_type')!r}")
 
 
+def _width(d: Any) -> int:
+    return int(d[0] if isinstance(d, (list, tuple)) else d)
+
+
 def load_student_config(path: Path, seed: int) -> torch.nn.Module:
-    """A fresh, randomly initialized UNet2DModel from a diffusers config JSON (``--student-config``)."""
+    """A fresh, randomly initialized model from a diffusers config JSON (``--student-config``; its family by
+    ``_class_name``, UNet2DModel without one)."""
     from o2mcli.models.io import build_unet
 
     from o2mcli.fsutil import loads_bounded
@@ -86,7 +102,7 @@ def load_student_config(path: Path, seed: int) -> torch.nn.Module:
     except OSError as e:
         raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
     if not isinstance(ucfg, dict):
-        raise O2MError(f"{path}: expected a JSON object (a diffusers UNet2DModel config)")
+        raise O2MError(f"{path}: expected a JSON object (a diffusers UNet config)")
     torch.manual_seed(seed)
     return build_unet(ucfg, None, Path(path))
 
@@ -123,5 +139,7 @@ def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Modu
                            f"T={teacher.num_train_timesteps}")
     if teacher.is_group:
         raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
-    check_conditioning(teacher.unet.config, teacher_path, student_unet.config, where)
+    from o2mcli.models.io import unet_config_of
+
+    check_conditioning(unet_config_of(teacher.unet), teacher_path, unet_config_of(student_unet), where)
     return template_path, template, teacher_path, teacher, student_unet, where

@@ -47,7 +47,10 @@ class DistillConfig(BaseModel):
     init_steps: Optional[int] = Field(None, ge=1)
     init_batch: int = Field(1024, ge=1)
     kl_weight: float = Field(1.0, ge=0)
-    label_dropout: Optional[float] = Field(None, ge=0, le=1)  # class-conditional teacher: None = its own dropout
+    label_dropout: Optional[float] = Field(None, ge=0, le=1)  # class or caption dropout; None = the teacher's own
+    prompts: Optional[Path] = None  # dkdm under a text-conditioned teacher: one prompt per line
+    pipeline: Optional[str] = None  # a text-conditioned teacher's VAE/text encoder; default: the one it records
+    latent_cache: Optional[Path] = None  # where the captioned data's latents are cached; default: beside the run
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -91,14 +94,14 @@ class DistillConfig(BaseModel):
 def _fingerprint(cfg: DistillConfig) -> dict:
     # `steps` may grow on resume (constant LR after warm-up); paths and devices may move.
     return cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out",
-                                                "steps", "template", "teacher", "data"})
+                                                "steps", "template", "teacher", "data", "pipeline",
+                                                "latent_cache"})
 
 
 # The stage ----------------------------------------------------------------------------------------
 
 def run_distill(cfg: DistillConfig) -> Path:
     """Distil the teacher into ``cfg.students`` students; write a ``students`` stage directory."""
-    from o2mcli.data import load_dataset
     from o2mcli.devices import resolve_device
     from o2mcli.distill.build import make_distiller
     from o2mcli.distill.fit import FitPlan, fit
@@ -125,7 +128,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     scfg = unet_config_of(teacher.unet if cfg.init == "teacher" else student_unet)
     mode.check_inputs(teacher, teacher_path, scfg, where)
     spec = mode.data_spec()
-    data = load_dataset(spec) if spec is not None else None
+    data = mode.load_data(spec, teacher) if spec is not None else None
     check_fit(teacher, scfg, None if data is None else data.shape, where, teacher_path)
     plan = plan_for(cfg.boundaries, teacher.num_train_timesteps, cfg.students, cfg.p_own)
 

@@ -129,6 +129,8 @@ def check_same_shapes(base: dict[str, torch.Tensor], states: list[dict[str, torc
 def _classes(provenance: dict) -> str:
     """A student's conditioning in words, for a refusal."""
     c = provenance.get("conditioning")
+    if c and c.get("type") == "text":
+        return f"text through {c.get('pipeline')}, caption dropout {c.get('caption_dropout')}"
     return "unconditional" if not c else f"classes {','.join(map(str, c.get('classes', [])))}"
 
 

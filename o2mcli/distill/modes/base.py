@@ -31,6 +31,12 @@ class DistillMode:
 
     def data_spec(self) -> Optional[str]:
         """The data the run reads (``--data``, a default), or None for a data-free mode."""
+        if self.parts is not None and self.cfg.data is None:
+            from o2mcli.errors import O2MError
+
+            raise O2MError(f"--data: the Stable Diffusion teacher {self.teacher_path} distils on a folder of images "
+                           "with captions (metadata.jsonl: file_name and text); give --data, or --mode dkdm "
+                           "--prompts FILE to distil without data")
         return self.cfg.data or "digits"
 
     def check_inputs(self, teacher: Any, teacher_path: Path, student_config: Any, where: Path) -> None:
@@ -38,8 +44,37 @@ class DistillMode:
         class-conditional teacher's label plan (its classes, null class and dropout) is settled here."""
         from o2mcli.data.labels import label_plan
 
-        self.labels = label_plan(teacher.conditioning, self.cfg.label_dropout, teacher_path)
         self.teacher_path = teacher_path
+        self.parts = None  # a text-conditioned teacher: its pipeline's VAE, text encoder and tokenizer
+        cond = teacher.conditioning
+        if cond is not None and cond.get("type") == "text":
+            from o2mcli.models.families.stable_diffusion import resolve_parts
+
+            self.parts = resolve_parts(cond, teacher_path, self.cfg.pipeline)
+        else:
+            for opt, v in (("prompts", self.cfg.prompts), ("pipeline", self.cfg.pipeline),
+                           ("latent_cache", self.cfg.latent_cache)):
+                if v is not None:
+                    from o2mcli.errors import OptionError
+
+                    raise OptionError(opt, v, f"the teacher {teacher_path} is not text-conditioned (Stable Diffusion)")
+        self.labels = label_plan(cond, self.cfg.label_dropout, teacher_path)
+
+    def load_data(self, spec: str, teacher: Any) -> Any:
+        """The run's data: images (``data.load_dataset``), or for a text-conditioned teacher a captioned folder's
+        cached latents, whose captions make the run's text plan."""
+        if self.parts is None:
+            from o2mcli.data import load_dataset
+
+            return load_dataset(spec)
+        from o2mcli.data.text import caption_dropout, captioned_latents
+        from o2mcli.devices import resolve_device
+
+        dropout = caption_dropout(teacher.conditioning, self.cfg.label_dropout)
+        data, self.labels = captioned_latents(Path(spec), self.parts, int(teacher.unet.config.sample_size), dropout,
+                                              teacher.conditioning, self.cfg.latent_cache, self.cfg.out,
+                                              resolve_device(self.cfg.device))
+        return data
 
     # 2. The engine's parts
     def make_source(self, teacher: Any, data: Any, plan: Any, log: Optional[Callable[[str], None]]
@@ -53,9 +88,10 @@ class DistillMode:
             return lambda terms, dev: ImageSource(images, terms, dev)
         from o2mcli.data.labels import check_data_classes
 
-        # Each batch's labels go to teacher and students alike, dropped to the null class as the teacher was trained.
-        labels = check_data_classes(lp, data, self.teacher_path)
-        return lambda terms, dev: ImageSource(images, terms, dev, labels, lp.null_class, lp.dropout)
+        # Each batch's labels go to teacher and students alike, dropped to the null class as the teacher was trained
+        # (a text plan's labels index the captions, and their embeddings are what the models see).
+        labels = data.labels if self.parts is not None else check_data_classes(lp, data, self.teacher_path)
+        return lambda terms, dev: ImageSource(images, terms, dev, labels, lp.null_class, lp.dropout, lp.cond)
 
     @classmethod
     def objective(cls, cfg: Any, teacher_unet: Any, student_unet: Any, source: Any) -> Objective:

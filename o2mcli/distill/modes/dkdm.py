@@ -36,6 +36,20 @@ class DKDM(DistillMode):
 
     def check_inputs(self, teacher: Any, teacher_path: Path, student_config: Any, where: Path) -> None:
         super().check_inputs(teacher, teacher_path, student_config, where)
+        if self.parts is not None:
+            # A text-conditioned teacher: every buffer slot keeps a prompt of --prompts (or the empty one, with the
+            # caption dropout), embedded once here.
+            if self.cfg.prompts is None:
+                raise O2MError(f"--prompts: the Stable Diffusion teacher {teacher_path} is distilled data-free from a "
+                               "prompt list (one prompt per line); give --prompts FILE")
+            from o2mcli.data.prompts import read_prompts
+            from o2mcli.data.text import caption_dropout, prompt_plan
+            from o2mcli.devices import resolve_device
+
+            prompts = read_prompts(self.cfg.prompts)
+            self.labels = prompt_plan(self.parts, prompts, caption_dropout(teacher.conditioning,
+                                                                           self.cfg.label_dropout),
+                                      teacher.conditioning, resolve_device(self.cfg.device))
         self.reverse = teacher_reverse_settings(teacher.scheduler_config, teacher_path)
         self.teacher_learned = is_learned_variance(teacher.unet.config)
         if is_learned_variance(student_config) and not self.teacher_learned:

@@ -11,3 +11,10 @@ class O2MKD(DistillMode):
 
     name = "o2mkd"
     default_students = 4
+
+    def check_options(self) -> None:
+        if self.cfg.prompts is not None:
+            from o2mcli.errors import O2MError
+
+            raise O2MError(f"--prompts {self.cfg.prompts}: O2MKD distils on the captions of --data; --prompts is "
+                           "for --mode dkdm (data-free)")

@@ -95,8 +95,11 @@ class DynamicBuffer:
         return self.terms.T
 
     def describe(self) -> str:
+        table = getattr(self.label_plan, "table", None)
+        text = "" if table is None else (f", each with one of {self.label_plan.n} prompts (their embeddings: "
+                                         f"{table.numel() * 4 / 2**20:.1f} MiB on the CPU)")
         return (f"DKDM buffer: {self.n} samples of {'x'.join(map(str, self.shape))} "
-                f"({self.bytes / 2**20:.1f} MiB on {self.device})")
+                f"({self.bytes / 2**20:.1f} MiB on {self.device}){text}")
 
     # 1. Shuffle denoise ---------------------------------------------------------------------------
 
@@ -174,7 +177,8 @@ class DynamicBuffer:
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         c = self.shape[0]
         with autocast(self.device):
-            out = predict(teacher, x, t.to(self.device), None if y is None else y.to(self.device)).float()
+            cond = None if y is None else self.label_plan.cond(y.to(self.device))
+            out = predict(teacher, x, t.to(self.device), cond).float()
         self.init_forwards += x.shape[0]
         if self._report is not None:
             self._report()
@@ -234,7 +238,7 @@ class DynamicBuffer:
             slots = torch.multinomial(mask.float(), min(n, have), replacement=False, generator=generator)
         self._taken[slots] = True
         t_host = self.t[slots].clone()
-        cond = None if self.y is None else self.y[slots].to(self.device)
+        cond = None if self.y is None else self.label_plan.cond(self.y[slots].to(self.device))
         return Batch(x_t=self.x[slots.to(self.device)], t=t_host.to(self.device), slots=slots, t_host=t_host,
                      cond=cond)
 

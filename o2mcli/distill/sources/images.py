@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from o2mcli.diffusion.gaussian import DiffusionTerms, q_sample
@@ -16,14 +18,17 @@ class ImageSource:
     needs_teacher = False
 
     def __init__(self, images: torch.Tensor, terms: DiffusionTerms, device: torch.device,
-                 labels: torch.Tensor | None = None, null_class: int | None = None, label_dropout: float = 0.0) -> None:
+                 labels: torch.Tensor | None = None, null_class: int | None = None, label_dropout: float = 0.0,
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """``labels`` make the batches conditional; a label is replaced by ``null_class`` with probability
-        ``label_dropout`` (classifier-free guidance trains both branches; Ho & Salimans 2022)."""
+        ``label_dropout`` (classifier-free guidance trains both branches; Ho & Salimans 2022). ``embed`` maps label
+        indices to what the model takes (captions' text embeddings); labels are passed as they are without it."""
         self.images = images.to(device)  # [-1, 1], (N, C, H, W)
         self.terms = terms
         self.device = device
         self.labels = None if labels is None else labels.to(torch.int64)
         self.null_class, self.label_dropout = null_class, float(label_dropout)
+        self.embed = embed
 
     def begin_step(self) -> None:
         """Independent draws: nothing to reset."""
@@ -38,7 +43,7 @@ class ImageSource:
             cond = self.labels[idx].clone()
             if self.label_dropout > 0:
                 cond[torch.rand(n, generator=generator) < self.label_dropout] = self.null_class
-            cond = cond.to(self.device)
+            cond = cond.to(self.device) if self.embed is None else self.embed(cond).to(self.device)
         t, noise = t.to(self.device), noise.to(self.device)
         return Batch(x_t=q_sample(self.terms, x0, t, noise), t=t, noise=noise, x0=x0, cond=cond)
 
