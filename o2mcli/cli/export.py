@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,17 +17,24 @@ def export(
     model: Annotated[str, typer.Argument(help="Model file or directory (one UNet), or digits-teacher.")],
     out: Annotated[Path, out_option("Diffusers pipeline directory to write.")],
     force: Force = False,
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Stable Diffusion models: the pipeline whose "
+                                            "VAE, text encoder and tokenizer go with the UNet (default: the one the "
+                                            "model records; checked by sha256)."),
 ) -> None:
-    """Write a diffusers DDPMPipeline directory (unet/ + scheduler/) that plain diffusers loads offline."""
+    """Write a diffusers pipeline directory that plain diffusers loads offline: a DDPMPipeline (unet/ + scheduler/),
+    or for a Stable Diffusion UNet a StableDiffusionPipeline with its teacher's VAE, text encoder and tokenizer."""
+    import json
+
     from o2mcli.chain import resolve_model_spec
     from o2mcli.fsutil import check_output_free
     from o2mcli.models.io import export_pipeline, load_model
 
-    check_output_free(out, force, inputs=[model])
+    check_output_free(out, force, inputs=[model, pipeline])
     loaded = load_model(resolve_model_spec(model), "cpu")
     lo, hi = loaded.ranges[0]
-    path = export_pipeline(loaded, out, force=force)
+    path = export_pipeline(loaded, out, force=force, pipeline=pipeline)
     if not loaded.is_group and (lo, hi) != (0, loaded.num_train_timesteps):
         typer.echo(f"warning: {model} was trained for timesteps [{lo}, {hi}) only; the pipeline samples all "
                    f"{loaded.num_train_timesteps}", err=True)
-    typer.echo(f"wrote {path} (diffusers DDPMPipeline)")
+    kind = json.loads((path / "model_index.json").read_text()).get("_class_name", "pipeline")
+    typer.echo(f"wrote {path} (diffusers {kind})")

@@ -29,10 +29,24 @@ def sample(
     class_: Optional[int] = typer.Option(None, "--class", help="Class-conditional models: sample this class."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Class-conditional models: these classes in turn, "
                                           "e.g. 0,1,2 (default: every class, balanced)."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance weight w (1 = plain "
-                                   "conditional; larger: more class-typical)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance weight w (1 = plain "
+                                             "conditional; larger: more typical of the class or prompt). Default: "
+                                             "7.5 for a text model, 1 for a class model."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", metavar="TEXT",
+                                               help="Text models: a prompt (repeat for several; the images take "
+                                               "them in turn)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text models: a file of prompts, one a line "
+                                           "(blank lines ignored), taken in turn."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Text models: the prompt of guidance's "
+                                        "unconditional branch (default: the empty prompt)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Text models: the Stable Diffusion pipeline "
+                                            "whose VAE, text encoder and tokenizer to use (default: the one the "
+                                            "model records; checked by sha256)."),
 ) -> None:
-    """Sample images from a model (one UNet or a group of students) into a samples directory."""
+    """Sample images from a model (one UNet or a group of students) into a samples directory.
+
+    A Stable Diffusion model samples from --prompt/--prompts, guided against --negative-prompt, decoded by its
+    pipeline's VAE."""
     import json
 
     from o2mcli.chain import default_output, find_newest_model
@@ -45,7 +59,8 @@ def sample(
         raise O2MError(f"--class {class_} and --classes {classes}: give one")
     cfg = SampleConfig(model=model, scheduler=scheduler, steps=steps, n=n, batch_size=batch_size, seed=seed,
                        device=device, out=out, force=force, png=not no_png, guidance=guidance,
-                       classes=(class_,) if class_ is not None else classes)
+                       classes=(class_,) if class_ is not None else classes, prompt=tuple(prompt) if prompt else None,
+                       prompts=prompts, negative_prompt=negative_prompt, pipeline=pipeline)
     path = run_sample(cfg)
     s = read_manifest(path, verify=False).summary
     extra = f", served {json.dumps(s['served'])}" if "served" in s else ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -11,30 +11,47 @@ from torch import nn
 
 from o2mcli.devices import autocast, synchronize
 from o2mcli.diffusion.schedulers import make_scheduler, set_steps, uses_learned_variance
+from o2mcli.errors import O2MError
 from o2mcli.models.denoise import input_shape, predict
 from o2mcli.runtime.run import progress
 
+# The unconditional branch's condition: a tensor, a null class index, or None (no guidance).
+Uncond = Union[torch.Tensor, int, None]
 
-def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float,
-           null_class: int | None, channels: int) -> torch.Tensor:
-    """The model's prediction for ``labels``; with guidance w != 1, classifier-free guidance
-    eps = eps(null) + w (eps(labels) - eps(null)) (Ho & Salimans 2022, Eq. 6), variance channels from the
-    conditional branch."""
-    if labels is None or guidance == 1.0:
-        return predict(unet, x, t, labels)
-    both = predict(unet, torch.cat([x, x]), t, torch.cat([labels, torch.full_like(labels, null_class)]))
-    cond, uncond = both.chunk(2)
-    eps = uncond[:, :channels] + guidance * (cond[:, :channels] - uncond[:, :channels])
-    return torch.cat([eps, cond[:, channels:]], 1)
+
+def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance: float,
+           uncond: Uncond, channels: int) -> torch.Tensor:
+    """The model's prediction for condition ``cond``; with guidance w != 1, classifier-free guidance
+    eps = eps(uncond) + w (eps(cond) - eps(uncond)) (Ho & Salimans 2022, Eq. 6), variance channels from the
+    conditional branch.
+
+    ``cond`` is any condition the model's family takes, one row per sample: class labels (B,) or text embeddings
+    (B, L, D). ``uncond`` is the unconditional branch's: a tensor of one row (broadcast over the batch) or of
+    ``cond``'s batch (the null class's labels, the negative prompt's embeddings), or a class index (the null class).
+    """
+    if cond is None or guidance == 1.0:
+        return predict(unet, x, t, cond)
+    if uncond is None:
+        raise O2MError(f"guidance {guidance} needs the unconditional branch's condition (a null class or prompt)")
+    if not torch.is_tensor(uncond):
+        uncond = torch.full_like(cond, int(uncond))
+    uncond = uncond.to(device=cond.device, dtype=cond.dtype)
+    if uncond.shape[0] != cond.shape[0]:
+        uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])  # one row (e.g. the negative prompt) for all
+    both = predict(unet, torch.cat([x, x]), t, torch.cat([cond, uncond]))
+    c, u = both.chunk(2)
+    eps = u[:, :channels] + guidance * (c[:, :channels] - u[:, :channels])
+    return torch.cat([eps, c[:, channels:]], 1)
 
 
 @torch.no_grad()
 def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,
-            noise: torch.Tensor, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
-            guidance: float = 1.0, null_class: int | None = None) -> torch.Tensor:
-    """Run the reverse process from ``noise`` with ``steps`` sampler steps; returns x_0 in [-1, 1].
+            noise: torch.Tensor, generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
+            guidance: float = 1.0, uncond: Uncond = None, clamp: bool = True) -> torch.Tensor:
+    """Run the reverse process from ``noise`` with ``steps`` sampler steps; returns x_0, clamped to the pixel range
+    [-1, 1] unless ``clamp`` is off (latents: the VAE's latent space is not bounded by [-1, 1]).
 
-    ``labels`` (class-conditional models) and ``guidance`` w: see :func:`guided`.
+    ``cond`` (class labels, text embeddings), ``guidance`` w and ``uncond``: see :func:`guided`.
     """
     # Near-clean samples and tiny eps outputs produce denormal floats, which slow CPU kernels 2x to 70x
     # (measured on the digits teacher, whichever sampler hit them); flushing them changes nothing visible.
@@ -48,22 +65,27 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
     for t in sched.timesteps:
         model_in = sched.scale_model_input(x, t)
         with autocast(device):
-            out = guided(unet, model_in, t.to(device), labels, guidance, null_class, c)
+            out = guided(unet, model_in, t.to(device), cond, guidance, uncond, c)
         out = out.float()
         if not keep_var:
             out = out[:, :c]  # learned-variance channels are used by the DDPM sampler only
         x = sched.step(out, t, x, generator=generator).prev_sample
-    return x.clamp(-1.0, 1.0)
+    return x.clamp(-1.0, 1.0) if clamp else x
 
 
 def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int, n: int,
                   batch_size: int, seed: int, device: torch.device, show_progress: bool = True,
-                  labels: torch.Tensor | None = None, guidance: float = 1.0,
-                  null_class: int | None = None) -> np.ndarray:
+                  cond: torch.Tensor | None = None, guidance: float = 1.0, uncond: Uncond = None,
+                  cond_table: torch.Tensor | None = None,
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """``n`` images as float32 in [0, 1], (N, C, H, W); batch ``i`` draws from a generator seeded ``seed + i``,
 
-    so the same seed gives the same images whatever else ran before, on CPU bit-for-bit. ``labels`` (N,)
-    ask a class-conditional model for those classes, guided with weight ``guidance``.
+    so the same seed gives the same images whatever else ran before, on CPU bit-for-bit.
+
+    ``cond`` (N, ...) is each image's condition (class labels), or with ``cond_table`` (P, ...) each image's row of
+    it (the embeddings of P distinct prompts, so N images need not hold N copies); guided with weight ``guidance``
+    against ``uncond`` (see :func:`guided`). ``decode`` maps a batch of final samples to images in [0, 1] (a latent
+    model's VAE decoder); the samples are then left unclamped. Without it they are pixels in [-1, 1].
     """
     shape = input_shape(unet)
     out = []
@@ -72,10 +94,14 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(seed + i)
         noise = torch.randn((b, *shape), generator=g).to(device)
-        lab = None if labels is None else labels[start:start + b].to(device)
-        x = denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, labels=lab, guidance=guidance,
-                    null_class=null_class)
-        out.append(((x + 1.0) / 2.0).float().cpu().numpy())
+        c = None if cond is None else cond[start:start + b]
+        if c is not None and cond_table is not None:
+            c = cond_table[c.to(cond_table.device)]
+        c = None if c is None else c.to(device)
+        x = denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, cond=c, guidance=guidance,
+                    uncond=uncond, clamp=decode is None)
+        images = ((x + 1.0) / 2.0) if decode is None else decode(x)
+        out.append(images.float().cpu().numpy())
     return np.concatenate(out, 0)
 
 

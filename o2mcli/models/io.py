@@ -156,6 +156,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
                                      sched_json=path / "scheduler" / "scheduler_config.json")
         if sd:
             loaded.conditioning = text_conditioning(path)
+            marker = path / "o2m_export.json"
+            if marker.is_file():  # an o2m export: the caption dropout its students were distilled with
+                rec = _read_json(marker)
+                found = rec.get("conditioning") if isinstance(rec, dict) else None
+                drop = text_record(found, marker)["caption_dropout"]
+                loaded.conditioning["caption_dropout"] = drop
     elif (path / "config.json").is_file():
         loaded = _load_diffusers_dir(path, path, form="diffusers-model",
                                      sched_json=path / "scheduler_config.json")
@@ -326,26 +332,42 @@ def model_record(name: str, rel: str, unet: nn.Module, timestep_range: tuple[int
                        macs=count_macs(unet), timestep_range=tuple(timestep_range))
 
 
-def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False) -> Path:
-    """Write the model family's diffusers pipeline directory (``DDPMPipeline`` for a UNet2DModel) that plain
-    diffusers loads offline."""
-    from diffusers import DDPMScheduler
+def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pipeline: Path | None = None) -> Path:
+    """Write the model family's diffusers pipeline directory that plain diffusers loads offline: ``DDPMPipeline``
+    for a UNet2DModel, ``StableDiffusionPipeline`` for a UNet2DConditionModel (VAE, text encoder and tokenizer from
+    its teacher's pipeline, or ``pipeline``, checked by sha256)."""
+    import diffusers
 
     if loaded.is_group:
         raise O2MError(f"{loaded.source}: a group of {len(loaded.ranges)} students has no single-UNet diffusers "
                        "form; merge it first (o2m merge) or export one student file")
     out_dir = Path(out_dir)
-    check_output_free(out_dir, force)
-    scheduler = DDPMScheduler.from_config({k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")})
+    check_output_free(out_dir, force, inputs=[pipeline])
     unet = loaded.unet.to("cpu")
-    pipe = family_of(unet).pipeline(unet, scheduler)
+    family = family_of(unet)
+    parts = family.pipeline_parts(loaded.conditioning, loaded.source, pipeline)
+    # The scheduler keeps the class the model's (or else its teacher pipeline's) config names, where diffusers has
+    # it and it samples this model: only DDPM draws from a learned variance. Otherwise DDPM, as before.
+    config = {k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")}
+    names = [loaded.scheduler_config.get("_class_name"), (getattr(parts, "scheduler_config", None) or {}).get(
+        "_class_name")]
+    kept = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+    name = next((n for n in names if n in kept), "DDPMScheduler")
+    if str(config.get("variance_type", "")).startswith("learned"):
+        name = "DDPMScheduler"
+    scheduler = getattr(diffusers, name).from_config(config)
+    pipe = family.pipeline(unet, scheduler, parts)
     with atomic_dir(out_dir, force=force) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        family.save_pipeline(pipe, tmp, parts)
         # Marks the pipeline as o2m's, so `o2m export --force` may replace it (and nothing else).
         record = {"format": "o2m-export/1", "source": str(loaded.source), "sha256": loaded.sha256}
         if loaded.conditioning is not None:
             # diffusers' DDPMPipeline passes no class labels; the UNet takes them (`class_labels=`), the last
-            # embedding being the null class. The class names stay here, and o2m reads them back.
+            # embedding being the null class. The class names stay here, and o2m reads them back. A text model's
+            # record names the teacher pipeline its parts came from (and their hashes) and its caption dropout.
             record["conditioning"] = loaded.conditioning
+        if parts is not None and getattr(parts, "root", None) is not None:
+            record["parts_from"] = str(Path(parts.root).resolve())
         atomic_write_json(tmp / "o2m_export.json", record)
     return out_dir

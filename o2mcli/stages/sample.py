@@ -2,35 +2,47 @@
 
 The output is a ``samples`` stage directory:
 
-* ``samples.npz`` with key ``images``: uint8 (N, H, W, C), what ``o2m score`` reads;
+* ``samples.npz`` with key ``images``: uint8 (N, H, W, C), what ``o2m score`` reads; beside it ``labels`` (the
+  classes a class-conditional model was asked for) or ``prompts`` (a text model's prompt of each image, unicode);
 * ``png/000000.png`` ...: one PNG per image (unless ``png`` is off);
 * ``grid.png``: the first 64 images, upscaled so a person can see them;
 * ``manifest.json``: the full config (``model`` resolved to an absolute path), the model as
   ``parents[0]``, and a summary (shape, timing, and for a student group how many
-  sample-evaluations each student served).
+  sample-evaluations each student served; for a conditional model the guidance weight used, and for a text
+  model the prompt count, negative prompt and the pipeline whose VAE and text encoder were used, with hashes).
+
+A Stable Diffusion UNet samples latents, guided by classifier-free guidance against the negative prompt (default
+"", weight 7.5), decoded to pixels by its pipeline's VAE batch by batch.
 """
 
 from __future__ import annotations
 
 import io
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.chain import resolve_model_spec
+from o2mcli.data.prompts import read_prompts
+from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError, OptionError
-from o2mcli.parsing import int_list
-from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.fsutil import atomic_dir, atomic_write_bytes, check_output_free
 from o2mcli.manifest import parent_ref, write_manifest
+from o2mcli.parsing import int_list
 from o2mcli.viz import grid_image, save_png, to_uint8
 
 GRID_IMAGES = 64
 GRID_MIN_CELL = 64  # an 8x8 digit becomes 64x64 pixels in grid.png
+
+
+TEXT_GUIDANCE = 7.5  # Stable Diffusion's usual classifier-free guidance weight
+CLASS_GUIDANCE = 1.0  # plain conditional sampling: class models were guided only when asked
+DECODE_BATCH = 8  # latents the VAE decodes at once
 
 
 class SampleConfig(BaseModel):
@@ -49,8 +61,32 @@ class SampleConfig(BaseModel):
     force: bool = False
     png: bool = True
     classes: Optional[tuple[int, ...]] = None  # class-conditional models: the classes asked for, in turn ("0,1,2")
-    guidance: float = Field(1.0, ge=0)  # classifier-free guidance weight w (1: plain conditional)
+    # Classifier-free guidance weight w (1: plain conditional). None: the model's default, 7.5 for a text model
+    # (Stable Diffusion's), 1 otherwise; the weight used is recorded in the manifest summary.
+    guidance: Optional[float] = Field(None, ge=0)
+    prompt: Optional[tuple[str, ...]] = None  # text models: the prompts, given to the images in turn
+    prompts: Optional[Path] = None  # text models: a file of prompts, one a line (instead of ``prompt``)
+    negative_prompt: str = ""  # text models: the unconditional branch's prompt
+    pipeline: Optional[Path] = None  # text models: where the VAE, text encoder and tokenizer come from
     _parse_classes = field_validator("classes", mode="before")(classmethod(lambda cls, v: int_list(v)))
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return (v,) if isinstance(v, str) else v
+
+
+@dataclass
+class Condition:
+    """What the sampler is asked for beyond noise: each image's condition, the guidance, and the decoder."""
+
+    cond: Any = None  # (N,) class labels or indices into ``table``
+    table: Any = None  # (P, L, D) text embeddings of the P prompts
+    uncond: Any = None  # the null class or the negative prompt's embeddings (1, L, D)
+    guidance: float = 1.0
+    decode: Optional[Callable] = None  # latents -> images in [0, 1]
+    npz: dict = field(default_factory=dict)  # arrays saved beside ``images``
+    summary: dict = field(default_factory=dict)
 
 
 def run_sample(cfg: SampleConfig) -> Path:
@@ -61,7 +97,13 @@ def run_sample(cfg: SampleConfig) -> Path:
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=[cfg.model])
+    check_output_free(out, cfg.force, inputs=[cfg.model, cfg.prompts, cfg.pipeline])
+    if cfg.prompt is not None and cfg.prompts is not None:
+        raise OptionError("prompts", str(cfg.prompts), "give --prompt or --prompts, not both")
+    prompts = list(cfg.prompt) if cfg.prompt is not None else (
+        read_prompts(cfg.prompts) if cfg.prompts is not None else None)
+    if prompts is not None and not prompts:
+        raise OptionError("prompt", "", "give at least one prompt")
     model_path = resolve_model_spec(cfg.model)
     if not model_path.exists():
         raise O2MError(f"{model_path}: no such model file or directory")
@@ -78,12 +120,22 @@ def run_sample(cfg: SampleConfig) -> Path:
         group.served = [0] * len(group.students)
     parent = parent_ref(model_path)
 
-    labels, null_class = class_labels(loaded.conditioning, cfg, model_path)
+    conditioning = loaded.conditioning
+    if conditioning is not None and conditioning.get("type") == "text":
+        condition = text_condition(conditioning, cfg, prompts, model_path, device)
+    else:
+        for name, value in (("prompt", cfg.prompt), ("prompts", cfg.prompts), ("pipeline", cfg.pipeline),
+                            ("negative_prompt", cfg.negative_prompt or None)):
+            if value is not None:
+                raise OptionError(name, value if isinstance(value, str) else str(value),
+                                  f"{model_path} is not text-conditioned (prompts are for Stable Diffusion models)")
+        condition = class_condition(conditioning, cfg, model_path)
 
     # 3. Sample.
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
-                             cfg.seed, device, labels=labels, guidance=cfg.guidance, null_class=null_class)
+                             cfg.seed, device, cond=condition.cond, guidance=condition.guidance,
+                             uncond=condition.uncond, cond_table=condition.table, decode=condition.decode)
     seconds = time.perf_counter() - t0
     if not np.isfinite(images01).all():
         raise O2MError(f"{model_path}: sampling produced non-finite values; the model is broken")
@@ -93,6 +145,9 @@ def run_sample(cfg: SampleConfig) -> Path:
     # 4. Write the stage directory atomically.
     config = cfg.model_dump(mode="json")
     config["model"] = str(model_path.resolve())
+    for key in ("prompts", "pipeline"):
+        if config[key] is not None:
+            config[key] = str(Path(config[key]).resolve())
     summary = {
         "n": int(images.shape[0]),
         "image_shape": [int(h), int(w), int(c)],
@@ -106,15 +161,12 @@ def run_sample(cfg: SampleConfig) -> Path:
     }
     if group is not None:
         summary["served"] = [int(s) for s in group.served]
-    if labels is not None:
-        names = loaded.conditioning["classes"]
-        summary["classes"] = {names[k]: int((labels == k).sum()) for k in sorted(set(labels.tolist()))}
-        summary["guidance"] = cfg.guidance
+    summary.update(condition.summary)
     if loaded.notes:
         summary["notes"] = list(loaded.notes)
     with atomic_dir(out, force=cfg.force) as tmp:
         buf = io.BytesIO()
-        np.savez(buf, images=images, **({} if labels is None else {"labels": labels.numpy().astype(np.int64)}))
+        np.savez(buf, images=images, **condition.npz)
         atomic_write_bytes(tmp / SAMPLES_FILE, buf.getvalue())
         if cfg.png:
             _write_pngs(images, tmp / "png")
@@ -123,7 +175,20 @@ def run_sample(cfg: SampleConfig) -> Path:
     return out
 
 
-def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path):
+def class_condition(conditioning: dict | None, cfg: SampleConfig, model_path: Path) -> Condition:
+    """A class-conditional (or unconditional) model's labels, null class and guidance (default 1)."""
+    guidance = CLASS_GUIDANCE if cfg.guidance is None else cfg.guidance
+    labels, null_class = class_labels(conditioning, cfg, model_path, guidance)
+    if labels is None:
+        return Condition(guidance=guidance)
+    names = conditioning["classes"]
+    summary = {"classes": {names[k]: int((labels == k).sum()) for k in sorted(set(labels.tolist()))},
+               "guidance": guidance}
+    return Condition(cond=labels, uncond=null_class, guidance=guidance, summary=summary,
+                     npz={"labels": labels.numpy().astype(np.int64)})
+
+
+def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path, guidance: float = CLASS_GUIDANCE):
     """(labels for the ``cfg.n`` images or None, the null class for guidance): the classes asked for in turn,
     or all classes balanced; refusals for an unconditional model, an unknown class, guidance without a null class."""
     import torch
@@ -131,8 +196,8 @@ def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path)
     if conditioning is None:
         if cfg.classes is not None:
             raise OptionError("classes", cfg.classes, f"{model_path} is not class-conditional")
-        if cfg.guidance != 1.0:
-            raise OptionError("guidance", cfg.guidance, f"{model_path} is not class-conditional (guidance needs "
+        if guidance != 1.0:
+            raise OptionError("guidance", guidance, f"{model_path} is not class-conditional (guidance needs "
                               "a class-conditional model)")
         return None, None
     null = conditioning["null_class"]
@@ -142,11 +207,48 @@ def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path)
     if bad or not wanted:
         raise OptionError("classes", cfg.classes, f"{model_path} has classes 0..{k - 1} "
                           f"({', '.join(conditioning['classes'][:k])})")
-    if cfg.guidance != 1.0 and null is None:
-        raise OptionError("guidance", cfg.guidance, f"{model_path} has no null class recorded (it was not trained "
+    if guidance != 1.0 and null is None:
+        raise OptionError("guidance", guidance, f"{model_path} has no null class recorded (it was not trained "
                           "by o2m with label dropout), so it cannot be guided; use --guidance 1")
     labels = torch.tensor(wanted, dtype=torch.int64)[torch.arange(cfg.n) % len(wanted)]
     return labels, null
+
+
+def text_condition(conditioning: dict, cfg: SampleConfig, prompts: list[str] | None, model_path: Path,
+                   device) -> Condition:
+    """A text-conditioned (latent) model's prompts in turn, embedded once by its pipeline's text encoder, the
+    negative prompt's embedding for guidance (default 7.5), and its VAE's decoder."""
+    import torch
+
+    from o2mcli.models.families.stable_diffusion import decode_latents, encode_prompts, resolve_parts
+
+    if cfg.classes is not None:
+        raise OptionError("classes", cfg.classes, f"{model_path} is text-conditioned; give --prompt or --prompts")
+    if prompts is None:
+        raise O2MError(f"{model_path}: a text-conditioned model samples from prompts; give --prompt TEXT or "
+                       "--prompts FILE")
+    guidance = TEXT_GUIDANCE if cfg.guidance is None else cfg.guidance
+    parts = resolve_parts(conditioning, model_path, cfg.pipeline, device)
+    # Each distinct prompt the n images use is encoded once; the images index their prompt's row.
+    assigned = [prompts[i % len(prompts)] for i in range(cfg.n)]
+    row = {p: i for i, p in enumerate(dict.fromkeys(assigned))}
+    distinct = list(row)
+    table = encode_prompts(parts, distinct)
+    negative = encode_prompts(parts, [cfg.negative_prompt])
+    index = torch.tensor([row[p] for p in assigned], dtype=torch.int64)
+    vae = parts.vae
+
+    def decode(latents):
+        # A few images at a time: SD's decoder at 512 px holds gigabytes of activations per handful of images.
+        z = latents.to(next(vae.parameters()).dtype)
+        return torch.cat([decode_latents(vae, z[i:i + DECODE_BATCH]) for i in range(0, len(z), DECODE_BATCH)])
+
+    summary = {"prompts": len(prompts), "distinct_prompts": len(distinct), "guidance": guidance,
+               "negative_prompt": cfg.negative_prompt,
+               "pipeline": {"path": str(Path(parts.root).resolve()),
+                            "hashes": {k: v for k, v in parts.hashes.items() if k != "unet"}}}
+    return Condition(cond=index, table=table, uncond=negative, guidance=guidance, decode=decode, summary=summary,
+                     npz={"prompts": np.array(assigned, dtype=str)})
 
 
 def _write_pngs(images: np.ndarray, folder: Path) -> None:

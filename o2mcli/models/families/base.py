@@ -83,6 +83,24 @@ class DenoiserFamily:
         """Submodule names whose outputs are the features of feature-based KD (matched by name and size)."""
         raise NotImplementedError
 
-    def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
-        """The diffusers pipeline that plain diffusers samples this model with (``o2m export``)."""
+    def pipeline_parts(self, conditioning: Optional[dict[str, Any]], where: Path,
+                       pipeline: Optional[Path] = None) -> Any:
+        """What :meth:`pipeline` needs beside the model and scheduler (a latent model: its VAE, text encoder and
+        tokenizer), from ``pipeline`` (``--pipeline``) or where ``conditioning`` says; None when nothing is needed.
+        A family that needs nothing refuses ``pipeline``. Anything returned that has a ``scheduler_config`` names the
+        scheduler class the exported pipeline keeps, unless the model's own scheduler config names one."""
+        from o2mcli.errors import O2MError
+
+        if pipeline is not None:
+            raise O2MError(f"{where}: a {self.name} samples without a VAE or text encoder; --pipeline {pipeline} "
+                           "is for Stable Diffusion models")
+        return None
+
+    def pipeline(self, model: nn.Module, scheduler: Any, parts: Any = None) -> Any:
+        """The diffusers pipeline that plain diffusers samples this model with (``o2m export``), from the model, its
+        scheduler and :meth:`pipeline_parts`."""
         raise NotImplementedError
+
+    def save_pipeline(self, pipe: Any, folder: Path, parts: Any = None) -> None:
+        """Write :meth:`pipeline`'s result into ``folder`` (safetensors weights)."""
+        pipe.save_pretrained(folder, safe_serialization=True)

@@ -83,7 +83,7 @@ class UNet2D(DenoiserFamily):
     def feature_points(self, model: nn.Module) -> list[str]:
         return unet_block_outputs(model)
 
-    def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
+    def pipeline(self, model: nn.Module, scheduler: Any, parts: Any = None) -> Any:
         from diffusers import DDPMPipeline
 
         return DDPMPipeline(unet=model, scheduler=scheduler)

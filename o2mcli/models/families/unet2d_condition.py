@@ -54,9 +54,45 @@ class UNet2DCondition(DenoiserFamily):
         """The block outputs, as for UNet2DModel (BK-SDM's feature-KD points)."""
         return unet_block_outputs(model)
 
-    def pipeline(self, model: nn.Module, scheduler: Any) -> Any:
-        raise O2MError("exporting a UNet2DConditionModel needs its pipeline's VAE, text encoder and tokenizer; "
-                       "not built yet (issue #13)")
+    def pipeline_parts(self, conditioning: Optional[dict[str, Any]], where: Path,
+                       pipeline: Optional[Path] = None) -> Any:
+        """The teacher pipeline's VAE, text encoder and tokenizer (on the CPU), checked against the model's record."""
+        from o2mcli.models.families.stable_diffusion import resolve_parts
+
+        return resolve_parts(conditioning or {}, where, pipeline, "cpu")
+
+    def pipeline(self, model: nn.Module, scheduler: Any, parts: Any = None) -> Any:
+        """A ``StableDiffusionPipeline`` of this UNet and the teacher's VAE, text encoder and tokenizer (no safety
+        checker: o2m's students are research models, and diffusers would otherwise ask for one)."""
+        from diffusers import StableDiffusionPipeline
+
+        if parts is None:
+            raise O2MError("a UNet2DConditionModel's pipeline needs its VAE, text encoder and tokenizer "
+                           "(pipeline_parts)")
+        return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                       unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    def save_pipeline(self, pipe: Any, folder: Path, parts: Any = None) -> None:
+        """The pipeline, with the teacher's VAE, text encoder and tokenizer files copied byte for byte: they are
+        unchanged, and transformers re-serialises a tokenizer with its load arguments (``local_files_only``), which
+        would change its sha256. So the export's parts hash as the teacher's, and it serves as ``--pipeline`` for
+        any other student of that teacher."""
+        import shutil
+
+        from o2mcli.models.families.stable_diffusion import WEIGHTS
+
+        pipe.save_pretrained(folder, safe_serialization=True)
+        if parts is None:
+            return
+        src = Path(parts.root)
+        for part in ("vae", "text_encoder"):
+            for name in ("config.json", WEIGHTS[part]):
+                shutil.copyfile(src / part / name, folder / part / name)
+        shutil.rmtree(folder / "tokenizer")
+        (folder / "tokenizer").mkdir()
+        for f in sorted(p for p in (src / "tokenizer").iterdir() if p.is_file()):
+            shutil.copyfile(f, folder / "tokenizer" / f.name)
 
 
 def _cross_dim(cfg: Any) -> int:
