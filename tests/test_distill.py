@@ -93,7 +93,7 @@ def test_image_source_draws_in_range() -> None:
 
 # 2. KD losses on mismatched channel counts: finite, gradients reach the student only ------------------
 
-@pytest.mark.parametrize("kd", ["output", "at", "sp", "crd"])
+@pytest.mark.parametrize("kd", ["output", "at", "sp", "crd", "feat"])
 def test_kd_losses_with_mismatched_channels(kd: str, template: Path) -> None:
     from diffusers import DDPMScheduler
 

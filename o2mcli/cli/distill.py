@@ -25,7 +25,8 @@ def distill(
     p_own: float = typer.Option(0.5, "--p-own", help="Per step, probability a student trains on its own range "
                                                      "(else on all timesteps)."),
     kd: str = typer.Option("output", help="KD loss: output (Hinton), at (attention transfer), sp "
-                                          "(similarity-preserving), crd (contrastive), none (no KD: plain training "
+                                          "(similarity-preserving), crd (contrastive), feat (BK-SDM: output + "
+                                          "block-output features), none (no KD: plain training "
                                           "on the data, the teacher never runs)."),
     alpha: float = typer.Option(1.0, help="Weight of the KD loss against the plain diffusion loss."),
     init: str = typer.Option("template", help="Start the students from the template or from the teacher."),

@@ -21,6 +21,10 @@ def score(
                                  help="digits (shipped classifier, 1x8x8), inception (clean-fid), or auto."),
     inception_weights: Optional[Path] = typer.Option(
         None, "--inception-weights", help="Local inception-2015-12-05.pt (clean-fid's file; never downloaded)."),
+    clip_weights: Optional[Path] = typer.Option(
+        None, "--clip-weights",
+        help="Local transformers CLIPModel directory (config.json, model.safetensors, tokenizer files; never "
+             "downloaded): adds the CLIP score of each image against its prompt (text-conditioned samples)."),
     throughput_batch: int = typer.Option(64, "--throughput-batch", help="Batch size of the timed sampling runs."),
     throughput_steps: Optional[int] = typer.Option(
         None, "--throughput-steps", help="Sampler steps of the timed runs; default: the samples' steps."),
@@ -32,7 +36,7 @@ def score(
     out: Annotated[Optional[Path], stage_out("scores")] = None,
     force: Force = False,
 ) -> None:
-    """FID/KID (clean-fid), params, MACs and throughput of sampled models, as a Table-1-style report."""
+    """FID/KID (clean-fid), CLIP score, params, MACs and throughput of sampled models, as a Table-1-style report."""
     import json
 
     from o2mcli.chain import default_output, find_newest_samples
@@ -41,6 +45,7 @@ def score(
 
     dirs = list(samples) if samples else [find_newest_samples(Path("."))]
     cfg = ScoreConfig(samples=dirs, ref=ref, features=features, inception_weights=inception_weights,
+                      clip_weights=clip_weights,
                       throughput_batch=throughput_batch, throughput_steps=throughput_steps,
                       throughput_repeats=throughput_repeats, kid_subsets=kid_subsets,
                       kid_subset_size=kid_subset_size, seed=seed, device=device,

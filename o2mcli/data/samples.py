@@ -1,4 +1,5 @@
-"""An ``o2m sample`` directory read back: its verified manifest and its images (``samples.npz``)."""
+"""An ``o2m sample`` directory read back: its verified manifest, its images (``samples.npz``) and, where the model
+was conditioned, the labels or prompts the images were asked for."""
 
 from __future__ import annotations
 
@@ -54,3 +55,24 @@ def load_sample_labels(directory: Path, n: int) -> np.ndarray | None:
     if labels.dtype.kind not in "iu" or labels.shape != (n,):
         raise O2MError(f"{path}: 'labels' must be {n} integers, got {labels.dtype} {labels.shape}")
     return labels.astype(np.int64)
+
+
+def load_sample_prompts(directory: Path, n: int) -> list[str] | None:
+    """The prompts a text-conditioned model's samples were made from (``prompts`` in samples.npz), or None.
+
+    ``prompts`` is a numpy unicode array (dtype ``<U..``), one prompt per image, read without pickle.
+    """
+    path = Path(directory) / SAMPLES_FILE
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "prompts" not in z.files:
+                return None
+            prompts = z["prompts"]
+    except (OSError, ValueError, EOFError) as e:
+        # An object array (pickled strings) lands here too: allow_pickle=False refuses to read it.
+        raise O2MError(f"{path}: unreadable 'prompts' ({' '.join(str(e).split())[:120]}); prompts must be a "
+                       "numpy unicode array") from e
+    if prompts.dtype.kind != "U" or prompts.shape != (n,):
+        raise O2MError(f"{path}: 'prompts' must be {n} unicode strings (one per image), got "
+                       f"{prompts.dtype} {prompts.shape}")
+    return [str(p) for p in prompts]

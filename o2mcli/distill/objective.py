@@ -62,8 +62,10 @@ class Objective:
             parts["simple"] = mean_flat((student.eps - teacher.eps) ** 2).mean()
             total = parts["simple"]
         if kd.needs_teacher and not (self.base == "output" and isinstance(kd, OutputKD)):
-            # (DKDM's L'_simple already is output KD; ``none`` adds nothing)
-            parts["kd"] = kd(student, teacher)
+            # (DKDM's L'_simple already is output KD, so a loss that also holds one adds only its feature part;
+            # ``none`` adds nothing)
+            features_only = self.base == "output" and hasattr(kd, "feature_loss")
+            parts["kd"] = kd.feature_loss(student, teacher) if features_only else kd(student, teacher)
             total = total + self.alpha * parts["kd"]
         if self.kl is not None and self.kl_weight > 0:
             parts["kl"] = self.kl(student, teacher, batch, terms)

@@ -27,20 +27,32 @@ def row_label(row: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The Table-1-style Markdown table of score rows (with class accuracy where samples carry labels)."""
+    """The Table-1-style Markdown table of score rows (with class accuracy where samples carry labels, the CLIP
+    score where one was computed, and MACs per guided step where a model is text-conditioned)."""
     acc = any(r.get("class_accuracy") is not None for r in rows)
-    cols = [*COLUMNS, "Class acc."] if acc else COLUMNS
+    clip = any(r.get("clip_score") is not None for r in rows)
+    cfg = any(r.get("macs_cfg") is not None for r in rows)
+    cols = list(COLUMNS)
+    if cfg:
+        cols.insert(cols.index("MACs (G)") + 1, "MACs/step w/ CFG (G)")
+    if clip:
+        cols.append("CLIP score")
+    if acc:
+        cols.append("Class acc.")
     lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in rows:
         cells = [
             row_label(r).replace("|", "\\|"),
             _num(r["params"] / 1e6),
             _num(r["macs"] / 1e9),
+            *([("-" if r.get("macs_cfg") is None else _num(r["macs_cfg"] / 1e9))] if cfg else []),
             _num(r["throughput"]["images_per_s"]),
             _num(r["fid"]),
             f"{_num(r['kid_mean'] * 1e3)} ± {_num(r['kid_std'] * 1e3)}",
             str(r["n_samples"]),
         ]
+        if clip:
+            cells.append("-" if r.get("clip_score") is None else _num(r["clip_score"]))
         if acc:
             cells.append("-" if r.get("class_accuracy") is None else f"{r['class_accuracy']:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -57,6 +69,17 @@ def markdown_report(report: dict[str, Any]) -> str:
                  f"{tp.get('batch_size', '?')} ({report['throughput_repeats']} timed run{'s' if report['throughput_repeats'] != 1 else ''} after one warm-up), "
                  "with each row's sampler and steps.")
     lines.append(f"- Features: {feat['name']} ({feat['description']}).")
+    for what in dict.fromkeys(r["macs_what"] for r in rows if r.get("macs_what")):
+        lines.append(f"- MACs of text-conditioned models: {what}. The MACs column is per UNet call; "
+                     "'MACs/step w/ CFG' is per sampling step with classifier-free guidance (x2).")
+    for what in dict.fromkeys(r["throughput"].get("what") for r in rows if r["throughput"].get("what")):
+        lines.append(f"- Throughput of text-conditioned models: {what}.")
+    clip = report.get("clip")
+    if clip:
+        lines.append(f"- CLIP score (Hessel et al. 2021) = {clip['scaling']}, each image against its own prompt; "
+                     f"CLIP weights {clip['weights']} (sha256 {clip['weights_sha256'][:12]}), images "
+                     f"{clip['image_size']}x{clip['image_size']} ({clip['preprocessing']}), prompts cut at "
+                     f"{clip['max_tokens']} tokens.")
     shape = "x".join(str(v) for v in ref["shape"])
     lines.append(f"- Reference: {ref['spec']} ({ref['n']} images of {shape}, {ref['source']}, "
                  f"sha256 {ref['sha256'][:12]}); FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) "

@@ -1,4 +1,4 @@
-"""``o2m score``: FID/KID against a reference (via clean-fid), params, MACs and throughput, as a report.
+"""``o2m score``: FID/KID against a reference (via clean-fid), CLIP score, params, MACs and throughput, as a report.
 
 For each samples directory: verify its manifest, load ``samples.npz``, compute features of the
 samples and of the reference with one extractor (``o2mcli.scoring.features``), FID (Heusel et al.
@@ -6,6 +6,13 @@ samples and of the reference with one extractor (``o2mcli.scoring.features``), F
 load the model that made the samples (checking it is byte-identical to the one sampled), count its
 parameters and MACs and time full sampling runs with the samples' sampler and steps. The report is
 a ``scores`` stage directory with ``report.json`` and ``report.md`` (Table 1 of the O2MKD paper).
+
+Text-conditioned (Stable Diffusion) samples: with ``--clip-weights DIR`` (a local transformers CLIPModel),
+each row also gets the CLIP score of its images against the prompts stored in ``samples.npz``
+(``o2mcli.scoring.clip``: 100 * max(cos, 0), averaged, torchmetrics' scaling). MACs are the UNet's alone,
+one call at the latent size with a 77-token text embedding, reported per UNet call and per sampling step
+with classifier-free guidance (two calls); throughput times the UNet's latent denoising loop alone (one
+call per step, a zero text embedding: no guidance doubling, text encoding or VAE decoding).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class ScoreConfig(BaseModel):
     ref: str = "digits"
     features: str = "auto"
     inception_weights: Optional[Path] = None
+    clip_weights: Optional[Path] = None
     throughput_batch: int = Field(64, ge=1)
     throughput_steps: Optional[int] = Field(None, ge=1)
     throughput_repeats: int = Field(2, ge=1)
@@ -60,11 +68,23 @@ def _to_float01(images_nhwc_u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images_nhwc_u8.transpose(0, 3, 1, 2))).float() / 255.0
 
 
+def is_text_conditioned(loaded) -> bool:
+    """Whether a loaded model takes text embeddings (a Stable Diffusion UNet or a group of them)."""
+    from o2mcli.models.group import StudentGroup
+
+    if (loaded.conditioning or {}).get("type") == "text":
+        return True
+    one = loaded.unet.students[0] if isinstance(loaded.unet, StudentGroup) else loaded.unet
+    return type(one).__name__ == "UNet2DConditionModel"
+
+
 # 2. The model that made the samples ---------------------------------------------------------------
 
 def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig) -> dict[str, Any]:
     """Params, MACs and throughput of the samples' parent model, refusing one changed since sampling."""
     from o2mcli.diffusion.sampler import measure_throughput
+    from o2mcli.models.denoise import input_shape
+    from o2mcli.models.families.unet2d_condition import SHAPE_TOKENS
     from o2mcli.models.io import load_model
     from o2mcli.models.stats import count_macs, count_params
 
@@ -87,13 +107,28 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
                      + ("" if len(set(per_student)) == 1 else "; students differ in size, the largest is shown"))
     else:
         macs = count_macs(unet)
+    text = is_text_conditioned(loaded)
+    macs_what = None
     steps = cfg.throughput_steps or int(man.config["steps"])
     tp = measure_throughput(unet, str(man.config["scheduler"]), loaded.scheduler_config, steps,
                             cfg.throughput_batch, device, repeats=cfg.throughput_repeats, seed=cfg.seed)
     tp["repeats"] = cfg.throughput_repeats
+    if text:
+        # The sampler's loop with cond None: the family feeds a zero 77-token embedding, one UNet call per step.
+        tp["what"] = ("UNet latent denoising only: one UNet call per step with a zero text embedding; no "
+                      "classifier-free guidance doubling, text encoding or VAE decoding")
+        shape = "x".join(str(v) for v in input_shape(unet))
+        macs_what = (f"UNet only, one call on a {shape} latent with a {SHAPE_TOKENS}-token text embedding: "
+                     f"{_g(macs)} GMACs per UNet call, {_g(2 * macs)} GMACs per sampling step with classifier-free "
+                     "guidance (x2: conditional and unconditional branch); VAE and text encoder not counted")
     return {"model": parent.path, "model_name": Path(parent.path).name, "model_sha256": loaded.sha256,
             "model_form": loaded.form, "students": len(loaded.ranges), "params": int(params), "macs": int(macs),
+            "macs_cfg": int(2 * macs) if text else None, "text_conditioned": text, "macs_what": macs_what,
             "throughput": tp, "model_notes": notes + list(loaded.notes)}
+
+
+def _g(macs: int) -> str:
+    return f"{macs / 1e9:.4g}"
 
 
 # 3. The stage -----------------------------------------------------------------------------------------
@@ -101,7 +136,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
 def run_score(cfg: ScoreConfig) -> Path:
     """Score every samples directory against the reference; write a ``scores`` stage directory."""
     from o2mcli.data import load_dataset, load_samples
-    from o2mcli.data.samples import load_sample_labels
+    from o2mcli.data.samples import load_sample_labels, load_sample_prompts
     from o2mcli.devices import resolve_device
     from o2mcli.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_free
     from o2mcli.manifest import parent_ref, write_manifest
@@ -112,7 +147,7 @@ def run_score(cfg: ScoreConfig) -> Path:
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=[*cfg.samples, cfg.ref, cfg.inception_weights])
+    check_output_free(out, cfg.force, inputs=[*cfg.samples, cfg.ref, cfg.inception_weights, cfg.clip_weights])
     dirs = [Path(d) for d in cfg.samples]
     resolved = [d.resolve() for d in dirs]
     if len(set(resolved)) != len(resolved):
@@ -120,6 +155,10 @@ def run_score(cfg: ScoreConfig) -> Path:
     if out.resolve() in resolved:
         raise O2MError(f"{out}: the output would replace a samples directory being scored")
     device = resolve_device(cfg.device)
+    if cfg.clip_weights is not None:
+        from o2mcli.scoring.clip import check_clip_dir
+
+        check_clip_dir(cfg.clip_weights)  # a bad directory is refused before any work
 
     # 2. Samples (verified) and the reference, all the same shape.
     loaded = [(d, *load_samples(d)) for d in dirs]
@@ -130,6 +169,17 @@ def run_score(cfg: ScoreConfig) -> Path:
         if shape != ref_shape:
             raise O2MError(f"{d}: samples are {_shape_text(shape)} but the reference {cfg.ref} is "
                            f"{_shape_text(ref_shape)}; score against data of the samples' shape (--ref)")
+    prompts = {d: load_sample_prompts(d, images.shape[0]) for d, _, images in loaded}
+    if cfg.clip_weights is not None:
+        for d, _, _ in loaded:
+            if prompts[d] is None:
+                raise O2MError(f"{d}: --clip-weights scores images against their prompts, and {d / 'samples.npz'} "
+                               "holds none (only samples of a text-conditioned model carry 'prompts')")
+    clip = None
+    if cfg.clip_weights is not None:
+        from o2mcli.scoring.clip import load_clip
+
+        clip = load_clip(cfg.clip_weights, device)  # before the features: a bad model fails fast
 
     # 3. Features: the reference once, as 8-bit images like the samples.
     name = resolve_name(cfg.features, ref_shape)
@@ -150,6 +200,10 @@ def run_score(cfg: ScoreConfig) -> Path:
         labels = load_sample_labels(d, images.shape[0])
         predicted = extractor.classify(images) if labels is not None else None
         accuracy = None if predicted is None else float((predicted == labels).mean())
+        cs = clip.score(images, prompts[d]) if clip is not None else None
+        if cs is not None and cs["truncated_prompts"]:
+            warnings.append(f"{cs['truncated_prompts']} prompt(s) longer than CLIP's {clip.max_tokens} tokens were "
+                            "cut for the CLIP score")
         key = (man.parents[0].path, man.parents[0].sha256, man.config["scheduler"], man.config["steps"])
         if key not in models:
             models[key] = measure_model(man, d, device, cfg)
@@ -158,8 +212,10 @@ def run_score(cfg: ScoreConfig) -> Path:
         rows.append({
             "name": d.name, "samples": str(d.resolve()), "model": m["model"], "model_name": m["model_name"],
             "model_sha256": m["model_sha256"], "model_form": m["model_form"], "students": m["students"],
-            "params": m["params"], "macs": m["macs"], "throughput": m["throughput"],
+            "params": m["params"], "macs": m["macs"], "macs_cfg": m["macs_cfg"],
+            "text_conditioned": m["text_conditioned"], "macs_what": m["macs_what"], "throughput": m["throughput"],
             "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "class_accuracy": accuracy,
+            "clip_score": None if cs is None else cs["mean"], "clip_score_std": None if cs is None else cs["std"],
             "n_samples": int(images.shape[0]), "n_reference": len(ref),
             "features": extractor.name, "feature_dim": extractor.dim,
             "scheduler": man.config["scheduler"], "steps": int(man.config["steps"]), "seed": man.config.get("seed"),
@@ -177,6 +233,7 @@ def run_score(cfg: ScoreConfig) -> Path:
         "device": str(device),
         "throughput_repeats": cfg.throughput_repeats,
         "features": extractor.info(),
+        "clip": None if clip is None else clip.info(),
         "reference": {"spec": cfg.ref, "name": ref.name, "source": ref.source, "sha256": ref.sha256,
                       "n": len(ref), "shape": list(ref_shape)},
         "kid": {"subsets": cfg.kid_subsets, "subset_size": cfg.kid_subset_size, "seed": cfg.seed,
@@ -186,7 +243,9 @@ def run_score(cfg: ScoreConfig) -> Path:
         "notes": notes,
     }
     summary = {"rows": [{"name": r["name"], "fid": r["fid"], "kid_mean": r["kid_mean"], "params": r["params"],
-                         "macs": r["macs"], "images_per_s": r["throughput"]["images_per_s"]} for r in rows],
+                         "macs": r["macs"], "images_per_s": r["throughput"]["images_per_s"],
+                         **({"clip_score": r["clip_score"]} if r["clip_score"] is not None else {}),
+                         **({"macs_cfg": r["macs_cfg"]} if r["macs_cfg"] is not None else {})} for r in rows],
                "features": extractor.name, "reference": cfg.ref, "device": str(device)}
     with atomic_dir(out, force=cfg.force) as tmp:
         atomic_write_json(tmp / "report.json", report)

@@ -7,13 +7,14 @@ import torch
 from o2mcli.distill.losses.at import AttentionTransfer
 from o2mcli.distill.losses.base import KDLoss, Outputs
 from o2mcli.distill.losses.crd import ContrastiveRD
+from o2mcli.distill.losses.feat import FeatureKD
 from o2mcli.distill.losses.none import NoKD
 from o2mcli.distill.losses.output import OutputKD
 from o2mcli.distill.losses.sp import SimilarityPreserving
 from o2mcli.registry import Registry
 
 KD_LOSSES: Registry[type[KDLoss]] = Registry("--kd", "KD method")
-for _cls in (OutputKD, AttentionTransfer, SimilarityPreserving, ContrastiveRD, NoKD):
+for _cls in (OutputKD, AttentionTransfer, SimilarityPreserving, ContrastiveRD, FeatureKD, NoKD):
     KD_LOSSES.register(_cls.name, _cls)
 
 __all__ = ["KD_LOSSES", "KDLoss", "Outputs", "kd_class", "build_kd_loss"]
