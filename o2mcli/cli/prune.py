@@ -16,9 +16,12 @@ def prune(
     teacher: Optional[str] = typer.Argument(None, help="Teacher model file or directory, or digits-teacher; "
                                                       "default: the newest teacher in the current directory."),
     ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed from every block, in (0, 1); "
-                                                     "MACs fall about as (1-R)^2. Default 0.3."),
+                                                     "MACs fall about as (1-R)^2. Default 0.3 (none with --blocks)."),
     target_macs: Optional[str] = typer.Option(None, "--target-macs", help="Instead of --ratio: the least pruning "
                                               "whose template costs at most this many MACs per forward (e.g. 3.4G)."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Stable Diffusion UNets: remove blocks as BK-SDM does "
+                                         "(bk-base: second resnet+attention pair of each stage; bk-small: also the "
+                                         "mid block; bk-tiny: also the innermost stage); with --ratio, then slim."),
     round_to: Optional[int] = typer.Option(None, "--round-to", help="Channel counts become multiples of N; default "
                                            "the GroupNorm group count (times the attention head size if fixed)."),
     importance: str = typer.Option("magnitude", help="magnitude, random or taylor (needs --data)."),
@@ -33,14 +36,15 @@ def prune(
     out: Annotated[Optional[Path], stage_out("template")] = None,
     force: Force = False,
 ) -> None:
-    """Channel-slim a teacher into a student template that plain diffusers loads."""
+    """Channel-slim a teacher (or remove blocks of a Stable Diffusion UNet) into a student template that plain
+    diffusers loads."""
     from o2mcli.chain import default_output, find_newest_model
     from o2mcli.manifest import read_manifest
     from o2mcli.stages.prune import PruneConfig, run_prune
 
     teacher = teacher if teacher is not None else str(find_newest_model(Path("."), kinds=("teacher",)))
     out = out if out is not None else default_output(Path("."), "template")
-    cfg = PruneConfig(teacher=teacher, ratio=ratio, target_macs=target_macs,
+    cfg = PruneConfig(teacher=teacher, ratio=ratio, blocks=blocks, target_macs=target_macs,
                       round_to=round_to, importance=importance, data=data, taylor_batches=taylor_batches,
                       batch_size=batch_size, students=students, seed=seed, device=device,
                       throughput=not no_throughput, out=out, force=force)
@@ -51,15 +55,24 @@ def prune(
 def report_text(s: dict, path: Path) -> str:
     """The command's report: totals, per-block table, throughput."""
     t, m = s["teacher"], s["template"]
-    lines = [f"wrote {path}: ratio {s['ratio']} (channels rounded to multiples of {s['round_to']})",
-             f"  block_out_channels {t['block_out_channels']} -> {m['block_out_channels']}",
-             f"  params {t['params'] / 1e6:.3f}M -> {m['params'] / 1e6:.3f}M ({s['params_ratio']:.1%}),  "
-             f"MACs {t['macs'] / 1e9:.4f}G -> {m['macs'] / 1e9:.4f}G ({s['macs_ratio']:.1%})",
-             f"  {'block':<16}{'channels':>12}{'params kept':>13}{'MACs kept':>11}"]
+    lines = [f"wrote {path}: " + ", ".join(
+        ([f"blocks {s['block_removal']['variant']}"] if "block_removal" in s else [])
+        + ([f"ratio {s['ratio']} (channels rounded to multiples of {s['round_to']})"] if s["ratio"] is not None
+           else []))]
+    if "block_removal" in s:
+        removed = s["block_removal"]["removed"]
+        lines.append(f"  removed {len(removed)} teacher layers or blocks: {', '.join(removed[:4])}"
+                     + (f", ... ({len(removed) - 4} more; all in the manifest)" if len(removed) > 4 else ""))
+    lines += [f"  block_out_channels {t['block_out_channels']} -> {m['block_out_channels']}",
+              f"  params {t['params'] / 1e6:.3f}M -> {m['params'] / 1e6:.3f}M ({s['params_ratio']:.1%}),  "
+              f"MACs {t['macs'] / 1e9:.4f}G -> {m['macs'] / 1e9:.4f}G ({s['macs_ratio']:.1%})",
+              f"  {'block':<16}{'channels':>12}{'params kept':>13}{'MACs kept':>11}"]
     for b in s["blocks"]:
         ch = "" if b["channels"][0] is None else f"{b['channels'][0]}->{b['channels'][1]}"
         mk = "" if b["macs_kept"] is None else f"{b['macs_kept']:.1%}"
-        lines.append(f"  {b['block']:<16}{ch:>12}{b['params_kept']:>13.1%}{mk:>11}")
+        moved = b.get("student_block")
+        name = b["block"] if "student_block" not in b or moved == b["block"] else f"{b['block']}>{moved or '-'}"
+        lines.append(f"  {name:<16}{ch:>12}{b['params_kept']:>13.1%}{mk:>11}")
     if "throughput" in s:
         tp = s["throughput"]
         lines.append(f"  throughput on {tp['device']} (DDIM {tp['steps']} steps, batch {tp['batch_size']}): teacher "

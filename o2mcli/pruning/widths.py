@@ -46,10 +46,18 @@ class WidthPlan:
 def default_round_to(cfg: dict[str, Any]) -> int:
     """Smallest channel step a diffusers config can express: lcm(GroupNorm groups, head size)."""
     step = int(cfg.get("norm_num_groups") or 32)
-    head = cfg.get("attention_head_dim")
-    if head is not None and _has_attention(cfg):
-        step = math.lcm(step, int(head))
+    if _has_attention(cfg):
+        step = math.lcm(step, *head_values(cfg))
     return step
+
+
+def head_values(cfg: dict[str, Any]) -> list[int]:
+    """The config's ``attention_head_dim`` entries (one, or one per block as in SD 2.x): every block width must be a
+    multiple of each, whether it counts channels per head (``UNet2DModel``) or heads (``UNet2DConditionModel``)."""
+    head = cfg.get("attention_head_dim")
+    if head is None:
+        return []
+    return [int(h) for h in head] if isinstance(head, (list, tuple)) else [int(head)]
 
 
 def _has_attention(cfg: dict[str, Any]) -> bool:
@@ -70,7 +78,7 @@ def plan_widths(cfg: dict[str, Any], ratio: float, round_to: int | None = None) 
     if step < 1 or step % groups:
         raise O2MError(f"--round-to {step}: must be a positive multiple of the teacher's norm_num_groups={groups}")
     head = cfg.get("attention_head_dim")
-    if head is not None and _has_attention(cfg) and step % int(head):
+    if _has_attention(cfg) and any(step % h for h in head_values(cfg)):
         raise O2MError(f"--round-to {step}: must be a multiple of the teacher's attention_head_dim={head}")
     old = tuple(int(c) for c in cfg["block_out_channels"])
     new = tuple(_round(c * (1.0 - ratio), step) for c in old)
@@ -111,6 +119,15 @@ def config_macs(cfg: dict[str, Any]) -> int:
     from o2mcli.models.stats import count_macs
 
     return count_macs(reference_unet(cfg))
+
+
+def block_macs(model: nn.Module) -> dict[str, int]:
+    """Per-block MACs of one batch-1 forward of ``model``'s config, counted on the meta device (an SD UNet's real
+    forward on a CPU takes seconds; the count does not need the weights)."""
+    from o2mcli.models.io import unet_config_of
+    from o2mcli.models.stats import count_block_macs
+
+    return count_block_macs(reference_unet(unet_config_of(model)))
 
 
 def plan_for_macs(cfg: dict[str, Any], target_macs: float, round_to: int | None = None) -> WidthPlan:

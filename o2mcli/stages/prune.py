@@ -1,9 +1,10 @@
-"""``o2m prune``: channel-slim a teacher UNet into a student template (a plain diffusers UNet2DModel).
+"""``o2m prune``: channel-slim a teacher UNet into a student template (a plain diffusers UNet2DModel, or a
+UNet2DConditionModel for a Stable Diffusion teacher).
 
 The output is a ``template`` stage directory:
 
 * ``template.safetensors``: the template (self-describing o2m file; ``o2m export`` turns it into a
-  diffusers directory that ``UNet2DModel.from_pretrained`` loads without o2m);
+  diffusers directory that ``from_pretrained`` loads without o2m);
 * ``manifest.json``: the full config, the teacher as ``parents[0]`` (the distill stage follows it),
   and a summary: params and MACs before and after, per block, heads kept, and the measured
   sampling throughput of template and teacher in the same run.
@@ -11,13 +12,18 @@ The output is a ``template`` stage directory:
 ``--ratio R`` removes the fraction R of the channels of *every* block (``block_out_channels``
 times 1-R, rounded to a multiple of ``--round-to``); MACs fall roughly as (1-R)^2.
 ``--target-macs`` instead picks the smallest ratio whose template fits the budget.
+``--blocks bk-base|bk-small|bk-tiny`` (Stable Diffusion UNets) removes whole blocks as BK-SDM does
+(``pruning/blocks.py``), alone or followed by a ratio's slimming of what remains.
+
+A text-conditioned teacher's template records the teacher's pipeline (path and the VAE, text
+encoder and tokenizer sha256) in its provenance, so later stages find those parts without copies.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,6 +42,7 @@ class PruneConfig(BaseModel):
 
     teacher: str
     ratio: Optional[float] = None  # checked by plan_widths, with the message users need
+    blocks: Optional[Literal["bk-base", "bk-small", "bk-tiny"]] = None  # BK-SDM block removal, before any ratio
     target_macs: Optional[float] = None  # "3.4G" accepted
     _parse_macs = field_validator("target_macs", mode="before")(classmethod(lambda cls, v: macs(v)))
     round_to: Optional[int] = Field(None, ge=1)
@@ -48,7 +55,7 @@ class PruneConfig(BaseModel):
     device: str = "auto"
     throughput: bool = True
     throughput_steps: int = Field(5, ge=1)
-    throughput_batch: int = Field(16, ge=1)
+    throughput_batch: Optional[int] = Field(None, ge=1)  # None: 16 images, or 1 latent for a Stable Diffusion UNet
     out: Path = Path("template")
     force: bool = False
 
@@ -71,46 +78,50 @@ def run_prune(cfg: PruneConfig) -> Path:
     check_output_free(out, cfg.force, inputs=[cfg.teacher, cfg.data])
     teacher_path = resolve_model_spec(cfg.teacher)
     device = resolve_device(cfg.device)
-    if cfg.importance == "taylor" and cfg.data is None:
+    if cfg.importance == "taylor" and cfg.data is None and cfg.blocks is None:
         get_importance("taylor")(data=False)  # raises the one-line explanation
     loaded = load_model(teacher_path, "cpu")
     if loaded.is_group:
         raise O2MError(f"{teacher_path}: a group of {len(loaded.ranges)} students; o2m prune takes one teacher UNet")
     teacher = loaded.unet
     tcfg = unet_config_of(teacher)
-    pruner = pruner_for(tcfg, teacher_path)
-    pruner.check(tcfg, teacher_path)
+    pruner_for(tcfg, teacher_path).check(tcfg, teacher_path)  # refusals before any work
+    text = _is_text(loaded.conditioning)
+    slim = cfg.blocks is None or cfg.ratio is not None or cfg.target_macs is not None
+    if text and slim and cfg.importance == "taylor":
+        raise O2MError(f"{teacher_path}: --importance taylor is not supported for Stable Diffusion UNets yet (its "
+                       "gradients need captioned latents); use magnitude or random")
 
-    # 2. The width plan: a ratio, or the least pruning that meets a MACs budget.
-    plan = pruner.plan(tcfg, cfg.ratio, cfg.target_macs, cfg.round_to)
+    # 2-3. Blocks, width plan, importance and the pruning pass (Taylor: gradients of denoising losses on real images).
+    def taylor_grads(student: torch.nn.Module) -> dict:
+        return {"taylor_loss": _taylor_grads(student, loaded, cfg, device)}
 
-    # 3. Importance (Taylor needs gradients of denoising losses on real images) and the pruning pass.
-    student = copy.deepcopy(teacher)
-    extra = {}
-    if cfg.importance == "taylor":
-        extra["taylor_loss"] = _taylor_grads(student, loaded, cfg, device)
-    importance = get_importance(cfg.importance)(seed=cfg.seed, data=cfg.data is not None)
-    outcome = pruner.prune(student, plan, importance)
-    student.zero_grad(set_to_none=True)
-    template = pruner.rebuild(student, plan.new_config(tcfg), teacher_path)
+    template, summary = make_template(teacher, blocks=cfg.blocks, ratio=cfg.ratio, target_macs=cfg.target_macs,
+                                      round_to=cfg.round_to, importance=cfg.importance, seed=cfg.seed,
+                                      data=cfg.data is not None, where=teacher_path,
+                                      gradients=taylor_grads if cfg.importance == "taylor" else None)
 
     # 4. Measure, then write the stage directory atomically.
-    summary = pruner.summary(teacher, template, plan, outcome)
-    summary.update(extra)
     if cfg.throughput:
-        summary["throughput"] = _throughput(teacher, template, loaded.scheduler_config, cfg, device)
+        # An SD UNet call is ~100x a pixel DDPM's: one latent a batch keeps the measurement to minutes on a CPU.
+        batch = cfg.throughput_batch or (1 if text else 16)
+        summary["throughput"] = _throughput(teacher, template, loaded.scheduler_config, cfg, batch, device)
     if cfg.students:
         summary["students"] = (f"all {cfg.students} students start from this one template (merging needs a shared "
                                "initialization); nothing extra is written")
     config = cfg.model_dump(mode="json")
     config["teacher"] = str(teacher_path.resolve())
-    config["ratio"] = plan.ratio
-    config["round_to"] = plan.round_to
+    config["ratio"] = summary["ratio"]
+    config["round_to"] = summary["round_to"]
     T = loaded.num_train_timesteps
     provenance = {"stage": "prune", "teacher": str(teacher_path.resolve()), "teacher_sha256": loaded.sha256,
-                  "ratio": plan.ratio, "importance": cfg.importance, "seed": cfg.seed}
-    if loaded.conditioning is not None and loaded.conditioning.get("null_class") is not None:
-        provenance["conditioning"] = loaded.conditioning  # the template asks for the teacher's classes
+                  "ratio": config["ratio"], "importance": cfg.importance, "seed": cfg.seed}
+    if "block_removal" in summary:
+        provenance["blocks"] = summary["block_removal"]  # what went, and student block -> teacher block
+    if text or (loaded.conditioning is not None and loaded.conditioning.get("null_class") is not None):
+        # The template asks for the teacher's classes, or names the teacher's pipeline (VAE, text encoder,
+        # tokenizer by path and sha256) instead of copying it.
+        provenance["conditioning"] = loaded.conditioning
     with atomic_dir(out, force=cfg.force) as tmp:
         save_model_file(tmp / ARTIFACT, template, loaded.scheduler_config, kind="template", timestep_range=(0, T),
                         provenance=provenance)
@@ -120,7 +131,83 @@ def run_prune(cfg: PruneConfig) -> Path:
     return out
 
 
+def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, ratio: Optional[float] = None,
+                  target_macs: Optional[float] = None, round_to: Optional[int] = None, importance: str = "magnitude",
+                  seed: int = 0, data: bool = False, where: Path = Path("teacher"),
+                  gradients: Optional[Callable[[torch.nn.Module], dict]] = None) -> tuple[torch.nn.Module, dict]:
+    """The template ``o2m prune`` writes, in memory, and its summary: ``blocks`` removed first (BK-SDM), then the
+    channels of what remains slimmed by ``ratio`` or to ``target_macs`` (default ratio 0.3 without ``blocks``).
+    ``gradients(student)`` fills the gradients a criterion needs (Taylor) and returns summary fields."""
+    from o2mcli.models.io import unet_config_of
+    from o2mcli.pruning.importance import get_importance
+    from o2mcli.pruning.pruners import pruner_for
+
+    tcfg = unet_config_of(teacher)
+    pruner = pruner_for(tcfg, where)
+    pruner.check(tcfg, where)
+    removal, base = None, teacher
+    if blocks is not None:
+        base, removal = pruner.remove_blocks(teacher, blocks, where)
+    if blocks is not None and ratio is None and target_macs is None:
+        template, summary = base, None  # built from its config by plain diffusers, every tensor a teacher's
+    else:
+        bcfg = unet_config_of(base)
+        plan = pruner.plan(bcfg, ratio, target_macs, round_to)
+        student = copy.deepcopy(base)
+        extra = gradients(student) if gradients is not None else {}
+        criterion = get_importance(importance)(seed=seed, data=data)
+        outcome = pruner.prune(student, plan, criterion)
+        student.zero_grad(set_to_none=True)
+        template = pruner.rebuild(student, plan.new_config(bcfg), where)
+        del student
+        summary = {**pruner.summary(base, template, plan, outcome), **extra}
+    if removal is not None:
+        summary = blocks_summary(teacher, base, template, removal, summary)
+    return template, summary
+
+
 # 5. Helpers ---------------------------------------------------------------------------------------
+
+def _is_text(conditioning: Optional[dict]) -> bool:
+    return isinstance(conditioning, dict) and conditioning.get("type") == "text"
+
+
+def blocks_summary(teacher, shallow, template, removal, slim: Optional[dict]) -> dict:
+    """The summary of a block removal (and of the slimming after it, if any): totals against the teacher, one row
+    per teacher block with the student block that took its place (params and MACs 0 where none did; channels from
+    the slimming), and the removal record (feature-KD pairs)."""
+    from o2mcli.models.stats import count_block_params
+    from o2mcli.pruning.widths import block_macs
+
+    tp_, sp = count_block_params(teacher), count_block_params(template)
+    tm, sm = block_macs(teacher), block_macs(template)
+    from_teacher = {t: s for s, t in removal.block_map.items()}
+    widths = {r["block"]: r["channels"] for r in (slim or {}).get("blocks", [])}  # slimming's rows: student names
+    blocks = []
+    for name in tp_:
+        staged = name.split(".")[0].endswith("blocks")  # down_blocks.i / up_blocks.i may move; the rest stays
+        other = from_teacher.get(name) if staged else (name if name in sp else None)
+        row = {"block": name, "student_block": other, "channels": widths.get(other, [None, None]),
+               "params": [tp_[name], sp.get(other, 0)], "macs": [tm.get(name, 0), sm.get(other, 0)]}
+        row["params_kept"] = round(row["params"][1] / max(row["params"][0], 1), 4)
+        row["macs_kept"] = round(row["macs"][1] / max(row["macs"][0], 1), 4) if row["macs"][0] else None
+        blocks.append(row)
+    tparams, sparams, tmacs, smacs = sum(tp_.values()), sum(sp.values()), sum(tm.values()), sum(sm.values())
+    chans = list(teacher.config.block_out_channels)
+    out = dict(slim or {})
+    out.update({
+        "teacher": {"params": tparams, "macs": tmacs, "block_out_channels": chans},
+        "template": {"params": sparams, "macs": smacs, "block_out_channels": list(template.config.block_out_channels)},
+        "params_ratio": round(sparams / tparams, 4),
+        "macs_ratio": round(smacs / tmacs, 4),
+        "ratio": (slim or {}).get("ratio"),
+        "round_to": (slim or {}).get("round_to"),
+        "block_removal": {**removal.record(), "params": sum(p.numel() for p in shallow.parameters()),
+                          "layers_per_block": removal.config["layers_per_block"]},
+        "blocks": blocks,
+    })
+    return out
+
 
 def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch.device) -> float:
     from o2mcli.data import load_dataset
@@ -148,7 +235,8 @@ def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch
     return round(loss, 6)
 
 
-def _throughput(teacher, template, scheduler_config: dict, cfg: PruneConfig, device: torch.device) -> dict:
+def _throughput(teacher, template, scheduler_config: dict, cfg: PruneConfig, batch: int,
+                device: torch.device) -> dict:
     """Sampling throughput of both models, alternated in one run (best of two each, to damp noise)."""
     from o2mcli.diffusion.sampler import measure_throughput
 
@@ -156,11 +244,11 @@ def _throughput(teacher, template, scheduler_config: dict, cfg: PruneConfig, dev
     models = {"teacher": teacher.to(device).eval(), "template": template.to(device).eval()}
     for _ in range(2):
         for name, m in models.items():
-            r = measure_throughput(m, "ddim", scheduler_config, cfg.throughput_steps, cfg.throughput_batch, device,
+            r = measure_throughput(m, "ddim", scheduler_config, cfg.throughput_steps, batch, device,
                                    repeats=1, seed=cfg.seed)
             best[name] = max(best[name], r["images_per_s"])
     for m in models.values():
         m.to("cpu")
     return {"teacher_images_per_s": round(best["teacher"], 3), "template_images_per_s": round(best["template"], 3),
             "speedup": round(best["template"] / best["teacher"], 3), "device": str(device), "scheduler": "ddim",
-            "steps": cfg.throughput_steps, "batch_size": cfg.throughput_batch}
+            "steps": cfg.throughput_steps, "batch_size": batch}

@@ -9,11 +9,15 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from o2mcli.errors import O2MError
+
 
 class Pruner:
     """Channel pruning for one model family (``family`` is its diffusers ``_class_name``)."""
 
     family: ClassVar[str]
+    # Named block-removal variants (``--blocks``) this family offers; none by default.
+    block_variants: ClassVar[tuple[str, ...]] = ()
 
     def check(self, cfg: dict[str, Any], where: Path) -> None:
         """Refuse, by name, a configuration of the family this pruner does not handle."""
@@ -35,3 +39,9 @@ class Pruner:
     def summary(self, teacher: nn.Module, template: nn.Module, plan: Any, outcome: Any) -> dict:
         """Params, MACs and widths per block, teacher against template, for the manifest."""
         raise NotImplementedError
+
+    def remove_blocks(self, model: nn.Module, variant: str, where: Path) -> tuple[nn.Module, Any]:
+        """A shallower student built from the family's config and initialized from ``model``'s remaining blocks,
+        and a record of what was removed (``--blocks``). Families without variants refuse by name."""
+        raise O2MError(f"{where}: --blocks {variant}: a {self.family} has no block-removal variants (BK-SDM's "
+                       "bk-base, bk-small and bk-tiny apply to Stable Diffusion's UNet2DConditionModel)")

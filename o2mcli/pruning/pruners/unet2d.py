@@ -12,10 +12,10 @@ from torch import nn
 from o2mcli.errors import O2MError
 from o2mcli.models.denoise import predict
 from o2mcli.models.io import build_unet
-from o2mcli.models.stats import count_block_macs, count_block_params
+from o2mcli.models.stats import count_block_params
 from o2mcli.pruning.pruners.base import Pruner
 from o2mcli.pruning.surgery import attribute_mismatches, check_prunable, prune_uniform
-from o2mcli.pruning.widths import WidthPlan, check_same_structure, plan_for_macs, plan_widths
+from o2mcli.pruning.widths import WidthPlan, block_macs, check_same_structure, plan_for_macs, plan_widths
 
 
 class UNet2DPruner(Pruner):
@@ -43,24 +43,29 @@ class UNet2DPruner(Pruner):
 
     def rebuild(self, pruned: nn.Module, new_cfg: dict[str, Any], where: Path) -> nn.Module:
         """Rebuild the pruned UNet from its new config with plain diffusers and check it is the same model."""
-        state = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
-        plain = build_unet(new_cfg, state, where)
+        plain = build_unet(new_cfg, pruned.state_dict(), where)  # load_state_dict copies: no aliasing
         bad = attribute_mismatches(pruned, plain)
         if bad:
             raise RuntimeError(f"pruned model differs from its diffusers config: {bad[0]} ({len(bad)} differences)")
         size = new_cfg["sample_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, new_cfg["in_channels"], size, size, generator=g)
+        x = torch.randn(2, new_cfg["in_channels"], *size, generator=g)
         t = torch.tensor([3, 700])
+        cond = self.probe_condition(new_cfg, 2, g)
         with torch.no_grad():
-            a, b = predict(pruned.eval(), x, t), predict(plain, x, t)
+            a, b = predict(pruned.eval(), x, t, cond), predict(plain, x, t, cond)
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
             raise RuntimeError(f"pruned model and its diffusers rebuild disagree by {(a - b).abs().max():.3g}")
         return plain
 
+    def probe_condition(self, cfg: dict[str, Any], n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """The condition the rebuild check feeds both models (none: the family's default)."""
+        return None
+
     def summary(self, teacher: nn.Module, template: nn.Module, plan: WidthPlan, outcome: Any) -> dict:
         tp_, sp = count_block_params(teacher), count_block_params(template)
-        tm, sm = count_block_macs(teacher), count_block_macs(template)
+        tm, sm = block_macs(teacher), block_macs(template)
         old, new = plan.old_channels, plan.new_channels
         n = len(old)
         widths = {"conv_in": (old[0], new[0]), "time_embedding": (plan.old_time_dim, plan.new_time_dim),
