@@ -95,7 +95,7 @@ def test_prune_finds_its_pruner_by_family() -> None:
     unet = tiny_unet(block_out_channels=(8, 16))
     pruner = pruner_for(dict(unet.config), Path("t"))
     assert pruner is PRUNERS["UNet2DModel"] and set(PRUNERS) <= set(FAMILIES)
-    with pytest.raises(O2MError, match=r"^t: found a DiTTransformer2DModel; o2m prune supports UNet2DModel$"):
+    with pytest.raises(O2MError, match=r"^t: found a DiTTransformer2DModel; o2m prune supports UNet2DModel, UNet2DConditionModel$"):
         pruner_for({"_class_name": "DiTTransformer2DModel"}, Path("t"))
     plan = pruner.plan(dict(unet.config), 0.5, None, None)
     assert plan.new_channels == (4, 8) and plan.old_channels == (8, 16)

@@ -146,7 +146,9 @@ def _load_text(root: Path) -> tuple[nn.Module, Any, str]:
 def load_sd_parts(path: Path, device: torch.device | str = "cpu", unet: bool = True) -> SDParts:
     """Every part of a Stable Diffusion pipeline directory, built from its configs and exactly matching weights
     (``unet=False``: all but the UNet, which o2m loads as a model input)."""
-    from o2mcli.models.families.unet2d_condition import UNet2DCondition
+    from diffusers import UNet2DConditionModel
+
+    from o2mcli.models.families.unet2d import TEXT_BOUNDS, check_unet_sizes
 
     root = Path(path)
     check_sd_layout(root)
@@ -154,7 +156,10 @@ def load_sd_parts(path: Path, device: torch.device | str = "cpu", unet: bool = T
     model = None
     if unet:
         state, hashes["unet"] = _weights(root / "unet", "unet")
-        model = UNet2DCondition().build(_json(root / "unet" / "config.json"), state, root / "unet").to(device).eval()
+        # (the family's own checks, built here without importing the family, which imports this module)
+        cfg = _json(root / "unet" / "config.json")
+        check_unet_sizes(cfg, root / "unet", extra=TEXT_BOUNDS)
+        model = build_from_config(UNet2DConditionModel, cfg, state, root / "unet").to(device).eval()
     vae, hashes["vae"] = _load_vae(root)
     text, tokenizer, hashes["text_encoder"] = _load_text(root)
     hashes["tokenizer"] = tokenizer_digest(root / "tokenizer")

@@ -13,6 +13,7 @@ from o2mcli.models.configs import check_int_in
 from o2mcli.models.families.base import DenoiserFamily, build_from_config
 
 MAX_SAMPLE_SIZE = 2048
+TEXT_BOUNDS = (("cross_attention_dim", 16384),)  # the extra size a text-conditioned UNet config must bound
 MAX_ACTIVATION_BYTES = 16 << 30  # one sample's largest feature maps, a generous bound for a UNet2DModel
 
 

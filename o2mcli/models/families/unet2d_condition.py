@@ -16,7 +16,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.families.base import DenoiserFamily, build_from_config
-from o2mcli.models.families.unet2d import check_unet_sizes, unet_block_outputs, unet_input_shape
+from o2mcli.models.families.unet2d import TEXT_BOUNDS, check_unet_sizes, unet_block_outputs, unet_input_shape
 
 SHAPE_TOKENS = 77  # CLIP's context length: the stand-in condition's length when only shapes matter
 
@@ -27,7 +27,7 @@ class UNet2DCondition(DenoiserFamily):
     name = "UNet2DConditionModel"
 
     def check_config(self, cfg: Any, where: Path) -> None:
-        check_unet_sizes(cfg, where, extra=(("cross_attention_dim", 16384),))
+        check_unet_sizes(cfg, where, extra=TEXT_BOUNDS)
 
     def build(self, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]], where: Path) -> nn.Module:
         from diffusers import UNet2DConditionModel
