@@ -110,3 +110,21 @@ def student_config(channels: tuple[int, int] = (16, 32)) -> dict:
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
             "attention_head_dim": 8, "norm_num_groups": 8}
+
+
+def save_tiny_clip(folder: Path, seed: int = 0, preprocessor: bool = True) -> Path:
+    """A random CLIPModel (hidden 32, 32x32 images in 8x8 patches) with its tokenizer, saved as safetensors."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(folder.parent / f".{folder.name}-vocab").save_pretrained(folder)
+    if preprocessor:
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_refused, cli
-from sd_tiny import save_tiny_sd, tiny_tokenizer
+from sd_tiny import save_tiny_clip, save_tiny_sd, tiny_tokenizer
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import atomic_dir
 from o2mcli.manifest import parent_ref, read_manifest, write_manifest
@@ -22,24 +22,6 @@ PROMPTS = ["a photo of cat", "a red dog", "blue digit seven", "a photo of three"
 
 
 # Fixtures: a tiny SD pipeline, a tiny CLIP model, samples with prompts -------------------------------------
-
-def save_tiny_clip(folder: Path, seed: int = 0, preprocessor: bool = True) -> Path:
-    """A random CLIPModel (hidden 32, 32x32 images in 8x8 patches) with its tokenizer, saved as safetensors."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                         vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    CLIPModel(cfg).eval().save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer(folder.parent / f".{folder.name}-vocab").save_pretrained(folder)
-    if preprocessor:
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
 
 def make_sd_samples(path: Path, model: Path, images: np.ndarray, prompts: list[str] | None) -> Path:
     """A samples stage directory as ``o2m sample`` writes it for a text-conditioned model (prompts beside images)."""

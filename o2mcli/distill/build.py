@@ -28,12 +28,14 @@ def _run_basics(seed: int, rank: int, scheduler_config: dict) -> tuple[torch.Gen
 
 
 def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: Any, device: torch.device,
-                   dist: DistState, make_source: Callable[[DiffusionTerms, torch.device], Any]) -> Distiller:
+                   dist: DistState, make_source: Callable[[DiffusionTerms, torch.device], Any],
+                   feature_pairs: dict[str, str] | None = None) -> Distiller:
     """Students, KD modules, source and generators for ``cfg``: the engine a run trains (and benchmarks time).
 
     ``make_source(terms, device)`` builds the data source; ``cfg.mode`` names the objective. The plan's
     coins come from a generator shared by all ranks; data (and the buffer's reverse-step noise) from a
-    per-rank generator.
+    per-rank generator. ``feature_pairs`` (student block -> teacher block) pair feature-KD points whose names
+    differ (a BK-SDM template records them); without them blocks pair by name.
     """
     gen_plan, gen_data, terms = _run_basics(cfg.seed, dist.rank, teacher.scheduler_config)
     torch.manual_seed(cfg.seed)
@@ -42,8 +44,10 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
     tunet = teacher.unet.cpu()
     s_ch: dict[str, int] = {}
     t_ch: dict[str, int] = {}
+    pairs = None
     if kd_class(cfg.kd).needs_features:
-        _, s_ch, t_ch = matched_points(init_unet, tunet)
+        pairs = feature_pairs if cfg.init != "teacher" else None  # (a teacher copy pairs with itself by name)
+        _, s_ch, t_ch = matched_points(init_unet, tunet, pairs)
     tunet.to(device)
     hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
                   ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
@@ -54,7 +58,8 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
         students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
     objective = MODES.resolve(cfg.mode).objective(cfg, teacher.unet, init_unet, source)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
-                     hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+                     hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data,
+                     feature_pairs=dict(pairs or {}) if s_ch else {})
 
 
 def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.Tensor, hyper: Hyper,

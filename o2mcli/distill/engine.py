@@ -86,6 +86,9 @@ class Distiller:
     own_steps: list[int] = field(default_factory=list)
     teacher_samples: int = 0
     profile: bool = False  # benchmarks only: synchronizes to time the teacher and the students
+    # Feature KD: the teacher block each student block is compared with, where the names differ (a BK-SDM-tiny
+    # student's up blocks sit one index below the teacher's); a block missing here is compared with its namesake.
+    feature_pairs: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "teacher": 0.0, "students": 0.0})
 
     def __post_init__(self) -> None:
@@ -102,7 +105,8 @@ class Distiller:
                 raise O2MError("this run's KD loss, objective or data source reads a teacher, and there is none")
             self.teacher_tap = None
             return
-        self.teacher_tap = FeatureTap(self.teacher, names)
+        self.feature_names = names
+        self.teacher_tap = FeatureTap(self.teacher, sorted({self.feature_pairs.get(n, n) for n in names}))
         self.teacher.eval().requires_grad_(False)
 
     # 1. One step ------------------------------------------------------------------------------------
@@ -152,7 +156,9 @@ class Distiller:
         cond = None if any(c is None for c in conds) else torch.cat(conds)
         with torch.no_grad(), autocast(self.device):
             t_raw = predict(self.teacher, x, t, cond).float()
-        t_feats = {n: f.detach().float() for n, f in self.teacher_tap.pop().items()}
+        popped = self.teacher_tap.pop()
+        # keyed by the students' block names, whichever teacher block each is compared with
+        t_feats = {n: popped[self.feature_pairs.get(n, n)].detach().float() for n in self.feature_names}
         self.teacher_samples += x.shape[0]
         teacher_out = {}
         offset = 0

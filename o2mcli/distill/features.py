@@ -58,12 +58,16 @@ def feature_shapes(unet: nn.Module, names: list[str]) -> dict[str, tuple[int, in
         tap.remove()
 
 
-def matched_points(student: nn.Module, teacher: nn.Module) -> tuple[list[str], dict[str, int], dict[str, int]]:
-    """Blocks present in both with the same spatial size, and each side's channel counts."""
+def matched_points(student: nn.Module, teacher: nn.Module, pairs: dict[str, str] | None = None
+                   ) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Student blocks whose teacher block (``pairs[name]``, else the same name) has the same spatial size, and each
+    side's channel counts, keyed by the student's block names. With ``pairs`` (a BK-SDM template's
+    ``feature_pairs``), only the paired blocks are compared."""
     s = feature_shapes(student, feature_points(student))
     t = feature_shapes(teacher, feature_points(teacher))
-    names = [n for n in s if n in t and s[n][1:] == t[n][1:]]
+    of = (lambda n: pairs.get(n)) if pairs else (lambda n: n)
+    names = [n for n in s if of(n) in t and s[n][1:] == t[of(n)][1:]]
     if not names:
         raise O2MError("feature KD needs student and teacher blocks of the same spatial sizes; none match "
                        "(use --kd output)")
-    return names, {n: s[n][0] for n in names}, {n: t[n][0] for n in names}
+    return names, {n: s[n][0] for n in names}, {n: t[of(n)][0] for n in names}

@@ -143,3 +143,25 @@ def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Modu
 
     check_conditioning(unet_config_of(teacher.unet), teacher_path, unet_config_of(student_unet), where)
     return template_path, template, teacher_path, teacher, student_unet, where
+
+
+def template_feature_pairs(template: Any) -> Optional[dict[str, str]]:
+    """The student-block -> teacher-block pairs a BK-SDM template records for feature KD (None: pair by name)."""
+    from o2mcli.fsutil import read_metadata
+
+    if template is None:
+        return None
+    if template.form == "o2m-file":
+        path = Path(template.source)
+    elif template.manifest is not None and template.manifest.models:
+        path = Path(template.source) / template.manifest.models[0].artifact
+    else:
+        return None
+    try:
+        prov = json.loads(read_metadata(path).get("o2m.provenance", "{}"))
+    except (O2MError, ValueError):
+        return None
+    pairs = (prov.get("blocks") or {}).get("feature_pairs") if isinstance(prov, dict) else None
+    if isinstance(pairs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
+        return dict(pairs)
+    return None

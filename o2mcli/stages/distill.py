@@ -105,7 +105,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     from o2mcli.devices import resolve_device
     from o2mcli.distill.build import make_distiller
     from o2mcli.distill.fit import FitPlan, fit
-    from o2mcli.distill.inputs import check_fit, load_inputs
+    from o2mcli.distill.inputs import check_fit, load_inputs, template_feature_pairs
     from o2mcli.distill.losses import kd_class
     from o2mcli.distill.plan import plan_for
     from o2mcli.distill.save import write_students
@@ -138,7 +138,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         device = local_device(dist, device)
         log = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else None
         engine = make_distiller(cfg, student_unet, teacher, plan, device, dist,
-                                mode.make_source(teacher, data, plan, log))
+                                mode.make_source(teacher, data, plan, log), template_feature_pairs(template))
         result = fit(engine, FitPlan(steps=cfg.steps, log_every=cfg.log_every, save_every=cfg.save_every,
                                      resume=cfg.resume, desc=f"distill K={cfg.students}"),
                      work, _fingerprint(cfg), mode.prepare)
