@@ -193,3 +193,30 @@ def test_latent_cache_is_built_once_reused_and_checked(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(O2MError, match="shard-00000.safetensors: missing or changed"):
         load_cache(out)
+
+
+def test_stages_refuse_broken_pipelines_in_one_line(in_tmp: Path) -> None:
+    """Through the CLI: pickle-only weights, a missing part, SDXL; exit 2, one line naming the folder, no output."""
+    import json
+    import shutil
+
+    good = save_tiny_sd(in_tmp / "sd")
+    cases = {}
+    for name in ("unet-pickle", "text-pickle", "no-vae", "xl"):
+        shutil.copytree(good, in_tmp / name)
+        cases[name] = in_tmp / name
+    w = cases["unet-pickle"] / "unet" / "diffusion_pytorch_model.safetensors"
+    w.rename(w.with_suffix(".bin"))
+    w = cases["text-pickle"] / "text_encoder" / "model.safetensors"
+    w.rename(w.with_name("pytorch_model.bin"))
+    shutil.rmtree(cases["no-vae"] / "vae")
+    index = json.loads((good / "model_index.json").read_text())
+    (cases["xl"] / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    words = {"unet-pickle": ("unet", "pickle"), "text-pickle": ("text_encoder", "pickle"),
+             "no-vae": ("no vae/ folder",), "xl": ("StableDiffusionXLPipeline", "SDXL")}
+    for name, path in cases.items():
+        for args in (["prune", name, "--ratio", "0.5", "--no-throughput", "-o", "out"],
+                     ["sample", name, "--prompt", "a cat", "-n", "1", "--steps", "2", "--device", "cpu", "-o", "out"],
+                     ["info", name]):
+            assert_refused(cli(*args), name, *words[name])
+        assert not (in_tmp / "out").exists()

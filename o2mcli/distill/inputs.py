@@ -60,8 +60,10 @@ def check_fit(teacher: Any, student_cfg: Any, data_shape: tuple[int, ...] | None
 def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, where: Path) -> None:
     """Students condition as the teacher does: on text of the same width, the same number of class embeddings, or
     on nothing."""
-    t_text = teacher_cfg.get("cross_attention_dim") is not None and "Condition" in str(teacher_cfg.get("_class_name"))
-    s_text = student_cfg.get("cross_attention_dim") is not None and "Condition" in str(student_cfg.get("_class_name"))
+    from o2mcli.models.families import family_for_config
+
+    t_text = family_for_config(teacher_cfg, teacher_path).condition == "text"
+    s_text = family_for_config(student_cfg, where).condition == "text"
     if t_text != s_text:
         what = "a text-conditioned" if s_text else f"a {student_cfg.get('_class_name', 'UNet2DModel')} (not text-" \
                                                    "conditioned)"

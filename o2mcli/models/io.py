@@ -256,7 +256,7 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
         found = prov.get("conditioning")
     except (ValueError, AttributeError):
         prov, found = {}, None
-    if cfg.get("_class_name") == "UNet2DConditionModel":
+    if family_for_config(cfg, where).condition == "text":
         return text_record(found, where)
     if not n:
         return None

@@ -70,12 +70,7 @@ def _to_float01(images_nhwc_u8: np.ndarray) -> torch.Tensor:
 
 def is_text_conditioned(loaded) -> bool:
     """Whether a loaded model takes text embeddings (a Stable Diffusion UNet or a group of them)."""
-    from o2mcli.models.group import StudentGroup
-
-    if (loaded.conditioning or {}).get("type") == "text":
-        return True
-    one = loaded.unet.students[0] if isinstance(loaded.unet, StudentGroup) else loaded.unet
-    return type(one).__name__ == "UNet2DConditionModel"
+    return (loaded.conditioning or {}).get("type") == "text"
 
 
 # 2. The model that made the samples ---------------------------------------------------------------

@@ -61,6 +61,9 @@ class DenoiserFamily:
     # None: the stages take this family. Else why they do not yet (a family built ahead of its stages is
     # refused by name when a model is loaded, so no stage runs it half-supported).
     not_yet: ClassVar[Optional[str]] = None
+    # What the family's ``cond`` is when it needs one of its own kind ("text": text embeddings, the model's
+    # ``conditioning`` record then names the pipeline that encodes them); None: none, or class labels by config.
+    condition: ClassVar[Optional[str]] = None
 
     def check_config(self, cfg: Any, where: Path) -> None:
         """Refuse a config that is not this family's or would not build (sizes bounded), with a one-line error."""

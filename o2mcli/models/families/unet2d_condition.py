@@ -25,6 +25,7 @@ class UNet2DCondition(DenoiserFamily):
     """``UNet2DConditionModel``: eps from ``model(x_t, t, encoder_hidden_states=text).sample``."""
 
     name = "UNet2DConditionModel"
+    condition = "text"
 
     def check_config(self, cfg: Any, where: Path) -> None:
         check_unet_sizes(cfg, where, extra=TEXT_BOUNDS)
