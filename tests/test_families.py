@@ -25,9 +25,9 @@ def test_unet2d_is_the_first_family() -> None:
 
 
 def test_an_unsupported_family_is_refused_by_name() -> None:
-    with pytest.raises(O2MError, match=r"x.json: found a DiTTransformer2DModel; o2m supports UNet2DModel, "
-                                       r"UNet2DConditionModel$"):
-        family_for_config({"_class_name": "DiTTransformer2DModel"}, Path("x.json"))
+    with pytest.raises(O2MError, match=r"x.json: found a PixArtTransformer2DModel; o2m supports UNet2DModel, "
+                                       r"UNet2DConditionModel, DiTTransformer2DModel$"):
+        family_for_config({"_class_name": "PixArtTransformer2DModel"}, Path("x.json"))
     # A family built ahead of its stages: known, but refused when a model is loaded for a stage.
     from o2mcli.models.families import FAMILIES
 
@@ -95,8 +95,9 @@ def test_prune_finds_its_pruner_by_family() -> None:
     unet = tiny_unet(block_out_channels=(8, 16))
     pruner = pruner_for(dict(unet.config), Path("t"))
     assert pruner is PRUNERS["UNet2DModel"] and set(PRUNERS) <= set(FAMILIES)
-    with pytest.raises(O2MError, match=r"^t: found a DiTTransformer2DModel; o2m prune supports UNet2DModel, UNet2DConditionModel$"):
-        pruner_for({"_class_name": "DiTTransformer2DModel"}, Path("t"))
+    with pytest.raises(O2MError, match=r"^t: found a PixArtTransformer2DModel; o2m prune supports UNet2DModel, "
+                                       r"UNet2DConditionModel, DiTTransformer2DModel$"):
+        pruner_for({"_class_name": "PixArtTransformer2DModel"}, Path("t"))
     plan = pruner.plan(dict(unet.config), 0.5, None, None)
     assert plan.new_channels == (4, 8) and plan.old_channels == (8, 16)
     # (4, 8) -> (4, 4) would drop a trained shortcut conv that no diffusers config of equal widths holds.

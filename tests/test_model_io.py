@@ -108,9 +108,9 @@ def test_config_that_does_not_match_weights(tmp_path: Path) -> None:
 def test_unsupported_class_and_bare_safetensors(tmp_path: Path) -> None:
     d = tmp_path / "cond"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel"}))
+    (d / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     save_file({"w": torch.zeros(1)}, str(d / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(O2MError, match="found a DiTTransformer2DModel"):
+    with pytest.raises(O2MError, match="found a PixArtTransformer2DModel"):
         load_model(d)
     bare = tmp_path / "bare" / "w.safetensors"
     bare.parent.mkdir()

@@ -38,9 +38,11 @@ def distill(
                                              "DDIM jump instead of exact ancestral shuffle denoise."),
     init_batch: int = typer.Option(1024, "--init-batch", help="dkdm: teacher batch while building the buffer."),
     kl_weight: float = typer.Option(1.0, "--kl-weight", help="dkdm: weight of KL(p_T || p_S) (learned variances)."),
-    student_config: Optional[Path] = typer.Option(None, "--student-config", help="A diffusers UNet2DModel config "
-                                                  "JSON: fresh students of any shape, random init (needs --teacher; "
-                                                  "for a class-conditional teacher, the same num_class_embeds)."),
+    student_config: Optional[Path] = typer.Option(None, "--student-config", help="A diffusers model config JSON "
+                                                  "(UNet2DModel, or another family by _class_name, e.g. "
+                                                  "DiTTransformer2DModel): fresh students of any shape, random init "
+                                                  "(needs --teacher; for a class-conditional teacher, a label table "
+                                                  "of its classes: num_class_embeds K+1, num_embeds_ada_norm K)."),
     label_dropout: Optional[float] = typer.Option(None, "--label-dropout", help="Conditional teacher: "
                                                   "probability a batch label or caption (o2mkd) or buffer slot's "
                                                   "label or prompt (dkdm) is the null class or empty prompt, so "

@@ -22,7 +22,8 @@ def export(
                                             "model records; checked by sha256)."),
 ) -> None:
     """Write a diffusers pipeline directory that plain diffusers loads offline: a DDPMPipeline (unet/ + scheduler/),
-    or for a Stable Diffusion UNet a StableDiffusionPipeline with its teacher's VAE, text encoder and tokenizer."""
+    for a Stable Diffusion UNet a StableDiffusionPipeline with its teacher's VAE, text encoder and tokenizer, or for a
+    DiT (no pixel-space pipeline in diffusers) a model directory that DiTTransformer2DModel.from_pretrained loads."""
     import json
 
     from o2mcli.chain import resolve_model_spec
@@ -36,5 +37,7 @@ def export(
     if not loaded.is_group and (lo, hi) != (0, loaded.num_train_timesteps):
         typer.echo(f"warning: {model} was trained for timesteps [{lo}, {hi}) only; the pipeline samples all "
                    f"{loaded.num_train_timesteps}", err=True)
-    kind = json.loads((path / "model_index.json").read_text()).get("_class_name", "pipeline")
+    # A pipeline names its class in model_index.json; a model directory (a DiT: no pixel-space pipeline) in config.json.
+    index = path / "model_index.json"
+    kind = json.loads((index if index.is_file() else path / "config.json").read_text()).get("_class_name", "pipeline")
     typer.echo(f"wrote {path} (diffusers {kind})")

@@ -22,6 +22,9 @@ def prune(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Stable Diffusion UNets: remove blocks as BK-SDM does "
                                          "(bk-base: second resnet+attention pair of each stage; bk-small: also the "
                                          "mid block; bk-tiny: also the innermost stage); with --ratio, then slim."),
+    drop_blocks: Optional[int] = typer.Option(None, "--drop-blocks", help="DiT: remove N evenly spaced middle "
+                                              "transformer blocks (the first and last stay); with --ratio, then "
+                                              "remove heads."),
     round_to: Optional[int] = typer.Option(None, "--round-to", help="Channel counts become multiples of N; default "
                                            "the GroupNorm group count (times the attention head size if fixed)."),
     importance: str = typer.Option("magnitude", help="magnitude, random or taylor (needs --data)."),
@@ -44,7 +47,7 @@ def prune(
 
     teacher = teacher if teacher is not None else str(find_newest_model(Path("."), kinds=("teacher",)))
     out = out if out is not None else default_output(Path("."), "template")
-    cfg = PruneConfig(teacher=teacher, ratio=ratio, blocks=blocks, target_macs=target_macs,
+    cfg = PruneConfig(teacher=teacher, ratio=ratio, blocks=blocks, drop_blocks=drop_blocks, target_macs=target_macs,
                       round_to=round_to, importance=importance, data=data, taylor_batches=taylor_batches,
                       batch_size=batch_size, students=students, seed=seed, device=device,
                       throughput=not no_throughput, out=out, force=force)
@@ -57,22 +60,31 @@ def report_text(s: dict, path: Path) -> str:
     t, m = s["teacher"], s["template"]
     lines = [f"wrote {path}: " + ", ".join(
         ([f"blocks {s['block_removal']['variant']}"] if "block_removal" in s else [])
-        + ([f"ratio {s['ratio']} (channels rounded to multiples of {s['round_to']})"] if s["ratio"] is not None
+        + ([f"ratio {s['ratio']}" + (f" (channels rounded to multiples of {s['round_to']})" if s["round_to"]
+                                       else "")] if s["ratio"] is not None
            else []))]
     if "block_removal" in s:
         removed = s["block_removal"]["removed"]
         lines.append(f"  removed {len(removed)} teacher layers or blocks: {', '.join(removed[:4])}"
                      + (f", ... ({len(removed) - 4} more; all in the manifest)" if len(removed) > 4 else ""))
-    lines += [f"  block_out_channels {t['block_out_channels']} -> {m['block_out_channels']}",
-              f"  params {t['params'] / 1e6:.3f}M -> {m['params'] / 1e6:.3f}M ({s['params_ratio']:.1%}),  "
-              f"MACs {t['macs'] / 1e9:.4f}G -> {m['macs'] / 1e9:.4f}G ({s['macs_ratio']:.1%})",
-              f"  {'block':<16}{'channels':>12}{'params kept':>13}{'MACs kept':>11}"]
-    for b in s["blocks"]:
-        ch = "" if b["channels"][0] is None else f"{b['channels'][0]}->{b['channels'][1]}"
+    if "block_out_channels" in t:
+        lines.append(f"  block_out_channels {t['block_out_channels']} -> {m['block_out_channels']}")
+    else:  # a DiT: heads (and with them the width and MLP), and depth
+        lines.append(f"  heads {t['num_attention_heads']} -> {m['num_attention_heads']}, width {t['width']} -> "
+                     f"{m['width']}, MLP {t['mlp_width']} -> {m['mlp_width']}, blocks {t['num_layers']} -> "
+                     f"{m['num_layers']}")
+    lines.append(f"  params {t['params'] / 1e6:.3f}M -> {m['params'] / 1e6:.3f}M ({s['params_ratio']:.1%}),  "
+                 f"MACs {t['macs'] / 1e9:.4f}G -> {m['macs'] / 1e9:.4f}G ({s['macs_ratio']:.1%})")
+    names = [b["block"] if "student_block" not in b or b.get("student_block") == b["block"]
+             else f"{b['block']}>{b.get('student_block') or '-'}" for b in s["blocks"]]
+    w = max([16] + [len(n) + 1 for n in names])  # DiT's transformer_blocks.N>transformer_blocks.M are long
+    lines.append(f"  {'block':<{w}}{'channels' if 'block_out_channels' in t else 'heads':>12}{'params kept':>13}"
+                 f"{'MACs kept':>11}")
+    for name, b in zip(names, s["blocks"]):
+        ch = b.get("channels", b.get("heads", [None]))
+        ch = "" if ch is None or ch[0] is None else f"{ch[0]}->{ch[1]}"
         mk = "" if b["macs_kept"] is None else f"{b['macs_kept']:.1%}"
-        moved = b.get("student_block")
-        name = b["block"] if "student_block" not in b or moved == b["block"] else f"{b['block']}>{moved or '-'}"
-        lines.append(f"  {name:<16}{ch:>12}{b['params_kept']:>13.1%}{mk:>11}")
+        lines.append(f"  {name:<{w}}{ch:>12}{b['params_kept']:>13.1%}{mk:>11}")
     if "throughput" in s:
         tp = s["throughput"]
         lines.append(f"  throughput on {tp['device']} (DDIM {tp['steps']} steps, batch {tp['batch_size']}): teacher "

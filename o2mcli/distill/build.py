@@ -10,7 +10,7 @@ import torch
 from o2mcli.diffusion.gaussian import DiffusionTerms
 from o2mcli.diffusion.schedulers import schedule_terms
 from o2mcli.distill.engine import Distiller, Hyper, Student
-from o2mcli.distill.features import matched_points
+from o2mcli.distill.features import feature_match
 from o2mcli.distill.losses import build_kd_loss, kd_class
 from o2mcli.distill.modes import MODES
 from o2mcli.runtime.dist import DistState
@@ -47,7 +47,7 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
     pairs = None
     if kd_class(cfg.kd).needs_features:
         pairs = feature_pairs if cfg.init != "teacher" else None  # (a teacher copy pairs with itself by name)
-        _, s_ch, t_ch = matched_points(init_unet, tunet, pairs)
+        _, s_ch, t_ch, pairs = feature_match(init_unet, tunet, pairs)
     tunet.to(device)
     hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
                   ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
@@ -59,7 +59,7 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
     objective = MODES.resolve(cfg.mode).objective(cfg, teacher.unet, init_unet, source)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
                      hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data,
-                     feature_pairs=dict(pairs or {}) if s_ch else {})
+                     feature_pairs={s: t for s, t in (pairs or {}).items() if s != t})
 
 
 def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.Tensor, hyper: Hyper,

@@ -44,26 +44,42 @@ def resolve_teacher(template_path: Path, loaded_template: Any, override: Optiona
 
 
 def check_fit(teacher: Any, student_cfg: Any, data_shape: tuple[int, ...] | None, where: Path, tpath: Path) -> None:
-    """Students take the teacher's image size and channels (and predict C or 2C); so do the data."""
-    tc = teacher.unet.config
-    c, s = int(tc.in_channels), int(tc.sample_size)
-    if int(student_cfg["in_channels"]) != c or int(student_cfg["sample_size"]) != s:
-        raise O2MError(f"{where}: the student takes {student_cfg['in_channels']}x{student_cfg['sample_size']}^2 "
-                       f"images but the teacher {tpath} takes {c}x{s}^2")
-    if int(student_cfg["out_channels"]) not in (c, 2 * c):
-        raise O2MError(f"{where}: {student_cfg['out_channels']} output channels; expected {c} or {2 * c}")
-    if data_shape is not None and tuple(data_shape) != (c, s, s):
+    """Students take the teacher's image size and channels (and predict C or 2C); so do the data. Each side's shapes
+    come from its family, so a DiT and a UNet are compared alike."""
+    from o2mcli.models.families import family_of, family_for_config
+
+    c, s, s_w = family_of(teacher.unet).input_shape(teacher.unet)
+    (sc, sh, sw), s_out = family_for_config(student_cfg, where).config_io(student_cfg)
+    if (sc, sh, sw) != (c, s, s_w):
+        size = f"{sh}^2" if sh == sw else f"{sh}x{sw}"
+        want = f"{s}^2" if s == s_w else f"{s}x{s_w}"
+        raise O2MError(f"{where}: the student takes {sc}x{size} images but the teacher {tpath} takes {c}x{want}")
+    if s_out not in (c, 2 * c):
+        raise O2MError(f"{where}: {s_out} output channels; expected {c} or {2 * c}")
+    if data_shape is not None and tuple(data_shape) != (c, s, s_w):
         raise O2MError(f"--data: images are {'x'.join(map(str, data_shape))} (CxHxW) but the teacher {tpath} "
-                       f"takes {c}x{s}x{s}")
+                       f"takes {c}x{s}x{s_w}")
 
 
-def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, where: Path) -> None:
-    """Students condition as the teacher does: on text of the same width, the same number of class embeddings, or
-    on nothing."""
+def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, where: Path,
+                       labelled: Optional[bool] = None) -> None:
+    """Students condition as the teacher does: on text of the same width, on the teacher's label table, or on
+    nothing.
+
+    ``labelled``: whether the run's batches carry class labels (the teacher's ``conditioning`` is a class record);
+    None: whenever the teacher's config has a label table. Each family says how its config takes labels
+    (:class:`LabelInput`), so a UNet and a DiT are compared by the labels they accept (a UNet's
+    ``num_class_embeds`` = K + 1 is a DiT's ``num_embeds_ada_norm`` = K: K classes, then the null class). A student
+    that runs without labels on its null class (a DiT) may serve an unconditional teacher. A class-conditional
+    teacher's student must take its labels: distilling only the teacher's null-class branch into an unconditional
+    student is refused, since that branch saw only the label-dropout fraction of training and the result would
+    silently be the teacher's weakest model.
+    """
     from o2mcli.models.families import family_for_config
 
-    t_text = family_for_config(teacher_cfg, teacher_path).condition == "text"
-    s_text = family_for_config(student_cfg, where).condition == "text"
+    t_fam, s_fam = family_for_config(teacher_cfg, teacher_path), family_for_config(student_cfg, where)
+    t_text = t_fam.condition == "text"
+    s_text = s_fam.condition == "text"
     if t_text != s_text:
         what = "a text-conditioned" if s_text else f"a {student_cfg.get('_class_name', 'UNet2DModel')} (not text-" \
                                                    "conditioned)"
@@ -72,18 +88,31 @@ def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, w
     if t_text and _width(student_cfg["cross_attention_dim"]) != _width(teacher_cfg["cross_attention_dim"]):
         raise O2MError(f"{where}: cross_attention_dim {student_cfg['cross_attention_dim']} but the teacher "
                        f"{teacher_path} takes text embeddings of width {teacher_cfg['cross_attention_dim']}")
-    t_n, s_n = teacher_cfg.get("num_class_embeds"), student_cfg.get("num_class_embeds")
-    if not t_n and s_n:
-        raise O2MError(f"{where}: a class-conditional student ({s_n} class embeddings) under the unconditional "
-                       f"teacher {teacher_path}; drop num_class_embeds from the student")
+    t_in, s_in = t_fam.label_input(teacher_cfg), s_fam.label_input(student_cfg)
+    t_n = t_in.rows if t_in is not None else None
+    if labelled is not None and not labelled:
+        t_n = None
+    s_n = s_in.rows if s_in is not None else None
+    if not t_n and s_n and not s_in.optional:
+        raise O2MError(f"{where}: a class-conditional student ({s_in.value} {s_in.noun}) under the unconditional "
+                       f"teacher {teacher_path}; drop {s_in.key} from the student")
     if t_n and not s_n:
+        if s_in is None:
+            raise O2MError(f"{where}: a {student_cfg.get('_class_name', 'UNet2DModel')} takes no class labels but "
+                           f"the teacher {teacher_path} is class-conditional ({t_n - 1} classes and the null class)")
+        want = t_n - s_in.offset
         raise O2MError(f"{where}: the student has no class embedding but the teacher {teacher_path} is "
-                       f"class-conditional; set num_class_embeds to {t_n} (its classes and null class)")
-    if t_n and int(t_n) != int(s_n):
-        raise O2MError(f"{where}: {s_n} class embeddings, the teacher {teacher_path} has {t_n}; use {t_n}")
-    if t_n and student_cfg.get("class_embed_type") != teacher_cfg.get("class_embed_type"):
-        raise O2MError(f"{where}: class_embed_type={student_cfg.get('class_embed_type')!r} but the teacher "
-                       f"{teacher_path} has {teacher_cfg.get('class_embed_type')!r}")
+                       f"class-conditional; set {s_in.key} to {want} (its classes and null class)")
+    if t_n and s_n and int(t_n) != int(s_n):
+        want = t_n - s_in.offset  # the student's setting that takes the teacher's labels
+        has = str(t_in.value) if t_in.noun == s_in.noun else f"{t_in.value} {t_in.noun} ({t_n - 1} classes " \
+                                                              "and the null class)"
+        raise O2MError(f"{where}: {s_in.value} {s_in.noun}, the teacher {teacher_path} has {has}; use {want}")
+    if t_n and t_in.key == s_in.key:
+        for key, value in t_in.same:
+            theirs = dict(s_in.same).get(key)
+            if theirs != value:
+                raise O2MError(f"{where}: {key}={theirs!r} but the teacher {teacher_path} has {value!r}")
 
 
 def _width(d: Any) -> int:
@@ -104,7 +133,7 @@ def load_student_config(path: Path, seed: int) -> torch.nn.Module:
     except OSError as e:
         raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
     if not isinstance(ucfg, dict):
-        raise O2MError(f"{path}: expected a JSON object (a diffusers UNet config)")
+        raise O2MError(f"{path}: expected a JSON object (a diffusers model config)")
     torch.manual_seed(seed)
     return build_unet(ucfg, None, Path(path))
 
@@ -140,10 +169,12 @@ def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Modu
             raise O2MError(f"{template_path}: T={template.num_train_timesteps} but the teacher has "
                            f"T={teacher.num_train_timesteps}")
     if teacher.is_group:
-        raise O2MError(f"{teacher_path}: the teacher must be one UNet, not a group of students")
+        raise O2MError(f"{teacher_path}: the teacher must be one model, not a group of students")
     from o2mcli.models.io import unet_config_of
 
-    check_conditioning(unet_config_of(teacher.unet), teacher_path, unet_config_of(student_unet), where)
+    cond = teacher.conditioning
+    check_conditioning(unet_config_of(teacher.unet), teacher_path, unet_config_of(student_unet), where,
+                       labelled=None if (cond or {}).get("type") == "text" else cond is not None)
     return template_path, template, teacher_path, teacher, student_unet, where
 
 

@@ -215,7 +215,8 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
     T = int(sched.get("num_train_timesteps", 1000))
     meta = {}
     marker = root / "o2m_export.json"
-    if cfg.get("num_class_embeds") and marker.is_file():  # o2m's export keeps the class names beside diffusers' files
+    # o2m's export keeps the class names (or, for a DiT, that it is unconditional) beside diffusers' files
+    if family_for_config(cfg, weights).class_table(cfg) is not None and marker.is_file():
         rec = _read_json(marker)
         found = rec.get("conditioning") if isinstance(rec, dict) else None
         meta = {"o2m.provenance": json.dumps({"conditioning": found})}
@@ -249,20 +250,32 @@ def _load_stage(path: Path) -> LoadedModel:
 
 def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> dict[str, Any] | None:
     """What a class-conditional model conditions on: its classes, null class and training label dropout (from
-    o2m's provenance), or for another model the class indices with no known null class; None if unconditional."""
-    n = cfg.get("num_class_embeds")
+    o2m's provenance), or for another model the class indices with the null class its config fixes (DiT's
+    ``num_embeds_ada_norm``; None for a UNet2DModel); None if unconditional.
+
+    A model whose config fixes its null class (a DiT) may also be used unconditionally: every sample gets the
+    null class. o2m records that as a provenance (or export record) without a conditioning (``"conditioning"``
+    absent or null); such a model is unconditional here, so ``o2m sample`` takes no ``--class`` for it. A model
+    without any o2m record is foreign: its label table is taken at its word, classes "0".."K-1".
+    """
+    family = family_for_config(cfg, where)
     try:
         prov = json.loads(meta.get("o2m.provenance", "{}"))
         found = prov.get("conditioning")
     except (ValueError, AttributeError):
         prov, found = {}, None
-    if family_for_config(cfg, where).condition == "text":
+    if not isinstance(prov, dict):
+        prov = {}
+    if family.condition == "text":
         return text_record(found, where)
-    if not n:
+    table = family.class_table(cfg)
+    if table is None:
         return None
+    n, fixed_null = table
     if isinstance(found, dict) and isinstance(found.get("classes"), list) and found.get("null_class") is not None:
         classes, null = [str(c) for c in found["classes"]], found["null_class"]
-        if not (isinstance(null, int) and null == len(classes) and null < n):
+        fits = null < n if fixed_null is None else null == fixed_null
+        if not (isinstance(null, int) and not isinstance(null, bool) and null == len(classes) and fits):
             raise O2MError(f"{where}: conditioning metadata names {len(classes)} classes and null class {null!r} "
                            f"for {n} class embeddings")
         # Models trained before the dropout was recorded here carry it in their training config.
@@ -271,7 +284,13 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
         if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout <= 1):
             dropout = None
         return {"type": "class", "classes": classes, "null_class": null, "label_dropout": dropout}
-    return {"type": "class", "classes": [str(i) for i in range(int(n))], "null_class": None, "label_dropout": None}
+    # o2m's own record (a stage's provenance, or an export's conditioning, even null) without classes: a model
+    # that can run on its null class alone was trained or distilled unconditionally.
+    recorded = "stage" in prov or "conditioning" in prov
+    if fixed_null is not None and recorded and found is None:
+        return None
+    return {"type": "class", "classes": [str(i) for i in range(int(n))], "null_class": fixed_null,
+            "label_dropout": None}
 
 
 def text_record(found: Any, where: Path) -> dict[str, Any]:
@@ -333,9 +352,10 @@ def model_record(name: str, rel: str, unet: nn.Module, timestep_range: tuple[int
 
 
 def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pipeline: Path | None = None) -> Path:
-    """Write the model family's diffusers pipeline directory that plain diffusers loads offline: ``DDPMPipeline``
+    """Write the model family's diffusers directory that plain diffusers loads offline: ``DDPMPipeline``
     for a UNet2DModel, ``StableDiffusionPipeline`` for a UNet2DConditionModel (VAE, text encoder and tokenizer from
-    its teacher's pipeline, or ``pipeline``, checked by sha256)."""
+    its teacher's pipeline, or ``pipeline``, checked by sha256), a model directory with its scheduler config for a
+    DiTTransformer2DModel (diffusers has no pixel-space DiT pipeline); the family's pipeline()/save_pipeline()."""
     import diffusers
 
     if loaded.is_group:
@@ -364,7 +384,8 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pip
         record = {"format": "o2m-export/1", "source": str(loaded.source), "sha256": loaded.sha256}
         if loaded.conditioning is not None:
             # diffusers' DDPMPipeline passes no class labels; the UNet takes them (`class_labels=`), the last
-            # embedding being the null class. The class names stay here, and o2m reads them back. A text model's
+            # embedding being the null class. The class names stay here, and o2m reads them back (a DiT exported
+            # without them is unconditional: o2m then always gives it the null class). A text model's
             # record names the teacher pipeline its parts came from (and their hashes) and its caption dropout.
             record["conditioning"] = loaded.conditioning
         if parts is not None and getattr(parts, "root", None) is not None:

@@ -46,6 +46,7 @@ class StudentRef:
     timestep_range: tuple[int, int]
     provenance: dict
     sha256: str
+    config: dict  # the model config its metadata records (architecture checks before any tensor is read)
 
 
 # 1. Finding the students and their shared initialization ------------------------------------------------
@@ -81,10 +82,40 @@ def collect_students(inputs: tuple[str, ...]) -> list[StudentRef]:
             meta = _file_meta(f)
             if meta.get("o2m.kind") != "students":
                 raise O2MError(f"{f}: a {meta.get('o2m.kind', 'model')} file, not a distilled student")
-            found.append(StudentRef(f, rng, json.loads(meta.get("o2m.provenance", "{}")), sha256_file(f)))
+            found.append(StudentRef(f, rng, json.loads(meta.get("o2m.provenance", "{}")), sha256_file(f),
+                                    _config(meta, f)))
     if len(found) < 2:
         raise O2MError(f"{', '.join(inputs)}: holds {len(found)} student; merging needs at least 2")
     return found
+
+
+def _config(meta: dict, path: Path) -> dict:
+    from o2mcli.fsutil import loads_bounded
+
+    cfg = loads_bounded(meta.get("o2m.unet_config", "{}"), f"{path}: o2m metadata 'o2m.unet_config'")
+    if not isinstance(cfg, dict):
+        raise O2MError(f"{path}: o2m metadata 'o2m.unet_config' is not a JSON object")
+    return cfg
+
+
+def check_same_architecture(students: list[StudentRef], configs: bool = True) -> None:
+    """Refuse students of different model classes (named both) or, with ``configs``, of different configs (naming
+    the first key that differs): task vectors only add up between tensors of one architecture."""
+    from o2mcli.models.families import DEFAULT_FAMILY
+
+    first = students[0]
+    name0 = first.config.get("_class_name", DEFAULT_FAMILY)
+    for s in students[1:]:
+        name = s.config.get("_class_name", DEFAULT_FAMILY)
+        if name != name0:
+            raise O2MError(f"{s.path} and {first.path}: students of different architectures ({name} vs {name0}); "
+                           "merge the students of one run")
+        keys = configs and sorted(k for k in set(s.config) | set(first.config) if not k.startswith("_")
+                      and s.config.get(k) != first.config.get(k))
+        if keys:
+            k = keys[0]
+            raise O2MError(f"{s.path} and {first.path}: {name} students of different configs ({k} "
+                           f"{s.config.get(k)!r} vs {first.config.get(k)!r}); merge the students of one run")
 
 
 def shared_init(students: list[StudentRef]):
@@ -149,6 +180,7 @@ def run_merge(cfg: MergeConfig) -> Path:
     out = Path(cfg.out)
     check_output_free(out, cfg.force, inputs=cfg.inputs)
     students = collect_students(cfg.inputs)
+    check_same_architecture(students, configs=False)  # the model classes first, named
     k = len(students)
     weights = list(cfg.weights) if cfg.weights is not None else [1.0] * k
     if len(weights) != k:
@@ -167,6 +199,7 @@ def run_merge(cfg: MergeConfig) -> Path:
             raise O2MError(f"{s.path} and {students[0].path}: students conditioned differently "
                            f"({_classes(s.provenance)} vs {_classes(students[0].provenance)}); merge the students "
                            "of one run")
+    check_same_architecture(students)  # then the configs (after the conditioning, which says more)
 
     # 2. theta_0 and the students' tensors.
     base_path, base = (None, None)

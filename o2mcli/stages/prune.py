@@ -14,6 +14,8 @@ times 1-R, rounded to a multiple of ``--round-to``); MACs fall roughly as (1-R)^
 ``--target-macs`` instead picks the smallest ratio whose template fits the budget.
 ``--blocks bk-base|bk-small|bk-tiny`` (Stable Diffusion UNets) removes whole blocks as BK-SDM does
 (``pruning/blocks.py``), alone or followed by a ratio's slimming of what remains.
+``--drop-blocks N`` (DiT) removes N evenly spaced middle transformer blocks (the first and last stay), alone or
+followed by a ratio's removal of heads (``pruning/pruners/dit.py``).
 
 A text-conditioned teacher's template records the teacher's pipeline (path and the VAE, text
 encoder and tokenizer sha256) in its provenance, so later stages find those parts without copies.
@@ -43,6 +45,7 @@ class PruneConfig(BaseModel):
     teacher: str
     ratio: Optional[float] = None  # checked by plan_widths, with the message users need
     blocks: Optional[Literal["bk-base", "bk-small", "bk-tiny"]] = None  # BK-SDM block removal, before any ratio
+    drop_blocks: Optional[int] = Field(None, ge=1)  # DiT: whole transformer blocks removed, before any ratio
     target_macs: Optional[float] = None  # "3.4G" accepted
     _parse_macs = field_validator("target_macs", mode="before")(classmethod(lambda cls, v: macs(v)))
     round_to: Optional[int] = Field(None, ge=1)
@@ -78,7 +81,11 @@ def run_prune(cfg: PruneConfig) -> Path:
     check_output_free(out, cfg.force, inputs=[cfg.teacher, cfg.data])
     teacher_path = resolve_model_spec(cfg.teacher)
     device = resolve_device(cfg.device)
-    if cfg.importance == "taylor" and cfg.data is None and cfg.blocks is None:
+    if cfg.blocks is not None and cfg.drop_blocks is not None:
+        raise O2MError(f"--blocks {cfg.blocks} and --drop-blocks {cfg.drop_blocks}: give one (--blocks is BK-SDM's "
+                       "for Stable Diffusion UNets, --drop-blocks is for DiTs)")
+    removes = cfg.blocks is not None or cfg.drop_blocks is not None
+    if cfg.importance == "taylor" and cfg.data is None and not removes:
         get_importance("taylor")(data=False)  # raises the one-line explanation
     loaded = load_model(teacher_path, "cpu")
     if loaded.is_group:
@@ -87,7 +94,7 @@ def run_prune(cfg: PruneConfig) -> Path:
     tcfg = unet_config_of(teacher)
     pruner_for(tcfg, teacher_path).check(tcfg, teacher_path)  # refusals before any work
     text = _is_text(loaded.conditioning)
-    slim = cfg.blocks is None or cfg.ratio is not None or cfg.target_macs is not None
+    slim = not removes or cfg.ratio is not None or cfg.target_macs is not None
     if text and slim and cfg.importance == "taylor":
         raise O2MError(f"{teacher_path}: --importance taylor is not supported for Stable Diffusion UNets yet (its "
                        "gradients need captioned latents); use magnitude or random")
@@ -96,8 +103,9 @@ def run_prune(cfg: PruneConfig) -> Path:
     def taylor_grads(student: torch.nn.Module) -> dict:
         return {"taylor_loss": _taylor_grads(student, loaded, cfg, device)}
 
-    template, summary = make_template(teacher, blocks=cfg.blocks, ratio=cfg.ratio, target_macs=cfg.target_macs,
-                                      round_to=cfg.round_to, importance=cfg.importance, seed=cfg.seed,
+    template, summary = make_template(teacher, blocks=cfg.blocks, drop_blocks=cfg.drop_blocks, ratio=cfg.ratio,
+                                      target_macs=cfg.target_macs, round_to=cfg.round_to, importance=cfg.importance,
+                                      seed=cfg.seed,
                                       data=cfg.data is not None, where=teacher_path,
                                       gradients=taylor_grads if cfg.importance == "taylor" else None)
 
@@ -131,12 +139,14 @@ def run_prune(cfg: PruneConfig) -> Path:
     return out
 
 
-def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, ratio: Optional[float] = None,
+def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, drop_blocks: Optional[int] = None,
+                  ratio: Optional[float] = None,
                   target_macs: Optional[float] = None, round_to: Optional[int] = None, importance: str = "magnitude",
                   seed: int = 0, data: bool = False, where: Path = Path("teacher"),
                   gradients: Optional[Callable[[torch.nn.Module], dict]] = None) -> tuple[torch.nn.Module, dict]:
     """The template ``o2m prune`` writes, in memory, and its summary: ``blocks`` removed first (BK-SDM), then the
     channels of what remains slimmed by ``ratio`` or to ``target_macs`` (default ratio 0.3 without ``blocks``).
+    ``drop_blocks`` (DiT) removes that many whole transformer blocks first instead of ``blocks``.
     ``gradients(student)`` fills the gradients a criterion needs (Taylor) and returns summary fields."""
     from o2mcli.models.io import unet_config_of
     from o2mcli.pruning.importance import get_importance
@@ -148,7 +158,9 @@ def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, rat
     removal, base = None, teacher
     if blocks is not None:
         base, removal = pruner.remove_blocks(teacher, blocks, where)
-    if blocks is not None and ratio is None and target_macs is None:
+    elif drop_blocks is not None:
+        base, removal = pruner.drop_blocks(teacher, drop_blocks, where)
+    if removal is not None and ratio is None and target_macs is None:
         template, summary = base, None  # built from its config by plain diffusers, every tensor a teacher's
     else:
         bcfg = unet_config_of(base)
@@ -161,7 +173,9 @@ def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, rat
         template = pruner.rebuild(student, plan.new_config(bcfg), where)
         del student
         summary = {**pruner.summary(base, template, plan, outcome), **extra}
-    if removal is not None:
+    if removal is not None and drop_blocks is not None:
+        summary = pruner.removal_summary(teacher, base, template, removal, summary)
+    elif removal is not None:
         summary = blocks_summary(teacher, base, template, removal, summary)
     return template, summary
 

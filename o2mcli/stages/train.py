@@ -38,8 +38,11 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     variance: Literal["fixed", "learned"] = "fixed"
     vlb_weight: float = Field(0.001, ge=0)
-    cond: Literal["none", "class"] = "none"  # class: a class-conditional UNet (the data's labels)
+    cond: Literal["none", "class"] = "none"  # class: a class-conditional model (the data's labels)
     label_dropout: float = Field(0.1, ge=0, le=1)  # P(label -> the null class): classifier-free guidance
+    # A diffusers config (JSON; its _class_name picks the family, UNet2DModel without one) instead of o2m's built-in
+    # UNet, which the four shape settings below describe (they are refused beside it).
+    denoiser_config: Optional[Path] = None
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
@@ -75,7 +78,8 @@ def run_train(cfg: TrainConfig) -> Path:
 
     # 1. Refuse bad options, then bad outputs, before any work (options first: a bad --device is not
     #    "an interrupted run is there").
-    if cfg.attention_level is not None and not 0 <= cfg.attention_level < len(cfg.block_out_channels):
+    given = read_denoiser_config(cfg)
+    if given is None and cfg.attention_level is not None and not 0 <= cfg.attention_level < len(cfg.block_out_channels):
         raise O2MError(f"--attention-level {cfg.attention_level}: must index one of {len(cfg.block_out_channels)} levels")
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -87,7 +91,7 @@ def run_train(cfg: TrainConfig) -> Path:
     _, c, h, w = data.images.shape
     if h != w:
         raise O2MError(f"{data.source}: images are {w}x{h}; o2m trains square images")
-    if h % (2 ** (len(cfg.block_out_channels) - 1)):
+    if given is None and h % (2 ** (len(cfg.block_out_channels) - 1)):
         raise O2MError(f"{data.source}: size {h} is not divisible by 2^{len(cfg.block_out_channels) - 1} "
                        f"(the downsamplings of {len(cfg.block_out_channels)} blocks)")
     classes: tuple[str, ...] = ()
@@ -100,14 +104,18 @@ def run_train(cfg: TrainConfig) -> Path:
             raise O2MError(f"{data.source}: --cond class needs at least 2 classes; found {len(classes)} "
                            f"({', '.join(classes)})")
     seed_everything(cfg.seed)  # the model's initialization
-    try:
-        ucfg = unet_config(sample_size=h, channels=c, variance=cfg.variance, block_out_channels=cfg.block_out_channels,
-                           layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
-                           attention_level=cfg.attention_level, num_classes=len(classes) or None)
-    except ValueError as e:
-        raise O2MError(str(e)) from e
+    if given is not None:
+        model, cfg = model_from_config(cfg, given, data, len(classes))
+    else:
+        try:
+            ucfg = unet_config(sample_size=h, channels=c, variance=cfg.variance,
+                               block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+                               norm_num_groups=cfg.norm_num_groups, attention_level=cfg.attention_level,
+                               num_classes=len(classes) or None)
+        except ValueError as e:
+            raise O2MError(str(e)) from e
+        model = build_unet(ucfg, None, out)
     scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps)
-    model = build_unet(ucfg, None, out)
     hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
                   ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
 
@@ -133,7 +141,11 @@ def _write(cfg: TrainConfig, out: Path, work: Path, engine, scfg: dict, data) ->
     model = copy.deepcopy(student.raw).cpu().eval()
     student.ema.copy_to(model)
     rows = read_jsonl(work / "metrics.jsonl")
-    config = cfg.model_dump(mode="json")
+    # With --model-config the built-in UNet's shape settings describe nothing: left out; the file's path is kept
+    # (the model's own config is in its metadata).
+    config = cfg.model_dump(mode="json", exclude=set(SHAPE_FLAGS) if cfg.denoiser_config is not None else None)
+    if cfg.denoiser_config is not None:
+        config["denoiser_config"] = str(Path(cfg.denoiser_config).resolve())
     provenance = {"stage": "train", "config": config, "data": {"name": data.name, "source": data.source,
                                                                 "sha256": data.sha256, "n": len(data)}}
     if cfg.cond == "class":  # what sample and score need to ask for a class and to guide
@@ -155,5 +167,86 @@ def _write(cfg: TrainConfig, out: Path, work: Path, engine, scfg: dict, data) ->
 
 
 def _fingerprint(cfg: TrainConfig) -> dict:
-    # `steps` is left out so a resumed run can be extended (the LR is constant after warm-up).
-    return cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out", "steps"})
+    # `steps` is left out so a resumed run can be extended (the LR is constant after warm-up). A --model-config
+    # file counts by its content: an edited file is another run.
+    found = cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out", "steps"})
+    if cfg.denoiser_config is not None:
+        from o2mcli.fsutil import sha256_file
+
+        found["denoiser_config_sha256"] = sha256_file(Path(cfg.denoiser_config))
+    return found
+
+
+# The built-in UNet's shape settings and their flags: meaningless beside --model-config, so refused there.
+SHAPE_FLAGS = {"block_out_channels": "--channels", "layers_per_block": "--layers-per-block",
+               "norm_num_groups": "--norm-groups", "attention_level": "--attention-level"}
+
+
+def read_denoiser_config(cfg: TrainConfig) -> Optional[dict]:
+    """``--model-config``'s diffusers config, its family's checks passed (a bad ``_class_name`` refused by name); None
+    without one. The built-in UNet's shape options beside it are refused: the file gives the architecture."""
+    from o2mcli.fsutil import loads_bounded
+    from o2mcli.models.families import family_for_config
+
+    if cfg.denoiser_config is None:
+        return None
+    path = Path(cfg.denoiser_config)
+    clash = [SHAPE_FLAGS[k] for k in SHAPE_FLAGS if k in cfg.model_fields_set]
+    if clash:
+        raise O2MError(f"{clash[0]}: shapes o2m's built-in UNet; --model-config {path} gives the architecture")
+    try:
+        found = loads_bounded(path.read_bytes(), str(path))
+    except FileNotFoundError as e:
+        raise O2MError(f"{path}: no such model config file") from e
+    except OSError as e:
+        raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
+    if not isinstance(found, dict):
+        raise O2MError(f"{path}: the model config is a JSON {type(found).__name__}, expected an object")
+    family_for_config(found, path, served=True).check_config(found, path)
+    return found
+
+
+def model_from_config(cfg: TrainConfig, given: dict, data, n_classes: int):
+    """A freshly initialized model of ``given``'s family that fits the data (image shape, C or 2C outputs) and the
+    conditioning (``n_classes`` classes, the null class after them; 0: unconditional), tried on one input; and the
+    config with ``variance`` as the model's outputs say (``--variance`` must agree where given)."""
+    import torch
+
+    from o2mcli.models.configs import is_learned_variance
+    from o2mcli.models.denoise import predict
+    from o2mcli.models.families import family_for_config
+
+    path = Path(cfg.denoiser_config)
+    family = family_for_config(given, path, served=True)
+    table, trained = family.class_table(given), family.trained_classes(given)
+    if n_classes and trained is None:
+        raise O2MError(f"{path}: a {family.name} config without a label table cannot train --cond class")
+    if n_classes and trained != n_classes:
+        raise O2MError(f"{path}: the {family.name} config's label table holds {trained} classes (the null class "
+                       f"after them); {data.source} has {n_classes}")
+    if not n_classes and table is not None and table[1] is None:
+        raise O2MError(f"{path}: a {family.name} config with a label table fixes no null class to train it "
+                       "unconditionally on; pass --cond class (or drop the table)")
+    model = build_unet(given, None, path)
+    _, c, h, w = data.images.shape
+    if family.input_shape(model) != (c, h, w):
+        raise O2MError(f"{path}: the model takes {'x'.join(map(str, family.input_shape(model)))} inputs; "
+                       f"{data.source} has {c}x{h}x{w} images (set in_channels and sample_size)")
+    learned = is_learned_variance(dict(model.config))
+    out_c = int(model.config.get("out_channels") or c)
+    if out_c not in (c, 2 * c):
+        raise O2MError(f"{path}: out_channels {out_c}; expected {c} (fixed variance) or {2 * c} (learned)")
+    variance = "learned" if learned else "fixed"
+    if "variance" in cfg.model_fields_set and cfg.variance != variance:
+        raise O2MError(f"--variance {cfg.variance}: {path} has {out_c} output channels for {c} input channels, "
+                       f"a {variance} variance")
+    try:  # one forward pass: a config diffusers builds but cannot run on these images fails here, in one line
+        with torch.no_grad():
+            y = predict(model, torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.long))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise O2MError(f"{path}: the model does not run on {c}x{h}x{w} images "
+                       f"({str(e).splitlines()[0][:120]})") from e
+    if tuple(y.shape) != (1, out_c, h, w):
+        raise O2MError(f"{path}: the model maps {c}x{h}x{w} inputs to {tuple(y.shape)[1:]}; expected "
+                       f"{(out_c, h, w)}")
+    return model, cfg.model_copy(update={"variance": variance})

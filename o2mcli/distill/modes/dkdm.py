@@ -65,12 +65,14 @@ class DKDM(DistillMode):
                     ) -> Callable[[Any, torch.device], Any]:
         from o2mcli.distill.sources.buffer import DynamicBuffer, buffer_slots
 
-        cfg, tc, T = self.cfg, teacher.unet.config, teacher.num_train_timesteps
+        cfg, T = self.cfg, teacher.num_train_timesteps
         slots = buffer_slots(cfg.rho, T, cfg.batch_size, min_slots=cfg.batch_size * plan.max_draws_per_step)
         if log is not None and slots > round(cfg.rho * T * cfg.batch_size):
             log(f"note: --rho {cfg.rho} asks for {cfg.rho * T * cfg.batch_size:.3g} buffer slots; using {slots}, "
                 f"the minimum for {plan.max_draws_per_step} disjoint batches of {cfg.batch_size} per step")
-        shape = (int(tc.in_channels), int(tc.sample_size), int(tc.sample_size))
+        from o2mcli.models.families import family_of
+
+        shape = family_of(teacher.unet).input_shape(teacher.unet)  # any family's (C, H, W)
         variance, clip = self.reverse
         # A class-conditional teacher: every slot keeps a label (the null class with the label dropout), which
         # the teacher's reverse steps and the students' inputs use.

@@ -9,6 +9,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.families.base import DenoiserFamily
+from o2mcli.models.families.dit import DiT
 from o2mcli.models.families.unet2d import UNet2D
 from o2mcli.models.families.unet2d_condition import UNet2DCondition
 from o2mcli.registry import Registry
@@ -16,6 +17,7 @@ from o2mcli.registry import Registry
 FAMILIES: Registry[DenoiserFamily] = Registry("_class_name", "model family")
 FAMILIES.register(UNet2D.name, UNet2D())
 FAMILIES.register(UNet2DCondition.name, UNet2DCondition())
+FAMILIES.register(DiT.name, DiT())
 
 DEFAULT_FAMILY = UNet2D.name  # a config without _class_name (o2m's own, older files)
 

@@ -9,6 +9,7 @@ diffusers model class or reads its output object.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -54,6 +55,29 @@ def load_state_exact(model: nn.Module, state: dict[str, torch.Tensor], where: Pa
     model.load_state_dict(state, strict=True)
 
 
+@dataclass(frozen=True)
+class LabelInput:
+    """How a config takes class labels, for distillation's teacher/student checks (``distill.inputs``).
+
+    ``key`` sizes the label table, ``value`` is its setting (None: the config takes no labels) and ``noun`` names
+    what it counts in refusals; labels ``0..rows-1`` are valid (the classes and, after them, the null class), with
+    ``rows = value + offset``. ``optional``: a model of this family also runs without labels, on its null class (a
+    DiT is class-conditional by construction; under an unconditional teacher its batches carry no labels).
+    ``same``: config items a teacher and a student that both size their table by ``key`` must share.
+    """
+
+    key: str
+    value: Optional[int]
+    noun: str
+    offset: int = 0
+    optional: bool = False
+    same: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def rows(self) -> Optional[int]:
+        return None if not self.value else self.value + self.offset
+
+
 class DenoiserFamily:
     """One model family: subclass, set ``name`` to the diffusers ``_class_name``, and register it."""
 
@@ -85,6 +109,38 @@ class DenoiserFamily:
     def feature_points(self, model: nn.Module) -> list[str]:
         """Submodule names whose outputs are the features of feature-based KD (matched by name and size)."""
         raise NotImplementedError
+
+    def class_table(self, cfg: dict[str, Any]) -> Optional[tuple[int, Optional[int]]]:
+        """The config's label table: (the number of labels it takes, the null class where the config fixes it, else
+        None), or None for a model without class labels. Read by ``models.io.conditioning_of`` and ``o2m train``."""
+        li = self.label_input(cfg)
+        if li is None or not li.value:
+            return None
+        # A table with a row beyond its setting (DiT) fixes the null class there; else only provenance knows it.
+        return li.value, (li.value if li.offset else None)
+
+    def trained_classes(self, cfg: dict[str, Any]) -> Optional[int]:
+        """How many real classes o2m trains this config on (``--cond class``): every row but the null class after
+        them; None for a config without a label table."""
+        li = self.label_input(cfg)
+        return None if li is None or not li.value else li.rows - 1
+
+    def label_input(self, cfg: dict[str, Any]) -> Optional[LabelInput]:
+        """How ``cfg`` takes class labels (distillation's conditioning checks); None: this family takes none."""
+        return None
+
+    def config_io(self, cfg: dict[str, Any]) -> tuple[tuple[int, int, int], int]:
+        """((C, H, W) of one input sample, output channels) from a config, before any model is built; diffusers'
+        ``in_channels``/``sample_size`` (an int or [H, W])/``out_channels`` (missing: ``in_channels``)."""
+        c = int(cfg.get("in_channels", 3))
+        size = cfg.get("sample_size", 32)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (c, int(h), int(w)), int(cfg.get("out_channels") or c)
+
+    def feature_map(self, model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A feature point's output as a (B, C, H, W) map, so feature KD compares any two families by spatial size
+        (a UNet's block outputs already are)."""
+        return tensor
 
     def pipeline_parts(self, conditioning: Optional[dict[str, Any]], where: Path,
                        pipeline: Optional[Path] = None) -> Any:

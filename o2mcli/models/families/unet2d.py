@@ -10,7 +10,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.configs import check_int_in
-from o2mcli.models.families.base import DenoiserFamily, build_from_config
+from o2mcli.models.families.base import DenoiserFamily, LabelInput, build_from_config
 
 MAX_SAMPLE_SIZE = 2048
 TEXT_BOUNDS = (("cross_attention_dim", 16384),)  # the extra size a text-conditioned UNet config must bound
@@ -77,6 +77,11 @@ class UNet2D(DenoiserFamily):
         if cond is None:
             return model(x_t, t).sample
         return model(x_t, t, class_labels=cond).sample
+
+    def label_input(self, cfg: dict[str, Any]) -> LabelInput:
+        n = cfg.get("num_class_embeds")
+        return LabelInput("num_class_embeds", int(n) if n else None, "class embeddings",
+                          same=(("class_embed_type", cfg.get("class_embed_type")),))
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         return unet_input_shape(model)

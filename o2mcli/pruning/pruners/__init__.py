@@ -7,6 +7,7 @@ from typing import Any
 
 from o2mcli.errors import O2MError
 from o2mcli.pruning.pruners.base import Pruner
+from o2mcli.pruning.pruners.dit import DiTPruner
 from o2mcli.pruning.pruners.unet2d import UNet2DPruner
 from o2mcli.pruning.pruners.unet2d_condition import UNet2DConditionPruner
 from o2mcli.registry import Registry
@@ -14,6 +15,7 @@ from o2mcli.registry import Registry
 PRUNERS: Registry[Pruner] = Registry("_class_name", "model family for o2m prune")
 PRUNERS.register(UNet2DPruner.family, UNet2DPruner())
 PRUNERS.register(UNet2DConditionPruner.family, UNet2DConditionPruner())
+PRUNERS.register(DiTPruner.family, DiTPruner())
 
 __all__ = ["PRUNERS", "Pruner", "pruner_for"]
 

@@ -45,3 +45,13 @@ class Pruner:
         and a record of what was removed (``--blocks``). Families without variants refuse by name."""
         raise O2MError(f"{where}: --blocks {variant}: a {self.family} has no block-removal variants (BK-SDM's "
                        "bk-base, bk-small and bk-tiny apply to Stable Diffusion's UNet2DConditionModel)")
+
+    def drop_blocks(self, model: nn.Module, n: int, where: Path) -> tuple[nn.Module, Any]:
+        """A shallower student without ``n`` whole blocks (``--drop-blocks``, DiT); other families refuse by name."""
+        raise O2MError(f"{where}: --drop-blocks {n}: a {self.family} has no stack of equal blocks to drop from "
+                       "(--drop-blocks applies to DiTTransformer2DModel; Stable Diffusion UNets take --blocks)")
+
+    def removal_summary(self, teacher: nn.Module, shallow: nn.Module, template: nn.Module, removal: Any,
+                        slim: Optional[dict]) -> dict:
+        """The summary of a ``drop_blocks`` removal (and of the slimming after it, if any)."""
+        raise NotImplementedError
