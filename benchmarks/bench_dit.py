@@ -14,13 +14,12 @@ Models are timed alternately (full DDIM runs, best of ``--rounds``); only ratios
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from common import header, machine_info
+from common import header, machine_info, write_outputs
 from o2mcli.devices import resolve_device
 from o2mcli.diffusion.sampler import measure_throughput
 from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
@@ -119,12 +118,7 @@ def main() -> None:
     if args.tiny:
         args.steps, args.batch, args.rounds = min(args.steps, 2), min(args.batch, 2), 1
     res = run(args)
-    table = markdown(res)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
-        Path(f"{args.out}.md").write_text(table + "\n")
-    print(json.dumps(res, indent=2) if args.json else table)
+    write_outputs(res, markdown(res), args.out, args.json)
 
 
 if __name__ == "__main__":

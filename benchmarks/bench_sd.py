@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import header, machine_info
+from common import header, machine_info, write_outputs
 from o2mcli.devices import resolve_device
 from o2mcli.diffusion.sampler import measure_throughput
 from o2mcli.models.io import build_unet, unet_config_of
@@ -148,12 +148,7 @@ def markdown(res: dict) -> str:
 def main() -> None:
     args = _parser().parse_args()
     res = run(args)
-    table = markdown(res)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
-        Path(f"{args.out}.md").write_text(table + "\n")
-    print(json.dumps(res, indent=2) if args.json else table)
+    write_outputs(res, markdown(res), args.out, args.json)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,14 @@ def template(teacher: Path, work: Path, name: str, ratio: float = 0.3) -> Path:
     """``o2m prune``'s library call, magnitude importance, no throughput measurement."""
     return run_prune(PruneConfig(teacher=str(teacher), ratio=ratio, throughput=False, device="cpu",
                                  out=work / f"{name}-{ratio}".replace(" ", "_")))
+
+
+def write_outputs(res: dict, table: str, out: Path | None, as_json: bool) -> None:
+    """``OUT.json`` and ``OUT.md`` when ``out`` is given; the table (or the JSON) on stdout."""
+    import json
+
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.json").write_text(json.dumps(res, indent=2) + "\n")
+        Path(f"{out}.md").write_text(table + "\n")
+    print(json.dumps(res, indent=2) if as_json else table)

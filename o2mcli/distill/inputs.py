@@ -122,18 +122,9 @@ def _width(d: Any) -> int:
 def load_student_config(path: Path, seed: int) -> torch.nn.Module:
     """A fresh, randomly initialized model from a diffusers config JSON (``--student-config``; its family by
     ``_class_name``, UNet2DModel without one)."""
-    from o2mcli.models.io import build_unet
+    from o2mcli.models.io import build_unet, read_model_config
 
-    from o2mcli.fsutil import loads_bounded
-
-    try:
-        ucfg = loads_bounded(Path(path).read_bytes(), str(path))
-    except FileNotFoundError as e:
-        raise O2MError(f"{path}: no such student config") from e
-    except OSError as e:
-        raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
-    if not isinstance(ucfg, dict):
-        raise O2MError(f"{path}: expected a JSON object (a diffusers model config)")
+    ucfg = read_model_config(Path(path), "student config")
     torch.manual_seed(seed)
     return build_unet(ucfg, None, Path(path))
 

@@ -107,6 +107,21 @@ def check_timestep_range(rng: Any, T: int, where: Path) -> tuple[int, int]:
     return int(rng[0]), int(rng[1])
 
 
+def read_model_config(path: Path, what: str = "model config") -> dict[str, Any]:
+    """A diffusers model config JSON file (``--model-config``, ``--student-config``), its family's checks passed."""
+    path = Path(path)
+    try:
+        found = loads_bounded(path.read_bytes(), str(path))
+    except FileNotFoundError as e:
+        raise O2MError(f"{path}: no such {what} file") from e
+    except OSError as e:
+        raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
+    if not isinstance(found, dict):
+        raise O2MError(f"{path}: the {what} is a JSON {type(found).__name__}, expected an object (a diffusers config)")
+    family_for_config(found, path, served=True).check_config(found, path)
+    return found
+
+
 def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
     """The model a config describes (its family by ``_class_name``); weights, if given, must match exactly."""
     return family_for_config(cfg, where, served=True).build(cfg, state, where)

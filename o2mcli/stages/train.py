@@ -185,8 +185,7 @@ SHAPE_FLAGS = {"block_out_channels": "--channels", "layers_per_block": "--layers
 def read_denoiser_config(cfg: TrainConfig) -> Optional[dict]:
     """``--model-config``'s diffusers config, its family's checks passed (a bad ``_class_name`` refused by name); None
     without one. The built-in UNet's shape options beside it are refused: the file gives the architecture."""
-    from o2mcli.fsutil import loads_bounded
-    from o2mcli.models.families import family_for_config
+    from o2mcli.models.io import read_model_config
 
     if cfg.denoiser_config is None:
         return None
@@ -194,15 +193,7 @@ def read_denoiser_config(cfg: TrainConfig) -> Optional[dict]:
     clash = [SHAPE_FLAGS[k] for k in SHAPE_FLAGS if k in cfg.model_fields_set]
     if clash:
         raise O2MError(f"{clash[0]}: shapes o2m's built-in UNet; --model-config {path} gives the architecture")
-    try:
-        found = loads_bounded(path.read_bytes(), str(path))
-    except FileNotFoundError as e:
-        raise O2MError(f"{path}: no such model config file") from e
-    except OSError as e:
-        raise O2MError(f"{path}: unreadable ({e.strerror or e})") from e
-    if not isinstance(found, dict):
-        raise O2MError(f"{path}: the model config is a JSON {type(found).__name__}, expected an object")
-    family_for_config(found, path, served=True).check_config(found, path)
+    found = read_model_config(path)
     return found
 
 
