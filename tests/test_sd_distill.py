@@ -163,3 +163,18 @@ def test_refusals(sd_tmp: Path, tiny_model_file: Path) -> None:
     assert_refused(cli("distill", "--student-config", "wide.json", "--teacher", "sd", "--data", "caps", *FAST,
                        "-o", "x"), "cross_attention_dim 16", "width 32")
     assert not Path("x").exists()
+
+
+def test_latent_cache_and_pipeline_options(sd_tmp: Path) -> None:
+    """--latent-cache puts the cache where asked; --pipeline must hold the teacher's own parts (sha256), and is
+    refused for a pixel teacher."""
+    r = cli("distill", *_student_args(), "--data", "caps", "-k", "1", "--latent-cache", "my-cache", *FAST, "-o", "st")
+    assert r.exit_code == 0, r.output
+    assert (sd_tmp / "my-cache" / "o2m_latent_cache.json").is_file()
+    assert not (sd_tmp / "caps.latents-16").exists()
+    other = save_tiny_sd(sd_tmp / "other", seed=1)  # another pipeline: other VAE and text encoder weights
+    assert_refused(cli("distill", *_student_args(), "--data", "caps", "--pipeline", str(other), *FAST, "-o", "x"),
+                   "other", "differs")
+    assert_refused(cli("distill", "digits-teacher", "--teacher", "digits-teacher", "--pipeline", "sd", *FAST,
+                       "-o", "x"), "pipeline", "not text-conditioned")
+    assert not Path("x").exists()
