@@ -44,6 +44,13 @@ def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def ok(*args) -> str:
+    """Run ``o2m *args``; it must exit 0. Its output (stdout and stderr)."""
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
 def assert_refused(result, *words: str) -> None:
     """Exit 2 with exactly one ``error: ...`` line naming ``words``, and no traceback."""
     assert result.exit_code == 2, (result.exit_code, result.output)

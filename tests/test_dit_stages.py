@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_refused, cli, tiny_scheduler, tiny_unet
+from conftest import assert_refused, cli, ok, tiny_scheduler, tiny_unet
 from dit_tiny import dit_config, tiny_dit
 from o2mcli.models.io import load_model, save_model_file
 
@@ -24,12 +24,6 @@ def _config(path: Path, **kw) -> Path:
     cfg = dit_config(layers=2, **kw)
     path.write_text(json.dumps(cfg))
     return path
-
-
-def ok(*args) -> str:
-    res = cli(*args)
-    assert res.exit_code == 0, res.output
-    return res.output
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import ok
 from sd_tiny import CAPTIONS, save_captioned, save_tiny_clip, save_tiny_sd
 from test_score import INCEPTION_FILE, fake_inception
 
@@ -28,12 +28,6 @@ pytest.importorskip("transformers")
 
 TRAIN = ["-k", "2", "--steps", "150", "-b", "16", "--lr", "2e-3", "--lr-warmup", "5", "--ema-decay", "0.9",
          "--device", "cpu", "--log-every", "50"]
-
-
-def ok(*args) -> str:
-    r = cli(*args)
-    assert r.exit_code == 0, r.output
-    return r.output
 
 
 @pytest.fixture(scope="module")

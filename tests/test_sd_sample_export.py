@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_refused, cli
+from conftest import assert_refused, cli, ok
 from o2mcli.fsutil import atomic_dir
 from o2mcli.manifest import read_manifest, write_manifest
 from o2mcli.models.families.stable_diffusion import aux_hashes, text_conditioning
@@ -34,12 +34,6 @@ def sd(tmp_path_factory) -> Path:
 def npz(d: Path) -> dict[str, np.ndarray]:
     with np.load(d / "samples.npz", allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-def ok(*args) -> str:
-    res = cli(*args)
-    assert res.exit_code == 0, res.output
-    return res.output
 
 
 def sd_stage(path: Path, sd: Path, kind: str, ranges, scheduler_class: str | None = None) -> Path:
