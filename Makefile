@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.o2m-installed
 
-.PHONY: install demo test bench table table-cond gpu-check clean
+.PHONY: install demo test bench table table-cond table-xarch gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The comparison table on the embedded default (about 26 minutes on 2 CPU cores, two lanes at once), then its
-# class-conditional section (table-cond, about 16 minutes): writes docs/results.md.
+# class-conditional section (table-cond, about 16 minutes) and its cross-architecture section (table-xarch):
+# writes docs/results.md.
 table: $(STAMP)
 	O2M=$(BIN)/o2m bash recipes/digits-table.sh
 	$(MAKE) table-cond
+	$(MAKE) table-xarch
 
 table-cond: $(STAMP)
 	O2M=$(BIN)/o2m bash recipes/digits-cond-table.sh
+
+table-xarch: $(STAMP)
+	O2M=$(BIN)/o2m bash recipes/digits-xarch-table.sh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py

@@ -5,10 +5,16 @@ random weights and random images, which is enough for speed) a ratio-0.3 templat
 then the engine is timed for K=1 and K=4 at the same batch per student. Timing synchronizes
 around the teacher forward and the student updates (profiling mode), so the teacher's share of
 a step is measured, not estimated. "K=4 / 4 x K=1" below 1 means one K=4 run costs less than
-four separate O2OKD runs: students that train on the same batch share one teacher forward, and
-the distinct batches of a step go through the teacher in one call.
+four separate O2OKD runs: students that train on the same batch share one teacher forward.
+
+With ``--parallel``, student-parallel distillation instead: ``o2m distill -k 4`` on the digits teacher run
+end to end as 1 process with 1 thread, as 1 process with 2 threads, and as ``torchrun --nproc_per_node 2``
+with 1 thread per rank (the same 2 cores; the ratio is against 1 process with 2 threads), the wall time of the whole command and of the training loop (the manifest's
+``seconds``), and every process's peak memory (ru_maxrss): 1 process holding 4 students against ranks
+holding 2 each. The 1-thread runs on 1 and 2 processes write the same weights (checked here too).
 
     python benchmarks/bench_distill.py [--device auto] [--steps 6] [--batch 32] [--only digits|cifar10]
+    python benchmarks/bench_distill.py --parallel [--steps 40] [--batch 32]
 """
 
 from __future__ import annotations
@@ -65,6 +71,61 @@ def measure(tpl: Path, teacher_path: Path, images: torch.Tensor, k: int, p_own: 
             "teacher_forwards_per_student_sample": eng.teacher_samples / (steps * k * batch)}
 
 
+def parallel(steps: int, batch: int) -> dict:
+    """K=4 on 1 process (2 threads) and on 2 torchrun processes (1 thread each): wall time, loop time, peak RSS."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from o2mcli.manifest import read_manifest
+
+    here = Path(__file__).resolve().parent
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        raise SystemExit("torchrun is not installed beside this python")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tpl = template(BUILTIN_MODELS["digits-teacher"], work, "digits")
+        args = ["distill", str(tpl), "-k", "4", "--steps", str(steps), "--batch-size", str(batch), "--device", "cpu",
+                "--save-every", str(steps * 10), "--log-every", str(steps)]
+        outs = {}
+        for nproc, threads in ((1, 1), (1, 2), (2, 1)):
+            env = {**os.environ, "O2M_PROGRESS": "0", "OMP_NUM_THREADS": str(threads)}
+            rss, out = work / f"rss{nproc}_{threads}.jsonl", work / f"out{nproc}_{threads}"
+            script = [str(here / "distill_rank.py"), str(rss), *args, "-o", str(out)]
+            if nproc == 1:
+                cmd = [sys.executable, *script]
+            else:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
+                       str(port), *script]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            wall = time.perf_counter() - t0
+            peaks = [json.loads(x) for x in rss.read_text().splitlines()]
+            loop = read_manifest(out).summary["seconds"]
+            rows.append({"processes": nproc, "threads_per_process": threads, "students_per_process": 4 // nproc,
+                         "steps": steps, "batch": batch, "wall_s": wall, "loop_s": loop,
+                         "max_rss_mib_per_rank": [p["max_rss_mib"] for p in sorted(peaks, key=lambda p: p["rank"])]})
+            outs[(nproc, threads)] = out
+        # bitwise at equal threads per process (a thread count changes a CPU kernel's sum order)
+        ref, par = outs[(1, 1)], outs[(2, 1)]
+        same = all(torch.equal(a[n], b[n])
+                   for m in read_manifest(ref).models
+                   for a, b in [(load_file(str(ref / m.artifact)), load_file(str(par / m.artifact)))]
+                   for n in a)
+    one, two = rows[1], rows[2]
+    return {"rows": rows, "same_weights": same, "wall_ratio": two["wall_s"] / one["wall_s"],
+            "loop_ratio": two["loop_s"] / one["loop_s"]}
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--steps", type=int, help="timed steps (default: 20 digits, 4 cifar10)")
@@ -72,7 +133,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="batch per student per step (default: 32 digits, 8 cifar10)")
     ap.add_argument("--p-own", type=float, default=0.5)
     ap.add_argument("--kd", default="output")
+    ap.add_argument("--parallel", action="store_true",
+                    help="student-parallel: K=4 on 1 process against 2 torchrun processes (CPU)")
     args = ap.parse_args()
+    if args.parallel:
+        res = parallel(args.steps or 40, args.batch or 32)
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return
+        print(f"o2m distill -k 4 on the digits teacher, CPU, torch {torch.__version__}; same weights: "
+              f"{res['same_weights']}")
+        print("| processes | threads each | students each | steps | batch | wall s (whole command) | loop s "
+              "| peak RSS per process (MiB) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in res["rows"]:
+            print(f"| {r['processes']} | {r['threads_per_process']} | {r['students_per_process']} | {r['steps']} | "
+                  f"{r['batch']} | {r['wall_s']:.1f} | {r['loop_s']:.1f} | "
+                  f"{', '.join(f'{m:.0f}' for m in r['max_rss_mib_per_rank'])} |")
+        print(f"\n2 processes / 1 process with 2 threads: wall {res['wall_ratio']:.2f}x, training loop {res['loop_ratio']:.2f}x")
+        return
     device = resolve_device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

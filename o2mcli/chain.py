@@ -2,8 +2,8 @@
 
 ``sample`` takes the newest model (stage directory of kind teacher/template/students/merged,
 or an o2m ``.safetensors`` file) in the working directory; ``score`` the newest samples.
-The built-in names ``digits-teacher`` and ``digits-cond-teacher`` (class-conditional) are the teachers shipped
-in the package.
+The built-in names ``digits-teacher``, ``digits-cond-teacher`` (class-conditional) and ``digits-dit-teacher`` (a
+class-conditional DiT) are the teachers shipped in the package.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from o2mcli.manifest import MODEL_KINDS, list_stage_dirs
 
 ASSETS = Path(__file__).with_name("assets")
 BUILTIN_MODELS = {"digits-teacher": ASSETS / "digits_teacher.safetensors",
-                  "digits-cond-teacher": ASSETS / "digits_cond_teacher.safetensors"}  # class-conditional
+                  "digits-cond-teacher": ASSETS / "digits_cond_teacher.safetensors",  # class-conditional
+                  "digits-dit-teacher": ASSETS / "digits_dit_teacher.safetensors"}  # class-conditional DiT
 
 
 def resolve_model_spec(spec: str | Path) -> Path:

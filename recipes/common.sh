@@ -15,7 +15,7 @@ RHO=${O2M_RHO:-0.2}  # (O2M_STEPS, O2M_RHO, O2M_N: smaller budgets for a quick c
 TRAIN="--steps $STEPS --batch-size 64 --lr 5e-4 --seed 0 --force"
 mkdir -p "$WORK" "$DOCS"
 cd "$WORK"
-git -C "$HERE" rev-parse --short HEAD > commit.txt 2>/dev/null || echo unknown > commit.txt  # what ran
+git -C "$HERE" describe --always --dirty > commit.txt 2>/dev/null || echo unknown > commit.txt  # what ran ("-dirty": uncommitted edits)
 
 # Runs one o2m command, logging its wall time and the command as a user types it (to $LOG).
 o2m() {

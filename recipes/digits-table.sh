@@ -9,6 +9,8 @@
 #   DKDM            one student, data-free (dynamic buffer, rho 0.2, built by 10-step DDIM jumps;
 #                   the paper's rho 0.4 doubles the build time; the README's Results compares the two)
 #   DF-O2MKD K=4    four students, data-free (DKDM's buffer x O2MKD's plan), and its merge
+#   + DeepCache     the O2MKD students and their merge sampled with `--deepcache 3` (the O2MKD paper's
+#                   "DeepCache + O2MKD" rows), beside the teacher with `--deepcache 3` (DeepCache alone)
 #   synthetic       the DKDM paper's baseline: the teacher samples a dataset (DDPM 50 steps) with as many
 #                   teacher forwards as the ratio-0.3 DKDM run spent (buffer build + training), and the
 #                   template trains on it plainly (--kd none)
@@ -86,6 +88,8 @@ sample_ratio() {
   for m in "${DDPM_METHODS[@]}"; do
     o2m sample "$T-$m" $DDPM -o "samples-ddpm-$T-$m"
   done
+  o2m sample "$T-o2mkd" $SAMPLE --deepcache 3 -o "samples-$T-o2mkd-dc3"
+  o2m sample "$T-o2mkd-merged.safetensors" $SAMPLE --deepcache 3 -o "samples-$T-o2mkd-merged-dc3"
 }
 
 lane_a() {
@@ -97,6 +101,7 @@ lane_a() {
   # The same teacher with another sampling seed: how much FID moves with the seed alone.
   o2m sample digits-teacher ${SAMPLE/--seed 0/--seed 1} -o samples-teacher-seed1
   o2m sample digits-teacher $DDPM -o samples-ddpm-teacher
+  o2m sample digits-teacher $SAMPLE --deepcache 3 -o samples-teacher-dc3
 }
 
 lane_b() {
@@ -119,11 +124,12 @@ lane_b() {
 
 run_lanes digits-table 'two lanes at once (ratio 0.3 + the teacher | ratio 0.5), one torch thread per process; o2m score on the default threads'
 
-ROWS=(samples-teacher samples-teacher-seed1)
+ROWS=(samples-teacher samples-teacher-seed1 samples-teacher-dc3)
 DDPM_ROWS=(samples-ddpm-teacher)
 for R in 0.3 0.5; do
   for m in "${METHODS[@]}"; do ROWS+=("samples-r$R-$m"); done
   [ "$R" = 0.5 ] && for m in "${SEED1_METHODS[@]}"; do ROWS+=("samples-r$R-$m"); done
+  ROWS+=("samples-r$R-o2mkd-dc3" "samples-r$R-o2mkd-merged-dc3")
   for m in "${DDPM_METHODS[@]}"; do DDPM_ROWS+=("samples-ddpm-r$R-$m"); done
 done
 LOG=commands-c.tsv

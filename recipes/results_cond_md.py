@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import sections
@@ -92,8 +90,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, required=True, help="The larger guidance scale the recipe used.")
     a = ap.parse_args()
 
-    report = json.loads((a.work / "scores" / "report.json").read_text())
-    commands = [line.split("\t", 1) for line in (a.work / "commands.tsv").read_text().splitlines() if line]
+    report, commands = sections.read_run(a.work)
     took = {cmd.split(" -o ")[-1].split()[0]: int(ms) / 1000 for ms, cmd in commands if " -o " in cmd}
     by = {tuple(r["name"].split("-", 1)): r for r in report["rows"]}  # ("g1", "o2mkd")
     first = {g: by[(g, "teacher")] for g in ("g1", "g2")}
@@ -165,19 +162,9 @@ def main() -> None:
         "",
         *[f"- {c}" for c in checks(by, guides) + one_checks],
         "",
-        "### Commands, in order, with wall time (lane A, then lane B, which ran at the same time, then the score)",
-        "",
-        "```",
-        *[f"{int(ms) / 1000:8.1f} s  {cmd}" for ms, cmd in commands],
-        "```",
+        *sections.commands_block(commands),
     ]
-    page_path = a.docs / "results.md"
-    page = page_path.read_text() if page_path.is_file() else "# Results on the embedded default (digits)\n"
-    tmp = a.docs / ".results.md.tmp"
-    tmp.write_text(sections.splice(page, NAME, "\n".join(body)))
-    os.replace(tmp, page_path)
-    shutil.copyfile(a.work / "scores" / "report.json", a.docs / ".results-cond.json.tmp")
-    os.replace(a.docs / ".results-cond.json.tmp", a.docs / "results-conditional-report.json")
+    sections.write(a.docs, NAME, "\n".join(body), a.work / "scores" / "report.json", "results-conditional-report.json")
     print("\n".join(lines))
 
 

@@ -29,6 +29,7 @@ METHODS = {  # samples-dir suffix -> (method, data, students)
     "synth": ("synthetic-data baseline (DKDM paper): plain training on teacher samples", "teacher samples", "1"),
 }
 SEED_SUFFIX = "-s1"  # the second training seed of a row (ratio 0.5's decisive rows)
+DC_SUFFIX = "-dc3"  # a row sampled with DeepCache (`o2m sample --deepcache 3`)
 
 
 def parse_name(name: str) -> tuple[str, str]:
@@ -48,13 +49,22 @@ def parse_name(name: str) -> tuple[str, str]:
 
 
 def method_label(method: str) -> tuple[str, str, str]:
-    """(method, data, students) for a table row; ``-s1`` rows are the second training seed."""
+    """(method, data, students) for a table row; ``-s1`` rows are the second training seed, ``-dc3`` rows were
+    sampled with DeepCache."""
     base = method.removeprefix("ddpm-")
-    seed = ""
+    extra = ""
+    if base.endswith(DC_SUFFIX):
+        base, extra = base.removesuffix(DC_SUFFIX), " + DeepCache N=3"
     if base.endswith(SEED_SUFFIX):
-        base, seed = base.removesuffix(SEED_SUFFIX), ", training seed 1"
+        base, extra = base.removesuffix(SEED_SUFFIX), ", training seed 1"
     name, data, k = METHODS[base]
-    return name + seed, data, k
+    return name + extra, data, k
+
+
+def step_macs(row: dict) -> float:
+    """MACs per denoising step: with DeepCache, the average over the full and partial steps the sampler made."""
+    dc = row.get("deepcache")
+    return float(dc["macs"]) if dc else float(row["macs"])
 
 
 def verdict(gap: float, noise: float) -> str:
@@ -149,6 +159,27 @@ def checks(by: dict[tuple[str, str], dict]) -> list[str]:
         claim("synth", "dkdm", "DKDM beats the synthetic-data baseline, DDIM 50 (FID baseline > FID DKDM)")
         claim("ddpm-synth", "ddpm-dkdm", "DKDM beats the synthetic-data baseline, DDPM 50 (FID baseline > FID DKDM)")
         claim("ddpm-dkdm", "ddpm-dfo2mkd", "more students help without data, DDPM 50 (FID DKDM > FID data-free O2MKD)")
+        dc, st, o2m = by.get(("-", "teacher" + DC_SUFFIX)), by.get((ratio, "o2mkd" + DC_SUFFIX)), by.get((ratio, "o2mkd"))
+        if st and o2m:  # the same students (training seed 0), sampled with and without the cache
+            v = {"tie (within noise)": "holds (a tie, within noise)", "holds": "does not hold (worse)",
+                 "does not hold": "holds (better)"}[verdict(st["fid"] - o2m["fid"], gauge)]
+            out.append(f"ratio {ratio}: DeepCache N=3 keeps the O2MKD students' quality (FID O2MKD + DeepCache = "
+                       f"FID O2MKD, training seed 0) at {step_macs(st) / 1e6:.2f} vs {step_macs(o2m) / 1e6:.2f} M "
+                       f"MACs/step: FID {st['fid']:.3f} vs {o2m['fid']:.3f}, gap {st['fid'] - o2m['fid']:+.3f}, "
+                       f"noise {gauge:.3f}: **{v}**")
+        if dc and st:  # the O2MKD paper's row: DeepCache + O2MKD against DeepCache alone, at fewer MACs
+            v = verdict(dc["fid"] - st["fid"], gauge)
+            out.append(f"ratio {ratio}: DeepCache + O2MKD beats DeepCache alone on the teacher (FID teacher + "
+                       f"DeepCache > FID O2MKD + DeepCache, at {step_macs(st) / 1e6:.2f} vs {step_macs(dc) / 1e6:.2f} "
+                       f"M MACs/step): FID {dc['fid']:.3f} vs {st['fid']:.3f}, gap {dc['fid'] - st['fid']:+.3f}, "
+                       f"noise {gauge:.3f}: **{v}**")
+    a, b = by.get(("-", "teacher" + DC_SUFFIX)), by.get(("-", "teacher"))
+    if a and b:
+        v = {"tie (within noise)": "holds (a tie, within noise)", "holds": "does not hold (worse)",
+             "does not hold": "holds (better)"}[verdict(a["fid"] - b["fid"], gauge)]
+        out.insert(0, f"DeepCache N=3 keeps the teacher's quality (FID teacher + DeepCache = FID teacher) at "
+                      f"{step_macs(a) / 1e6:.2f} vs {step_macs(b) / 1e6:.2f} M MACs/step: FID {a['fid']:.3f} vs "
+                      f"{b['fid']:.3f}, gap {a['fid'] - b['fid']:+.3f}, noise {gauge:.3f}: **{v}**")
     return out
 
 
@@ -183,8 +214,8 @@ def fid_plot(by: dict[tuple[str, str], dict], path: Path) -> None:
     from o2mcli.viz import line_plot
 
     series = {}
-    for key in ["teacher", *METHODS]:  # (seed-1 and DDPM rows are not plotted: one sampler, one seed)
-        pts = sorted((row["macs"] / 1e6, row["fid"]) for (r, m), row in by.items() if m == key)
+    for key in ["teacher", *METHODS, "teacher" + DC_SUFFIX, "o2mkd" + DC_SUFFIX]:  # (not the seed-1, DDPM rows)
+        pts = sorted((step_macs(row) / 1e6, row["fid"]) for (r, m), row in by.items() if m == key)
         if pts:
             series[key] = ([p[0] for p in pts], [p[1] for p in pts])
     line_plot(series, path, title="digits: FID vs MACs per denoising step", xlabel="MMACs per step",
@@ -228,8 +259,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, required=True, help="Wall time of the whole recipe.")
     a = ap.parse_args()
 
-    report = json.loads((a.work / "scores" / "report.json").read_text())
-    commands = [line.split("\t", 1) for line in (a.work / "commands.tsv").read_text().splitlines() if line]
+    report, commands = sections.read_run(a.work)
     took = {cmd: int(ms) / 1000 for ms, cmd in commands}
     by = {parse_name(r["name"]): r for r in report["rows"]}
 
@@ -238,8 +268,8 @@ def main() -> None:
         return words[words.index("-o") + 1] if "-o" in words[:-1] else ""
 
     def train_seconds(ratio: str, method: str) -> str:
-        base = method.removeprefix("ddpm-").removesuffix("-merged")
-        merged = method.removeprefix("ddpm-")
+        merged = method.removeprefix("ddpm-").removesuffix(DC_SUFFIX)  # a DeepCache row: its model's training
+        base = merged.removesuffix("-merged")
         s = [v for c, v in took.items() if c.startswith("o2m distill") and output_of(c) == f"r{ratio}-{base}"]
         m = [v for c, v in took.items() if c.startswith("o2m merge") and output_of(c) == f"r{ratio}-{merged}.safetensors"]
         return (f"{s[0]:.0f}" if s else "-") + (f" + {m[0]:.0f}" if m else "")
@@ -251,11 +281,13 @@ def main() -> None:
             ratio, m = parse_name(row["name"])
             if m.removeprefix("ddpm-").startswith("teacher"):
                 method, data, k = f"teacher (shipped), sampling seed {row['seed']}", "-", "1"
+                if m.endswith(DC_SUFFIX):
+                    method += " + DeepCache N=3"
             else:
                 method, data, k = method_label(m)
             train = "-" if "teacher" in m else train_seconds(ratio, m)
             lines.append(f"| {ratio} | {method} | {data} | {k} | {row['params'] / 1e6:.3f} | "
-                         f"{row['macs'] / 1e6:.2f} | {row['throughput']['images_per_s']:.1f} | {train} | "
+                         f"{step_macs(row) / 1e6:.2f} | {row['throughput']['images_per_s']:.1f} | {train} | "
                          f"{row['fid']:.3f} | {row['kid_mean'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f} | "
                          f"{row['n_samples']} |")
         return "\n".join(lines)
@@ -298,7 +330,11 @@ def main() -> None:
         f"{tp['batch_size']}, {tp['repeats']} timed run{'s' if tp['repeats'] != 1 else ''} after a warm-up), all measured in the one `o2m score` run "
         f"on {report['device']}. A K=4 group costs one student per step, so its throughput is a single student's.",
         "- Params: all the weights a model holds (a K=4 group: its four students together). MACs: conv + linear "
-        "multiply-accumulates of one denoising step (for a group, one student's: one student serves each step).",
+        "multiply-accumulates of one denoising step (for a group, one student's: one student serves each step). "
+        "DeepCache rows (`o2m sample --deepcache 3`: every third step a full forward, the steps between only the "
+        "first down block and its up block on cached deep features; a step whose student differs from the cache's "
+        "owner is full) show the MACs averaged over the full and partial steps the sampler made, and their "
+        "throughput was timed with the cache on.",
         "- Train (s): wall time of the `o2m distill` command (+ the `o2m merge`), buffer build included for the "
         "data-free rows" + ("; the recipe ran two lanes of commands at once (see Machine), so each shared the "
                             "machine with another." if "processes" in lanes(a.work) else "."),
@@ -347,9 +383,10 @@ def main() -> None:
         page[-1:-1] = ["## Notes from o2m score", "", *[f"- {n}" for n in notes], ""]
     text = "\n".join(page)
     old_page = a.docs / "results.md"
-    kept = sections.extract(old_page.read_text(), "conditional") if old_page.is_file() else None
-    if kept is not None:  # recipes/digits-cond-table.sh's section survives a rerun of this table
-        text = sections.splice(text, "conditional", kept.split("\n", 1)[1].rsplit("\n", 1)[0])
+    old_text = old_page.read_text() if old_page.is_file() else ""
+    for name in sections.names(old_text):  # the other recipes' sections (conditional, ...) survive a rerun
+        kept = sections.extract(old_text, name)
+        text = sections.splice(text, name, kept.split("\n", 1)[1].rsplit("\n", 1)[0])
     tmp = a.docs / ".results.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, a.docs / "results.md")

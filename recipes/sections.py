@@ -6,13 +6,22 @@ page's ``## Machine`` heading.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+from pathlib import Path
 
 ANCHOR = "## Machine"
 
 
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- section: {name} -->", f"<!-- end section: {name} -->"
+
+
+def names(page: str) -> list[str]:
+    """The names of the sections in ``page``, in order."""
+    return re.findall(r"^<!-- section: (.+?) -->$", page, flags=re.M)
 
 
 def extract(page: str, name: str) -> str | None:
@@ -33,3 +42,29 @@ def splice(page: str, name: str, body: str) -> str:
         head, _, tail = page.partition(ANCHOR)
         return f"{head}{block}\n\n{ANCHOR}{tail}"
     return page.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def write(docs: Path, name: str, body: str, report: Path, report_name: str) -> None:
+    """Sets section ``name`` of ``docs/results.md`` to ``body`` and copies the run's ``report`` beside it as
+    ``report_name``, each atomically (temp file + rename)."""
+    page_path = docs / "results.md"
+    page = page_path.read_text() if page_path.is_file() else "# Results on the embedded default (digits)\n"
+    tmp = docs / f".results.md.{name}.tmp"
+    tmp.write_text(splice(page, name, body))
+    os.replace(tmp, page_path)
+    tmp = docs / f".{report_name}.tmp"
+    shutil.copyfile(report, tmp)
+    os.replace(tmp, docs / report_name)
+
+
+def read_run(work: Path) -> tuple[dict, list[list[str]]]:
+    """A finished recipe run's score report and its command log, as [milliseconds, command] pairs."""
+    report = json.loads((work / "scores" / "report.json").read_text())
+    commands = [line.split("\t", 1) for line in (work / "commands.tsv").read_text().splitlines() if line]
+    return report, commands
+
+
+def commands_block(commands: list[list[str]]) -> list[str]:
+    """The run's commands with their wall times, as the page's last subsection (two lanes, then the score)."""
+    return ["### Commands, in order, with wall time (lane A, then lane B, which ran at the same time, then the score)",
+            "", "```", *[f"{int(ms) / 1000:8.1f} s  {cmd}" for ms, cmd in commands], "```"]

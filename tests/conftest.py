@@ -77,15 +77,38 @@ def crash_at_step(monkeypatch: pytest.MonkeyPatch, n: int):
     return lambda: monkeypatch.setattr(Distiller, "step", real)
 
 
-def kill_after_checkpoint(cmd: list[str], state: Path, min_step: int, env: dict) -> bool:
-    """Run ``cmd``; SIGKILL it once ``state`` (a checkpoint JSON) reaches ``min_step``. False if it finished first."""
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_after_checkpoint(cmd: list[str], state: Path, min_step: int, env: dict, tree: bool = False,
+                          timeout: float = 120) -> bool:
+    """Run ``cmd``; SIGKILL it once ``state`` (a checkpoint JSON) reaches ``min_step``. False if it finished first.
+
+    ``tree``: kill every process below it too (torchrun starts its ranks in sessions of their own, so killing its
+    process group would let them finish the run)."""
     import json
     import signal
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=tree)
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:
             if json.loads(state.read_text() or "{}").get("step", 0) >= min_step:
@@ -95,8 +118,14 @@ def kill_after_checkpoint(cmd: list[str], state: Path, min_step: int, env: dict)
         time.sleep(0.02)
     if proc.poll() is not None:
         return False
-    proc.send_signal(signal.SIGKILL)
+    for pid in [proc.pid, *(descendants(proc.pid) if tree else [])]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    if tree:
+        time.sleep(0.5)  # the ranks' files are closed by the kernel
     return True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,7 @@ def test_sampling_benchmark_times_every_sampler() -> None:
                           "--repeats", "1", "--device", "cpu", "--json"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert '"sampler": "dpm++"' in res.stdout and '"step_cost_vs_first"' in res.stdout
+    # DeepCache at N=3 over 2 steps: 1 full and 1 partial call, so the average MACs sit between the two.
+    cached = json.loads(res.stdout)["deepcache"]
+    assert cached and all(r["full_calls"] == 1 and r["partial_calls"] == 1 and r["interval"] == 3 for r in cached)
+    assert all(r["partial_MACs_G"] < r["avg_MACs_G"] < r["full_MACs_G"] and r["speedup"] > 0 for r in cached)

@@ -125,6 +125,7 @@ def test_teacher_and_students_see_the_same_labels(in_tmp: Path, cond_template: P
     eng.source.draw = lambda *a: draws.append(real_draw(*a)) or draws[-1]
     eng.step()
     batches = [d.cond.cpu() for d in draws]
+    seen_t = [torch.cat(seen_t)]  # the teacher runs once per distinct batch, in draw order
     assert torch.equal(seen_t[0], torch.cat(batches))
     for saw in seen_s:  # each student trained on one of the step's batches, with that batch's labels
         assert len(saw) == 1 and any(torch.equal(saw[0], b) for b in batches)

@@ -65,9 +65,9 @@ def test_class_conditional_unet_teacher_to_dit(in_tmp: Path, mode: str, monkeypa
     seen: list[torch.Tensor] = []
     real = Distiller._run_teacher
 
-    def spy(self, order, batches):
-        seen.extend(batches[r].cond for r in order)
-        return real(self, order, batches)
+    def spy(self, keys, batches, *rest):
+        seen.extend(batches[r].cond for r in keys)
+        return real(self, keys, batches, *rest)
 
     monkeypatch.setattr(Distiller, "_run_teacher", spy)
     cfg = _json(in_tmp / "dit.json", dit_config(classes=10))

@@ -42,7 +42,7 @@ def _fake_table_run(work: Path, fids: dict[str, float]) -> None:
     rows = [{"name": f"samples-{n}", "fid": f, "kid_mean": 0.01, "kid_std": 0.002, "params": 628_000 * (
         4 if n.endswith(("o2mkd", "dfo2mkd")) else 1), "macs": 9_070_000, "n_samples": 1000, "n_reference": 1797,
         "scheduler": "ddpm" if n.startswith("ddpm-") else "ddim", "steps": 50, "seed": 1 if n.endswith("seed1") else 0,
-        "throughput": tp, "warnings": []}
+        "throughput": tp, "warnings": [], **({"deepcache": {"macs": 5_300_000}} if n.endswith("-dc3") else {})}
         for n, f in fids.items()]
     (work / "scores").mkdir(parents=True)
     (work / "scores" / "report.json").write_text(json.dumps({
@@ -190,3 +190,87 @@ def test_conditional_section_is_judged_and_survives_the_main_table(tmp_path: Pat
     page = (docs / "results.md").read_text()
     assert "old rows" not in page and page.count("<!-- section: conditional -->") == 1
     assert "| O2MKD | labelled digits | 4 | 1.114 |" in page and page.index("section: conditional") < page.index("## Machine")
+
+
+def _fake_xarch_run(work: Path, fid: dict[str, float], acc: dict[str, float]) -> None:
+    """What recipes/digits-xarch-table.sh leaves behind, with made-up numbers (keyed u2d-/d2u-row)."""
+    tp = {"batch_size": 64, "repeats": 1, "scheduler": "ddim", "steps": 50, "images_per_s": 30.0}
+    rows = [{"name": f"g1-{n}", "fid": f, "class_accuracy": acc[n], "kid_mean": 0.01, "kid_std": 0.002,
+             "params": 2_120_000 if n.startswith("d2u-teacher") else 393_000, "macs": 20_000_000, "n_samples": 1000,
+             "n_reference": 1797, "scheduler": "ddim", "steps": 50, "seed": 0, "throughput": tp}
+            for n, f in fid.items()]
+    (work / "scores").mkdir(parents=True)
+    (work / "scores" / "report.json").write_text(json.dumps({
+        "rows": rows, "device": "cpu", "features": {"name": "digits", "description": "classifier features"},
+        "kid": {"subsets": 100, "subset_size": 1000}, "notes": []}))
+    (work / "commands.tsv").write_text(
+        "250000\to2m distill --teacher digits-cond-teacher --student-config dit-student.json --mode dkdm -o u2d-dkdm\n"
+        "90000\to2m distill --teacher digits-dit-teacher --student-config unet-student.json --kd none -o d2u-none\n")
+    (work / "u2d-dkdm").mkdir()
+    (work / "u2d-dkdm" / "manifest.json").write_text(json.dumps({"config": {
+        "steps": 2000, "batch_size": 64, "lr": 5e-4, "ema_decay": 0.999, "seed": 0, "rho": 0.2, "init_steps": 10}}))
+
+
+def test_cross_architecture_section_is_judged_per_direction(tmp_path: Path, monkeypatch) -> None:
+    rows = ("teacher", "teacher-seed1", "dkdm", "dkdm-s1", "kd", "none")
+    fid = {f"u2d-{m}": v for m, v in zip(rows, (0.40, 0.50, 2.00, 2.20, 2.05, 4.00))}
+    fid.update({f"d2u-{m}": v for m, v in zip(rows, (0.80, 0.85, 1.00, 1.04, 1.50, 1.20))})
+    acc = {f"u2d-{m}": v for m, v in zip(rows, (0.99, 0.98, 0.90, 0.92, 0.93, 0.80))}
+    acc.update({f"d2u-{m}": v for m, v in zip(rows, (0.97, 0.97, 0.965, 0.96, 0.95, 0.94))})
+    _fake_xarch_run(tmp_path / "x", fid, acc)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("# Results\n\n## Table\n\nold rows\n\n<!-- section: conditional -->\ncond rows\n"
+                                     "<!-- end section: conditional -->\n\n## Machine\n\n- cpu: x\n")
+    monkeypatch.setattr(sys, "argv", ["results_xarch_md.py", "--work", str(tmp_path / "x"), "--docs", str(docs),
+                                      "--seconds", "1800"])
+    _results_md("results_xarch_md").main()
+    page = (docs / "results.md").read_text()
+    assert "cond rows" in page and page.index("section: cross-architecture") < page.index("## Machine")
+    assert "30.0 minutes" in page and "2000 steps x batch 64 per student" in page
+    assert "| UNet teacher -> DiT student | DKDM | none | DiT | 0.393 | 20.00 | 250 | 2.000 | 90.0% |" in page
+    assert "| DiT teacher -> UNet student | teacher (digits-dit-teacher) | - | - | 2.120 |" in page
+    # UNet -> DiT: noise max(|0.4-0.5|, |2.0-2.2|) = 0.2; DKDM mean 2.1 vs data KD 2.05 is a tie, vs none 4.0 holds.
+    assert ("UNet teacher -> DiT student: DKDM, with no data, has a lower FID than data KD (the DKDM paper's claim is "
+            "a match, which a tie shows): **tie (within noise)** (2.100 vs 2.050, gap -0.050; noise 0.200)") in page
+    assert ("UNet teacher -> DiT student: DKDM, with no data, has a lower FID than plain training on the data: "
+            "**holds** (2.100 vs 4.000") in page
+    # DiT -> UNet: noise max(0.05, 0.04) = 0.05; data KD 1.5 is worse than plain training 1.2 beyond it.
+    assert ("DiT teacher -> UNet student: data KD has a lower FID than plain training on the data: **does not hold** "
+            "(1.500 vs 1.200, gap -0.300; noise 0.050)") in page
+    # Class accuracy: UNet -> DiT DKDM mean 91% vs the teacher's 99%, noise max(1, 2) points: loses, holds.
+    assert "UNet teacher -> DiT student: DKDM loses class accuracy against the teacher: **holds** (gap +8.0" in page
+    # CNN students compress better: the UNet student rises 0.22 over its teacher, the DiT student 1.7; noise 0.2.
+    assert "CNN students compress better than ViT students\"): **holds** (UNet student +0.220, DiT student +1.700" in page
+    # A rerun replaces the section; the main table keeps both recipes' sections when it rewrites the page.
+    _results_md("results_xarch_md").main()
+    assert (docs / "results.md").read_text().count("<!-- section: cross-architecture -->") == 1
+    _fake_table_run(tmp_path / "work", {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0, "r0.3-o2okd": 2.0})
+    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
+                                      "--seconds", "2400"])
+    _results_md().main()
+    page = (docs / "results.md").read_text()
+    assert "old rows" not in page and "cond rows" in page
+    assert page.count("<!-- section: cross-architecture -->") == 1 and page.count("<!-- section: conditional -->") == 1
+    assert page.index("section: cross-architecture") < page.index("## Machine")
+
+
+def test_deepcache_rows_show_their_average_macs_and_are_judged(tmp_path: Path, monkeypatch) -> None:
+    """Rows sampled with --deepcache 3: labelled, the averaged MACs shown, and the O2MKD paper's claims judged."""
+    fids = {"teacher": 1.0, "teacher-seed1": 1.1, "teacher-dc3": 1.5, "r0.5-o2mkd": 2.0, "r0.5-o2mkd-s1": 2.05,
+            "r0.5-o2mkd-dc3": 2.06, "r0.5-o2mkd-merged-dc3": 2.3}
+    _fake_table_run(tmp_path / "work", fids)
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
+                                      "--seconds", "2400"])
+    _results_md().main()
+    page = (docs / "results.md").read_text()
+    assert "| - | teacher (shipped), sampling seed 0 + DeepCache N=3 | - | 1 | 0.628 | 5.30 |" in page
+    assert "| 0.5 | O2MKD + DeepCache N=3 | digits | 4 | 0.628 | 5.30 | 30.0 | - | 2.060 |" in page
+    assert "| 0.5 | O2MKD, merged + DeepCache N=3 | digits | 4 -> 1 |" in page
+    # noise: max(sampling 0.1, training 0.05) = 0.1. Teacher + DeepCache is 0.5 worse: the "keeps" claim fails.
+    assert ("DeepCache N=3 keeps the teacher's quality (FID teacher + DeepCache = FID teacher) at 5.30 vs 9.07 M "
+            "MACs/step: FID 1.500 vs 1.000, gap +0.500, noise 0.100: **does not hold (worse)**") in page
+    assert "ratio 0.5: DeepCache N=3 keeps the O2MKD students' quality" in page and "gap +0.060, noise 0.100: **holds (a tie" in page
+    assert ("ratio 0.5: DeepCache + O2MKD beats DeepCache alone on the teacher (FID teacher + DeepCache > FID O2MKD + "
+            "DeepCache, at 5.30 vs 5.30 M MACs/step): FID 1.500 vs 2.060, gap -0.560, noise 0.100: **does not hold**") in page

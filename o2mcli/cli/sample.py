@@ -42,6 +42,16 @@ def sample(
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Text models: the Stable Diffusion pipeline "
                                             "whose VAE, text encoder and tokenizer to use (default: the one the "
                                             "model records; checked by sha256)."),
+    deepcache: Optional[int] = typer.Option(None, "--deepcache", metavar="N",
+                                            help="DeepCache: every N-th step (step 0 included) is a full forward "
+                                            "that refreshes the cache of the UNet's deep features; the steps "
+                                            "between recompute only the shallow branch. With a group of students, "
+                                            "a step served by a different student than the one that filled the "
+                                            "cache is a full step. N=1: no caching. UNets only."),
+    cache_branch: Optional[int] = typer.Option(None, "--cache-branch", metavar="B",
+                                               help="DeepCache's branch: partial steps recompute down blocks 0..B "
+                                               "and their paired up blocks around the cached deeper features "
+                                               "(default 0: the first block only, the cheapest)."),
 ) -> None:
     """Sample images from a model (one UNet or a group of students) into a samples directory.
 
@@ -60,9 +70,14 @@ def sample(
     cfg = SampleConfig(model=model, scheduler=scheduler, steps=steps, n=n, batch_size=batch_size, seed=seed,
                        device=device, out=out, force=force, png=not no_png, guidance=guidance,
                        classes=(class_,) if class_ is not None else classes, prompt=tuple(prompt) if prompt else None,
-                       prompts=prompts, negative_prompt=negative_prompt, pipeline=pipeline)
+                       prompts=prompts, negative_prompt=negative_prompt, pipeline=pipeline, deepcache=deepcache,
+                       cache_branch=cache_branch)
     path = run_sample(cfg)
     s = read_manifest(path, verify=False).summary
     extra = f", served {json.dumps(s['served'])}" if "served" in s else ""
+    if "deepcache" in s:
+        dc = s["deepcache"]
+        extra += f", DeepCache N={dc['interval']} B={dc['branch']}: {dc['full_calls']} full, " \
+                 f"{dc['partial_calls']} partial calls"
     typer.echo(f"wrote {path}: {s['n']} images {'x'.join(map(str, s['image_shape']))} from {model} "
                f"in {s['seconds']:.1f} s ({s['images_per_s']:.1f} img/s{extra})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -15,12 +15,15 @@ from o2mcli.errors import O2MError
 from o2mcli.models.denoise import input_shape, predict
 from o2mcli.runtime.run import progress
 
+if TYPE_CHECKING:
+    from o2mcli.diffusion.deepcache import DeepCacheCounts, DeepCacheSpec
+
 # The unconditional branch's condition: a tensor, a null class index, or None (no guidance).
 Uncond = Union[torch.Tensor, int, None]
 
 
 def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance: float,
-           uncond: Uncond, channels: int) -> torch.Tensor:
+           uncond: Uncond, channels: int, call: Callable[..., torch.Tensor] = predict) -> torch.Tensor:
     """The model's prediction for condition ``cond``; with guidance w != 1, classifier-free guidance
     eps = eps(uncond) + w (eps(cond) - eps(uncond)) (Ho & Salimans 2022, Eq. 6), variance channels from the
     conditional branch.
@@ -28,9 +31,10 @@ def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
     ``cond`` is any condition the model's family takes, one row per sample: class labels (B,) or text embeddings
     (B, L, D). ``uncond`` is the unconditional branch's: a tensor of one row (broadcast over the batch) or of
     ``cond``'s batch (the null class's labels, the negative prompt's embeddings), or a class index (the null class).
+    Both branches go through one ``call`` (``predict``, or a DeepCache state whose cache then holds both halves).
     """
     if cond is None or guidance == 1.0:
-        return predict(unet, x, t, cond)
+        return call(unet, x, t, cond)
     if uncond is None:
         raise O2MError(f"guidance {guidance} needs the unconditional branch's condition (a null class or prompt)")
     if not torch.is_tensor(uncond):
@@ -38,7 +42,7 @@ def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
     uncond = uncond.to(device=cond.device, dtype=cond.dtype)
     if uncond.shape[0] != cond.shape[0]:
         uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])  # one row (e.g. the negative prompt) for all
-    both = predict(unet, torch.cat([x, x]), t, torch.cat([cond, uncond]))
+    both = call(unet, torch.cat([x, x]), t, torch.cat([cond, uncond]))
     c, u = both.chunk(2)
     eps = u[:, :channels] + guidance * (c[:, :channels] - u[:, :channels])
     return torch.cat([eps, c[:, channels:]], 1)
@@ -47,12 +51,19 @@ def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
 @torch.no_grad()
 def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,
             noise: torch.Tensor, generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
-            guidance: float = 1.0, uncond: Uncond = None, clamp: bool = True) -> torch.Tensor:
+            guidance: float = 1.0, uncond: Uncond = None, clamp: bool = True,
+            deepcache: Optional["DeepCacheSpec"] = None, counts: Optional["DeepCacheCounts"] = None) -> torch.Tensor:
     """Run the reverse process from ``noise`` with ``steps`` sampler steps; returns x_0, clamped to the pixel range
     [-1, 1] unless ``clamp`` is off (latents: the VAE's latent space is not bounded by [-1, 1]).
 
-    ``cond`` (class labels, text embeddings), ``guidance`` w and ``uncond``: see :func:`guided`.
+    ``cond`` (class labels, text embeddings), ``guidance`` w and ``uncond``: see :func:`guided`. ``deepcache``: run
+    the steps with DeepCache (a fresh cache for this trajectory), adding its full and partial calls to ``counts``.
     """
+    call: Callable[..., torch.Tensor] = predict
+    if deepcache is not None:
+        from o2mcli.diffusion.deepcache import CachedDenoiser
+
+        call = CachedDenoiser(deepcache, counts)
     # Near-clean samples and tiny eps outputs produce denormal floats, which slow CPU kernels 2x to 70x
     # (measured on the digits teacher, whichever sampler hit them); flushing them changes nothing visible.
     torch.set_flush_denormal(True)
@@ -65,7 +76,7 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
     for t in sched.timesteps:
         model_in = sched.scale_model_input(x, t)
         with autocast(device):
-            out = guided(unet, model_in, t.to(device), cond, guidance, uncond, c)
+            out = guided(unet, model_in, t.to(device), cond, guidance, uncond, c, call=call)
         out = out.float()
         if not keep_var:
             out = out[:, :c]  # learned-variance channels are used by the DDPM sampler only
@@ -77,7 +88,9 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
                   batch_size: int, seed: int, device: torch.device, show_progress: bool = True,
                   cond: torch.Tensor | None = None, guidance: float = 1.0, uncond: Uncond = None,
                   cond_table: torch.Tensor | None = None,
-                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  deepcache: Optional["DeepCacheSpec"] = None,
+                  counts: Optional["DeepCacheCounts"] = None) -> np.ndarray:
     """``n`` images as float32 in [0, 1], (N, C, H, W); batch ``i`` draws from a generator seeded ``seed + i``,
 
     so the same seed gives the same images whatever else ran before, on CPU bit-for-bit.
@@ -86,6 +99,7 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
     it (the embeddings of P distinct prompts, so N images need not hold N copies); guided with weight ``guidance``
     against ``uncond`` (see :func:`guided`). ``decode`` maps a batch of final samples to images in [0, 1] (a latent
     model's VAE decoder); the samples are then left unclamped. Without it they are pixels in [-1, 1].
+    ``deepcache``: sample with DeepCache, one fresh cache per batch, its calls counted into ``counts``.
     """
     shape = input_shape(unet)
     out = []
@@ -99,23 +113,27 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
             c = cond_table[c.to(cond_table.device)]
         c = None if c is None else c.to(device)
         x = denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, cond=c, guidance=guidance,
-                    uncond=uncond, clamp=decode is None)
+                    uncond=uncond, clamp=decode is None, deepcache=deepcache, counts=counts)
         images = ((x + 1.0) / 2.0) if decode is None else decode(x)
         out.append(images.float().cpu().numpy())
     return np.concatenate(out, 0)
 
 
 def measure_throughput(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,
-                       batch_size: int, device: torch.device, repeats: int = 2, seed: int = 0) -> dict[str, float]:
-    """Images per second of full sampling runs at ``batch_size`` (one warm-up run not counted)."""
+                       batch_size: int, device: torch.device, repeats: int = 2, seed: int = 0,
+                       deepcache: Optional["DeepCacheSpec"] = None) -> dict[str, Any]:
+    """Images per second of full sampling runs at ``batch_size`` (one warm-up run not counted), with DeepCache
+    when ``deepcache`` is given (the same schedule the samples used)."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((batch_size, *input_shape(unet)), generator=g).to(device)
-    denoise(unet, scheduler_name, scheduler_config, min(steps, 3), noise, generator=g)  # warm-up
+    # Warm-up, with DeepCache on as timed (a partial step runs in it too unless N > 3).
+    denoise(unet, scheduler_name, scheduler_config, min(steps, 3), noise, generator=g, deepcache=deepcache)
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g)
+        denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, deepcache=deepcache)
     synchronize(device)
     dt = time.perf_counter() - t0
     return {"images_per_s": batch_size * repeats / dt, "seconds_per_batch": dt / repeats,
-            "batch_size": batch_size, "steps": steps, "scheduler": scheduler_name, "device": str(device)}
+            "batch_size": batch_size, "steps": steps, "scheduler": scheduler_name, "device": str(device),
+            **({"deepcache": {"interval": deepcache.interval, "branch": deepcache.branch}} if deepcache else {})}

@@ -13,17 +13,17 @@ from o2mcli.distill.engine import Distiller, Hyper, Student
 from o2mcli.distill.features import feature_match
 from o2mcli.distill.losses import build_kd_loss, kd_class
 from o2mcli.distill.modes import MODES
-from o2mcli.runtime.dist import DistState
+from o2mcli.errors import O2MError
+from o2mcli.runtime.dist import DistState, Placement, place_students
 
 
-def _run_basics(seed: int, rank: int, scheduler_config: dict) -> tuple[torch.Generator, torch.Generator,
-                                                                      DiffusionTerms]:
-    """Every run's generators (the plan's, shared by all ranks; the data's, per rank) and schedule terms."""
+def _run_basics(seed: int, scheduler_config: dict) -> tuple[torch.Generator, torch.Generator, DiffusionTerms]:
+    """Every run's generators (the plan's, and the data's root, the same on every rank) and schedule terms."""
     # Denormal floats (near-clean buffer samples, tiny gradients) slow CPU kernels several-fold;
     # flushing them to zero costs no accuracy that matters (measured: DKDM step 1.07x -> 1.00x).
     torch.set_flush_denormal(True)
     gen_plan = torch.Generator().manual_seed(seed)
-    gen_data = torch.Generator().manual_seed(seed + 1_000_003 * (rank + 1))
+    gen_data = torch.Generator().manual_seed((seed + 1_000_003) % 2**63)
     return gen_plan, gen_data, schedule_terms(scheduler_config)
 
 
@@ -32,12 +32,15 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
                    feature_pairs: dict[str, str] | None = None) -> Distiller:
     """Students, KD modules, source and generators for ``cfg``: the engine a run trains (and benchmarks time).
 
-    ``make_source(terms, device)`` builds the data source; ``cfg.mode`` names the objective. The plan's
-    coins come from a generator shared by all ranks; data (and the buffer's reverse-step noise) from a
-    per-rank generator. ``feature_pairs`` (student block -> teacher block) pair feature-KD points whose names
+    ``make_source(terms, device)`` builds the data source; ``cfg.mode`` names the objective. The students
+    are placed on the processes (``place_students``): this rank builds the ones it trains and stand-ins for
+    the others. Randomness is per step and per batch, independent of the placement (see the engine).
+    ``feature_pairs`` (student block -> teacher block) pair feature-KD points whose names
     differ (a BK-SDM template records them); without them blocks pair by name.
     """
-    gen_plan, gen_data, terms = _run_basics(cfg.seed, dist.rank, teacher.scheduler_config)
+    placement = place_students(cfg.students, dist)
+    _check_group_batch(placement, cfg.batch_size)
+    gen_plan, gen_data, terms = _run_basics(cfg.seed, teacher.scheduler_config)
     torch.manual_seed(cfg.seed)
     source = make_source(terms, device)
     init_unet = copy.deepcopy(teacher.unet if cfg.init == "teacher" else student_unet).cpu()
@@ -52,14 +55,27 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
     hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
                   ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
     students = []
+    held = placement.held()
     for k in range(cfg.students):
+        if k not in held:
+            students.append(Student.remote(k, hyper))
+            continue
         g = torch.Generator().manual_seed(cfg.seed + 7919 * k)  # each student's KD heads, reproducibly
         kd = build_kd_loss(cfg.kd, s_ch, t_ch, g).to(device)
-        students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist))
+        students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist,
+                                placement.group(k), placement.group_size(k)))
     objective = MODES.resolve(cfg.mode).objective(cfg, teacher.unet, init_unet, source)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
                      hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data,
-                     feature_pairs={s: t for s, t in (pairs or {}).items() if s != t})
+                     feature_pairs={s: t for s, t in (pairs or {}).items() if s != t}, placement=placement)
+
+
+def _check_group_batch(placement: Placement, batch_size: int) -> None:
+    """A student trained by G ranks splits its batch in G equal slices (DDP averages the slices' gradients)."""
+    G = placement.group_size(0)
+    if G > 1 and batch_size % G:
+        raise O2MError(f"--batch-size {batch_size}: {placement.world} processes train each of the {placement.K} "
+                       f"students in groups of {G}, which split its batch evenly; use a multiple of {G}")
 
 
 def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.Tensor, hyper: Hyper,
@@ -68,7 +84,8 @@ def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.T
                  label_dropout: float = 0.0) -> Distiller:
     """Plain DDPM training as the engine's special case: one student, no teacher, no KD, real images, L_diff.
 
-    ``images`` are in the model's range [-1, 1]; the generators are seeded as a distillation run's are.
+    ``images`` are in the model's range [-1, 1]; the generators are seeded as a distillation run's are. Under
+    torchrun the W ranks train the one model data-parallel, each on its slice of the ``batch_size`` batch.
     ``labels`` train a class-conditional model, each label dropped to ``null_class`` with probability
     ``label_dropout``.
     """
@@ -76,10 +93,13 @@ def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.T
     from o2mcli.distill.plan import TimestepPlan
     from o2mcli.distill.sources import ImageSource
 
-    gen_plan, gen_data, terms = _run_basics(seed, dist.rank, scheduler_config)
+    placement = place_students(1, dist)
+    _check_group_batch(placement, hyper.batch_size)
+    gen_plan, gen_data, terms = _run_basics(seed, scheduler_config)
     kd = build_kd_loss("none", {}, {}, torch.Generator().manual_seed(seed)).to(device)
-    student = Student(0, model.to(device).train(), kd, hyper, dist)
+    student = Student(0, model.to(device).train(), kd, hyper, dist, placement.group(0), placement.group_size(0))
     source = ImageSource(images, terms, device, labels, null_class, label_dropout)
     return Distiller(teacher=None, students=[student], source=source,
                      plan=TimestepPlan((0, terms.T), 0.0), objective=Objective(alpha=0.0, vlb_weight=vlb_weight),
-                     terms=terms, hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data)
+                     terms=terms, hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data,
+                     placement=placement)

@@ -81,7 +81,8 @@ def fit(engine: Any, plan: FitPlan, work: Path, fingerprint: dict,
     # 2. The mode's preparation (DKDM's buffer build), checkpointed at step 0: it can be the costly part.
     if not plan.resume:
         def say(msg: str) -> None:
-            print(msg + (f" (x {dist.world} ranks)" if dist.enabled else ""), file=sys.stderr, flush=True)
+            # Under torchrun each rank builds only its students' share of the work: rank 0 speaks for the run.
+            print(msg + (f" (rank 0 of {dist.world})" if dist.enabled else ""), file=sys.stderr, flush=True)
 
         init_info = prepare(engine, say if dist.is_main else None)
         if init_info:
@@ -92,7 +93,7 @@ def fit(engine: Any, plan: FitPlan, work: Path, fingerprint: dict,
     # 3. The loop. Host syncs only at log and save points.
     steps = range(start, plan.steps)
     bar = progress(steps, total=plan.steps, initial=start, desc=plan.desc) if dist.is_main else _Quiet(steps)
-    per_step = engine.hyper.batch_size * len(engine.students) * dist.world
+    per_step = engine.hyper.batch_size * len(engine.students)  # every student's whole batch, on any number of ranks
     t_last, seen, t_run, seen_run = time.perf_counter(), 0, time.perf_counter(), 0
     for step in bar:
         parts = engine.step()

@@ -18,8 +18,13 @@ from o2mcli.viz import line_plot
 
 
 def write_students(cfg: Any, mode: Any, out: Path, work: Path, engine: Any, plan: Any, template_path: Optional[Path],
-                   teacher_path: Path, teacher: Any, template: Any, result: Any) -> None:
-    """EMA weights of every student, the manifest, the log and the loss curve, as one atomic directory."""
+                   teacher_path: Path, teacher: Any, template: Any, result: Any,
+                   emas: Optional[dict[int, dict]] = None) -> None:
+    """EMA weights of every student, the manifest, the log and the loss curve, as one atomic directory.
+
+    ``emas`` (student index -> EMA weights, from ``engine.finish``) covers students other processes trained;
+    without it the engine's own students' EMAs are written.
+    """
     rows = read_jsonl(work / "metrics.jsonl")
     config = cfg.model_dump(mode="json")
     config.update(template=str(template_path.resolve()) if template_path else None,
@@ -30,15 +35,17 @@ def write_students(cfg: Any, mode: Any, out: Path, work: Path, engine: Any, plan
     init_from = teacher if cfg.init == "teacher" else template
     # The students' own variance type (a C-channel student of a learned-variance teacher samples as fixed_small).
     students = engine.students
-    scfg = students[0].raw.config
+    base = engine.held[0].raw  # every student shares the architecture: the model the EMA weights go into
+    scfg = base.config
     student_sched = scheduler_config_for_outputs(teacher.scheduler_config, int(scfg.in_channels),
                                                  int(scfg.out_channels))
     records = []
     steps_run = max(1, cfg.steps)
     with atomic_dir(out, force=cfg.force) as tmp:
         for st, rng in zip(students, plan.ranges):
-            model = copy.deepcopy(st.raw).cpu().eval()
-            st.ema.copy_to(model)
+            model = copy.deepcopy(base).cpu().eval()
+            shadow = emas[st.k] if emas is not None else st.ema.shadow
+            model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in shadow.items()})
             name = f"student_{st.k}.safetensors"
             prov = {"stage": "distill", "mode": cfg.mode, "kd": cfg.kd, "student": st.k, "teacher": config["teacher"],
                     "teacher_sha256": teacher.sha256, "template": config["template"], "init": cfg.init,
@@ -61,7 +68,8 @@ def write_students(cfg: Any, mode: Any, out: Path, work: Path, engine: Any, plan
             "own_range_fraction": [round(n / steps_run, 4) for n in engine.own_steps],
             "final": [{k: v for k, v in last[i].items() if k not in ("step", "student")} for i in range(cfg.students)],
             "seconds": round(result.seconds, 3),
-            "student_images_per_s": round(result.seen / max(result.seconds, 1e-9), 3),
+            # fit counts batch x K per rank (x W ranks); the students' samples per step are batch x K in all
+            "student_images_per_s": round(result.seen / engine.dist.world / max(result.seconds, 1e-9), 3),
             "teacher_forwards_per_student_sample": round(engine.teacher_samples / max(1, steps_run * cfg.batch_size
                                                                                          * cfg.students), 4),
             "world_size": engine.dist.world,

@@ -60,13 +60,18 @@ class StudentGroup(nn.Module):
                 return k
         raise O2MError(f"timestep {t} is outside every student's range {self.ranges}")
 
+    def take(self, timestep, n: int) -> int:
+        """The student that serves a single ``timestep`` (the sampling case), counted as serving ``n`` samples."""
+        k = self.student_for(int(torch.as_tensor(timestep).reshape(()).item()))
+        self.served[k] += n
+        return k
+
     def forward(self, sample: torch.Tensor, timestep, cond: torch.Tensor | None = None) -> torch.Tensor:
         fam = family_of(self.students[0])
         t = torch.as_tensor(timestep)
         if t.numel() == 1:
             # The sampling case: one timestep for the whole batch, one student.
-            k = self.student_for(int(t.reshape(()).item()))
-            self.served[k] += sample.shape[0]
+            k = self.take(t, sample.shape[0])
             return fam.predict(self.students[k], sample, timestep, cond)
         t = t.to(sample.device).reshape(-1).expand(sample.shape[0])
         idx = torch.bucketize(t, self._upper.to(t.device), right=True)

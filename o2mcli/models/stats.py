@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +31,36 @@ def count_block_macs(unet: nn.Module) -> dict[str, int]:
     papers' 6.1 G for google/ddpm-cifar10-32 (this reads 6.05 G); attention score matmuls
     (0.17 G there) are not. Works on the meta device, so a config can be costed without memory.
     """
+    x, t = _probe(unet)
+    return _count_blocks(unet, lambda: predict(unet, x, t))
+
+
+@torch.no_grad()
+def count_deepcache_block_macs(unet: nn.Module, branch: int) -> dict[str, int]:
+    """MACs of one batch-1 DeepCache partial forward of branch ``branch`` per top-level block, counted as
+    :func:`count_block_macs` counts the full forward (the cache is filled by an uncounted full forward first)."""
+    from o2mcli.models.families import family_of
+
+    x, t = _probe(unet)
+    fam = family_of(unet)
+    _, cache = fam.deepcache_predict(unet, x, t, None, branch, None)
+    return _count_blocks(unet, lambda: fam.deepcache_predict(unet, x, t, None, branch, cache))
+
+
+def count_deepcache_macs(unet: nn.Module, branch: int) -> int:
+    """MACs of one batch-1 DeepCache partial forward of branch ``branch`` (see :func:`count_deepcache_block_macs`)."""
+    return sum(count_deepcache_block_macs(unet, branch).values())
+
+
+def _probe(unet: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch-1 input (zeros, t=500) MACs are counted on."""
     p = next(unet.parameters())
+    return (torch.zeros(1, *input_shape(unet), device=p.device, dtype=p.dtype),
+            torch.tensor([500], device=p.device))
+
+
+def _count_blocks(unet: nn.Module, run: Callable[[], object]) -> dict[str, int]:
+    """Conv and linear MACs per top-level block of ``unet`` while ``run`` runs."""
     totals: dict[str, int] = defaultdict(int)
     hooks = []
     for name, m in unet.named_modules():
@@ -39,8 +69,7 @@ def count_block_macs(unet: nn.Module) -> dict[str, int]:
             hooks.append(m.register_forward_hook(
                 lambda mod, _i, out, b=block: totals.__setitem__(b, totals[b] + _layer_macs(mod, out))))
     try:
-        predict(unet, torch.zeros(1, *input_shape(unet), device=p.device, dtype=p.dtype),
-                torch.tensor([500], device=p.device))
+        run()
     finally:
         for hk in hooks:
             hk.remove()

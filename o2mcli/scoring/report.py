@@ -22,17 +22,23 @@ def _num(x: float) -> str:
 
 
 def row_label(row: dict[str, Any]) -> str:
-    """What the Model column says: the model's name, its sampler and steps."""
-    return f"{row['model_name']} ({row['scheduler']}, {row['steps']} steps)"
+    """What the Model column says: the model's name, its sampler and steps (and DeepCache's N and branch)."""
+    dc = row.get("deepcache")
+    cache = f", DeepCache N={dc['interval']} B={dc['branch']}" if dc else ""
+    return f"{row['model_name']} ({row['scheduler']}, {row['steps']} steps{cache})"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The Table-1-style Markdown table of score rows (with class accuracy where samples carry labels, the CLIP
-    score where one was computed, and MACs per guided step where a model is text-conditioned)."""
+    score where one was computed, MACs per guided step where a model is text-conditioned, and the DeepCache average
+    where samples were drawn with it)."""
     acc = any(r.get("class_accuracy") is not None for r in rows)
     clip = any(r.get("clip_score") is not None for r in rows)
     cfg = any(r.get("macs_cfg") is not None for r in rows)
+    dc = any(r.get("deepcache") for r in rows)
     cols = list(COLUMNS)
+    if dc:
+        cols.insert(cols.index("MACs (G)") + 1, "MACs w/ DeepCache (G)")
     if cfg:
         cols.insert(cols.index("MACs (G)") + 1, "MACs/step w/ CFG (G)")
     if clip:
@@ -45,6 +51,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             row_label(r).replace("|", "\\|"),
             _num(r["params"] / 1e6),
             _num(r["macs"] / 1e9),
+            *([("-" if not r.get("deepcache") else _num(r["deepcache"]["macs"] / 1e9))] if dc else []),
             *([("-" if r.get("macs_cfg") is None else _num(r["macs_cfg"] / 1e9))] if cfg else []),
             _num(r["throughput"]["images_per_s"]),
             _num(r["fid"]),
@@ -72,6 +79,15 @@ def markdown_report(report: dict[str, Any]) -> str:
     for what in dict.fromkeys(r["macs_what"] for r in rows if r.get("macs_what")):
         lines.append(f"- MACs of text-conditioned models: {what}. The MACs column is per UNet call; "
                      "'MACs/step w/ CFG' is per sampling step with classifier-free guidance (x2).")
+    if any(r.get("deepcache") for r in rows):
+        lines.append("- DeepCache (Ma et al. 2024): 'MACs (G)' is one full forward; 'MACs w/ DeepCache' is MACs per "
+                     "call averaged over the full and partial calls the sampling run made ("
+                     + "; ".join(f"{r['name']}: {r['deepcache']['full_calls']} full x "
+                                 f"{_num(r['deepcache']['full_macs'] / 1e9)} G + "
+                                 f"{r['deepcache']['partial_calls']} partial x "
+                                 f"{_num(r['deepcache']['partial_macs'] / 1e9)} G"
+                                 for r in rows if r.get("deepcache"))
+                     + "); throughput is timed with the same cache schedule on.")
     for what in dict.fromkeys(r["throughput"].get("what") for r in rows if r["throughput"].get("what")):
         lines.append(f"- Throughput of text-conditioned models: {what}.")
     clip = report.get("clip")

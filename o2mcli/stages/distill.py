@@ -142,9 +142,10 @@ def run_distill(cfg: DistillConfig) -> Path:
         result = fit(engine, FitPlan(steps=cfg.steps, log_every=cfg.log_every, save_every=cfg.save_every,
                                      resume=cfg.resume, desc=f"distill K={cfg.students}"),
                      work, _fingerprint(cfg), mode.prepare)
+        emas = engine.finish()  # every student's EMA weights, gathered on rank 0
         if dist.is_main:
             write_students(cfg, mode, out, work, engine, plan, template_path, teacher_path, teacher, template,
-                           result)
+                           result, emas)
         barrier(dist)
     finally:
         shutdown(dist)

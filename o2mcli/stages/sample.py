@@ -9,7 +9,12 @@ The output is a ``samples`` stage directory:
 * ``manifest.json``: the full config (``model`` resolved to an absolute path), the model as
   ``parents[0]``, and a summary (shape, timing, and for a student group how many
   sample-evaluations each student served; for a conditional model the guidance weight used, and for a text
-  model the prompt count, negative prompt and the pipeline whose VAE and text encoder were used, with hashes).
+  model the prompt count, negative prompt and the pipeline whose VAE and text encoder were used, with hashes;
+  with DeepCache its interval N, branch B and the full and partial model calls made).
+
+DeepCache (``deepcache`` N, ``cache_branch`` B; Ma et al. 2024): every N-th step a full forward refreshes the cache
+of the UNet's deep features, the steps between recompute only the shallow branch B; with a student group a step
+served by another student than the cache's owner is full. N=1 is plain sampling.
 
 A Stable Diffusion UNet samples latents, guided by classifier-free guidance against the negative prompt (default
 "", weight 7.5), decoded to pixels by its pipeline's VAE batch by batch.
@@ -68,6 +73,8 @@ class SampleConfig(BaseModel):
     prompts: Optional[Path] = None  # text models: a file of prompts, one a line (instead of ``prompt``)
     negative_prompt: str = ""  # text models: the unconditional branch's prompt
     pipeline: Optional[Path] = None  # text models: where the VAE, text encoder and tokenizer come from
+    deepcache: Optional[int] = Field(None, ge=1)  # DeepCache interval N: every N-th step full (1: no caching)
+    cache_branch: Optional[int] = Field(None, ge=0)  # DeepCache's branch B (down block B's pair); None: 0
     _parse_classes = field_validator("classes", mode="before")(classmethod(lambda cls, v: int_list(v)))
 
     @field_validator("prompt", mode="before")
@@ -108,6 +115,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     if not model_path.exists():
         raise O2MError(f"{model_path}: no such model file or directory")
     device = resolve_device(cfg.device)
+    if cfg.cache_branch is not None and cfg.deepcache is None:
+        raise OptionError("cache_branch", cfg.cache_branch, "is DeepCache's branch; give --deepcache N too")
 
     # 2. Load the model (one UNet, a diffusers dir/pipeline, or a stage dir, maybe a student group).
     loaded = load_model(model_path, device)
@@ -119,6 +128,18 @@ def run_sample(cfg: SampleConfig) -> Path:
     if group is not None:
         group.served = [0] * len(group.students)
     parent = parent_ref(model_path)
+    spec = counts = None
+    if cfg.deepcache is not None:
+        from o2mcli.diffusion.deepcache import DeepCacheCounts, DeepCacheSpec, check_deepcache
+
+        spec = DeepCacheSpec(cfg.deepcache, cfg.cache_branch or 0)
+        try:
+            check_deepcache(unet, spec)
+        except OptionError as e:
+            raise OptionError(e.field, e.value, f"{model_path}: {e.reason}") from e
+        except O2MError as e:
+            raise O2MError(f"{model_path}: {e}") from e
+        counts = DeepCacheCounts()
 
     conditioning = loaded.conditioning
     if conditioning is not None and conditioning.get("type") == "text":
@@ -135,7 +156,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
                              cfg.seed, device, cond=condition.cond, guidance=condition.guidance,
-                             uncond=condition.uncond, cond_table=condition.table, decode=condition.decode)
+                             uncond=condition.uncond, cond_table=condition.table, decode=condition.decode,
+                             deepcache=spec, counts=counts)
     seconds = time.perf_counter() - t0
     if not np.isfinite(images01).all():
         raise O2MError(f"{model_path}: sampling produced non-finite values; the model is broken")
@@ -161,6 +183,9 @@ def run_sample(cfg: SampleConfig) -> Path:
     }
     if group is not None:
         summary["served"] = [int(s) for s in group.served]
+    if spec is not None:
+        summary["deepcache"] = {"interval": spec.interval, "branch": spec.branch, "full_calls": counts.full,
+                                "partial_calls": counts.partial}
     summary.update(condition.summary)
     if loaded.notes:
         summary["notes"] = list(loaded.notes)

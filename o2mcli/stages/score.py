@@ -13,6 +13,11 @@ each row also gets the CLIP score of its images against the prompts stored in ``
 one call at the latent size with a 77-token text embedding, reported per UNet call and per sampling step
 with classifier-free guidance (two calls); throughput times the UNet's latent denoising loop alone (one
 call per step, a zero text embedding: no guidance doubling, text encoding or VAE decoding).
+
+Samples drawn with DeepCache (``o2m sample --deepcache N``): the row keeps the full-step MACs and adds the
+DeepCache average, MACs per call averaged over the full and partial calls the sampling run actually made (the
+partial step's MACs counted by the same counter as the full step's), and its throughput is timed with the same
+cache schedule on.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     from o2mcli.models.denoise import input_shape
     from o2mcli.models.families.unet2d_condition import SHAPE_TOKENS
     from o2mcli.models.io import load_model
-    from o2mcli.models.stats import count_macs, count_params
+    from o2mcli.models.stats import count_deepcache_macs, count_macs, count_params
 
     parent = man.parents[0]
     try:
@@ -94,19 +99,23 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     unet = loaded.unet.eval()
     notes: list[str] = []
     params = count_params(unet)
+    nets = list(unet.students) if loaded.is_group else [unet]
+    per_student = [count_macs(s) for s in nets]
+    macs = max(per_student)
     if loaded.is_group:
-        per_student = [count_macs(s) for s in unet.students]
-        macs = max(per_student)
         notes.append(f"{len(per_student)} students: params summed over all students; MACs are one student's "
                      "(one student runs per denoising step)"
                      + ("" if len(set(per_student)) == 1 else "; students differ in size, the largest is shown"))
-    else:
-        macs = count_macs(unet)
+    spec = deepcache_of(man, samples_dir)
+    partial_macs = None if spec is None else max(count_deepcache_macs(s, spec.branch) for s in nets)
+    if spec is not None and loaded.is_group and len(set(per_student)) > 1:
+        notes.append("DeepCache MACs: the largest student's full and partial forwards")
     text = is_text_conditioned(loaded)
     macs_what = None
     steps = cfg.throughput_steps or int(man.config["steps"])
     tp = measure_throughput(unet, str(man.config["scheduler"]), loaded.scheduler_config, steps,
-                            cfg.throughput_batch, device, repeats=cfg.throughput_repeats, seed=cfg.seed)
+                            cfg.throughput_batch, device, repeats=cfg.throughput_repeats, seed=cfg.seed,
+                            deepcache=spec)
     tp["repeats"] = cfg.throughput_repeats
     if text:
         # The sampler's loop with cond None: the family feeds a zero 77-token embedding, one UNet call per step.
@@ -119,7 +128,41 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     return {"model": parent.path, "model_name": Path(parent.path).name, "model_sha256": loaded.sha256,
             "model_form": loaded.form, "students": len(loaded.ranges), "params": int(params), "macs": int(macs),
             "macs_cfg": int(2 * macs) if text else None, "text_conditioned": text, "macs_what": macs_what,
-            "throughput": tp, "model_notes": notes + list(loaded.notes)}
+            "partial_macs": partial_macs, "throughput": tp, "model_notes": notes + list(loaded.notes)}
+
+
+def deepcache_of(man, samples_dir: Path):
+    """The DeepCache schedule the samples were drawn with (``DeepCacheSpec``), or None."""
+    from o2mcli.diffusion.deepcache import DeepCacheSpec
+
+    n = man.config.get("deepcache")
+    if n is None:
+        return None
+    if "deepcache" not in man.summary:
+        raise O2MError(f"{samples_dir}: the manifest's config asks for DeepCache but its summary has no call counts")
+    return DeepCacheSpec(int(n), int(man.config.get("cache_branch") or 0))
+
+
+def deepcache_summary(man, samples_dir: Path, full_macs: int, partial_macs: Optional[int]) -> Optional[dict[str, Any]]:
+    """The row's DeepCache record: schedule, calls made (from the samples' manifest), full and partial MACs per
+    call and their average over the calls made."""
+    from o2mcli.diffusion.deepcache import average_macs
+
+    spec = deepcache_of(man, samples_dir)
+    if spec is None:
+        return None
+    rec = man.summary["deepcache"]
+    full, partial = int(rec["full_calls"]), int(rec["partial_calls"])
+    avg = average_macs(full, partial, full_macs, partial_macs)
+    return {"interval": spec.interval, "branch": spec.branch, "full_calls": full, "partial_calls": partial,
+            "full_macs": int(full_macs), "partial_macs": int(partial_macs), "macs": float(avg),
+            "macs_saved": 1.0 - avg / full_macs}
+
+
+def effective_macs(row: dict[str, Any]) -> float:
+    """MACs per call as sampled: the DeepCache average where the samples used it, else the full forward's."""
+    dc = row.get("deepcache")
+    return float(dc["macs"]) if dc else float(row["macs"])
 
 
 def _g(macs: int) -> str:
@@ -199,7 +242,8 @@ def run_score(cfg: ScoreConfig) -> Path:
         if cs is not None and cs["truncated_prompts"]:
             warnings.append(f"{cs['truncated_prompts']} prompt(s) longer than CLIP's {clip.max_tokens} tokens were "
                             "cut for the CLIP score")
-        key = (man.parents[0].path, man.parents[0].sha256, man.config["scheduler"], man.config["steps"])
+        key = (man.parents[0].path, man.parents[0].sha256, man.config["scheduler"], man.config["steps"],
+               man.config.get("deepcache"), man.config.get("cache_branch"))
         if key not in models:
             models[key] = measure_model(man, d, device, cfg)
         m = models[key]
@@ -208,7 +252,9 @@ def run_score(cfg: ScoreConfig) -> Path:
             "name": d.name, "samples": str(d.resolve()), "model": m["model"], "model_name": m["model_name"],
             "model_sha256": m["model_sha256"], "model_form": m["model_form"], "students": m["students"],
             "params": m["params"], "macs": m["macs"], "macs_cfg": m["macs_cfg"],
-            "text_conditioned": m["text_conditioned"], "macs_what": m["macs_what"], "throughput": m["throughput"],
+            "text_conditioned": m["text_conditioned"], "macs_what": m["macs_what"],
+            "deepcache": deepcache_summary(man, d, m["macs"], m["partial_macs"]),
+            "throughput": m["throughput"],
             "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "class_accuracy": accuracy,
             "clip_score": None if cs is None else cs["mean"], "clip_score_std": None if cs is None else cs["std"],
             "n_samples": int(images.shape[0]), "n_reference": len(ref),
@@ -239,13 +285,14 @@ def run_score(cfg: ScoreConfig) -> Path:
     }
     summary = {"rows": [{"name": r["name"], "fid": r["fid"], "kid_mean": r["kid_mean"], "params": r["params"],
                          "macs": r["macs"], "images_per_s": r["throughput"]["images_per_s"],
+                         **({"macs_deepcache": r["deepcache"]["macs"]} if r["deepcache"] else {}),
                          **({"clip_score": r["clip_score"]} if r["clip_score"] is not None else {}),
                          **({"macs_cfg": r["macs_cfg"]} if r["macs_cfg"] is not None else {})} for r in rows],
                "features": extractor.name, "reference": cfg.ref, "device": str(device)}
     with atomic_dir(out, force=cfg.force) as tmp:
         atomic_write_json(tmp / "report.json", report)
         atomic_write_bytes(tmp / "report.md", markdown_report(report).encode())
-        line_plot({r["name"]: ([r["macs"] / 1e9], [r["fid"]]) for r in rows}, tmp / "fid_vs_macs.png",
+        line_plot({r["name"]: ([effective_macs(r) / 1e9], [r["fid"]]) for r in rows}, tmp / "fid_vs_macs.png",
                   title="FID against MACs (O2MKD paper, Fig. 6 style)", xlabel="GMACs per denoising step",
                   ylabel="FID")
         _grids(dirs, tmp / "grids.png")

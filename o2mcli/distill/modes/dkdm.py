@@ -93,8 +93,12 @@ class DKDM(DistillMode):
 
         buf, cfg = engine.source, self.cfg
         t0 = time.perf_counter()
+        from o2mcli.runtime.dist import sum_int
+
         buf.initialize(engine.teacher, engine.gen_data, cfg.init_steps, cfg.init_batch, log=log)
-        return {"seconds": round(time.perf_counter() - t0, 3), "teacher_forwards": buf.init_forwards,
+        # Under torchrun each rank builds its students' shards: the run's cost is the sum over ranks.
+        forwards = sum_int(buf.init_forwards, engine.dist)
+        return {"seconds": round(time.perf_counter() - t0, 3), "teacher_forwards": forwards,
                 "slots": buf.n, "bytes": buf.bytes, "init_steps": cfg.init_steps}
 
     def summary(self, engine: Any, init_info: dict) -> dict:

@@ -26,11 +26,13 @@ class DataSource(Protocol):
 
     name: str
     needs_teacher: bool  # whether after_teacher reads the teacher's output
+    shared: bool  # True: students on one range share a batch; False: each student draws its own (a shard)
 
     def begin_step(self) -> None:
         """Called once per training step before its draws (the buffer keeps one step's draws disjoint)."""
 
-    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch: ...
+    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator, student: int = 0) -> Batch:
+        """``n`` samples on [lo, hi) for ``student`` (a sharded source draws from that student's shard)."""
 
     def after_teacher(self, batch: Batch, teacher_out: torch.Tensor, generator: torch.Generator) -> None: ...
 

@@ -9,6 +9,12 @@ steps) or, beyond the paper, with an S-step DDIM jump (``init_steps``). Under a 
 teacher each slot also keeps a class label (the null class with the label dropout), drawn when the slot
 starts from noise; the teacher's steps on the slot and the students' inputs use it.
 Slot timesteps live on the CPU (drawing needs no device sync); images live on the device.
+
+Student-parallel sharding: the slots are split into K contiguous shards, one per student (``hold``);
+student k draws only from shard k, every shard is built and advanced by its own random streams, and
+a process keeps the images of the shards of the students it trains only (the small CPU arrays of
+timesteps, labels and counters stay full-size). So the buffer, like the students, is independent of
+how the students are placed on processes, and its memory per process shrinks with the students it holds.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from o2mcli.devices import autocast
 from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type, ddim_jump, reverse_step
 from o2mcli.distill.sources.base import Batch
 from o2mcli.models.denoise import predict
+from o2mcli.runtime.dist import stream
 from o2mcli.runtime.run import progress
 from o2mcli.errors import O2MError, OptionError
 
@@ -80,12 +87,11 @@ class DynamicBuffer:
         if self.bytes > free // 2:
             raise O2MError(f"--rho: the buffer of {self.n} samples needs {self.bytes / 2**30:.2f} GiB, more than half "
                            f"of the {free / 2**30:.2f} GiB free on {device}; lower --rho or --batch-size")
-        self.x = torch.zeros((self.n, *self.shape), device=device)
+        self.hold(1, [0])  # one shard, held: a buffer on its own; the engine re-shards it per student
         self.t = torch.zeros(self.n, dtype=torch.long)  # on the CPU
         self.steps_done = torch.zeros(self.n, dtype=torch.long)  # reverse steps applied by training, per slot
         self.label_plan = labels
         self.y: torch.Tensor | None = None if labels is None else torch.zeros(self.n, dtype=torch.long)  # on the CPU
-        self.restarts = 0
         self.init_forwards = 0
         self._report: Callable[[], None] | None = None  # the build's progress reporter, while it runs
         self._taken = torch.zeros(self.n, dtype=torch.bool)  # slots already drawn in this training step
@@ -93,6 +99,57 @@ class DynamicBuffer:
     @property
     def T(self) -> int:
         return self.terms.T
+
+    # 0. Shards ----------------------------------------------------------------------------------------
+
+    shared = False  # each student draws from its own shard: batches are never shared between students
+
+    def hold(self, shards: int, held: list[int]) -> None:
+        """Split the slots into ``shards`` contiguous shards (shard k: slots ``[k n / K, (k+1) n / K)``, student k's)
+        and keep the images of the ``held`` shards only (allocated on first use)."""
+        if self.n < shards:
+            raise O2MError(f"DKDM buffer: {self.n} slots cannot make {shards} shards; raise --rho")
+        self.bounds = [i * self.n // shards for i in range(shards + 1)]
+        self.held = sorted(held)
+        local = torch.full((self.n,), -1, dtype=torch.long)
+        offset = 0
+        for k in self.held:
+            a, e = self.bounds[k], self.bounds[k + 1]
+            local[a:e] = torch.arange(offset, offset + e - a)
+            offset += e - a
+        self.local, self.held_slots = local, offset
+        self.shard_restarts = [0] * shards
+        self._x: torch.Tensor | None = None
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The held slots' images (local order: the held shards one after another)."""
+        if self._x is None:
+            self._x = torch.zeros((self.held_slots, *self.shape), device=self.device)
+        return self._x
+
+    @x.setter
+    def x(self, value: torch.Tensor) -> None:
+        self._x = value
+
+    @property
+    def restarts(self) -> int:
+        """Slots restarted from noise during training (the held shards', or all after ``absorb_counts``)."""
+        return sum(self.shard_restarts)
+
+    def _loc(self, slots: torch.Tensor) -> torch.Tensor:
+        """Global slot indices -> rows of ``x`` on the device."""
+        return self.local[slots].to(self.device)
+
+    def _shard_of(self, slot: int) -> int:
+        return next(k for k in range(len(self.bounds) - 1) if slot < self.bounds[k + 1])
+
+    def _shard_generators(self, generator: torch.Generator) -> dict[int, torch.Generator]:
+        # One shard: the generator itself; several: a stream per shard, so a shard's build does not depend on
+        # which other shards the process holds.
+        if len(self.bounds) == 2:
+            return {0: generator}
+        return {k: stream(generator.initial_seed(), 0x1B1D, k) for k in self.held}
 
     def describe(self) -> str:
         table = getattr(self.label_plan, "table", None)
@@ -124,14 +181,18 @@ class DynamicBuffer:
         estimate measured on the build's first 2 seconds (or first 2%), and a line per 10% of the build when no
         progress bar is shown.
         """
-        T = self.T
-        target = torch.randint(0, T, (self.n,), generator=generator)
-        if self.label_plan is not None:
-            self.y = self.label_plan.draw(self.n, generator)
-        total = self.planned_forwards(target, init_steps)
+        gens = self._shard_generators(generator)
+        target = torch.zeros(self.n, dtype=torch.long)
+        for k, g in gens.items():
+            a, e = self.bounds[k], self.bounds[k + 1]
+            target[a:e] = torch.randint(0, self.T, (e - a,), generator=g)
+            if self.label_plan is not None:
+                self.y[a:e] = self.label_plan.draw(e - a, g)
+        held = torch.cat([torch.arange(self.bounds[k], self.bounds[k + 1]) for k in gens])
+        total = self.planned_forwards(target[held], init_steps)
         say = log or (lambda _msg: None)
         how = f"{init_steps}-step DDIM jumps" if init_steps else "exact shuffle denoise"
-        hint = "" if init_steps else (f"; --init-steps 10 would need about {self.planned_forwards(target, 10):,} "
+        hint = "" if init_steps else (f"; --init-steps 10 would need about {self.planned_forwards(target[held], 10):,} "
                                       "(DDIM jumps, beyond the paper)")
         say(f"{self.describe()}: building by {how} takes {total:,} teacher forwards{hint}")
         bar = progress(total=total, desc="DKDM buffer init", unit="fwd")
@@ -159,19 +220,20 @@ class DynamicBuffer:
                 state["next_tenth"] += 1
 
         self._report = report
-        for lo in range(0, self.n, batch_size):
-            idx = torch.arange(lo, min(lo + batch_size, self.n))
-            noise = torch.randn((len(idx), *self.shape), generator=generator).to(self.device)
-            goal = target[idx]
-            y = None if self.y is None else self.y[idx]
-            if init_steps:
-                x = self._ddim_init(teacher, noise, goal, init_steps, y)
-            else:
-                x = self._exact_init(teacher, noise, goal, generator, y)
-            self.x[idx.to(self.device)] = x
+        for k, g in gens.items():
+            for lo in range(self.bounds[k], self.bounds[k + 1], batch_size):
+                idx = torch.arange(lo, min(lo + batch_size, self.bounds[k + 1]))
+                noise = torch.randn((len(idx), *self.shape), generator=g).to(self.device)
+                goal = target[idx]
+                y = None if self.y is None else self.y[idx]
+                if init_steps:
+                    x = self._ddim_init(teacher, noise, goal, init_steps, y)
+                else:
+                    x = self._exact_init(teacher, noise, goal, g, y)
+                self.x[self._loc(idx)] = x
         self._report = None
         bar.close()
-        self.t = target.clone()
+        self.t[held] = target[held]
 
     def _eps(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -219,27 +281,32 @@ class DynamicBuffer:
         """A new training step: every slot may be drawn again (once)."""
         self._taken.zero_()
 
-    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch:
-        """``n`` distinct slots at random among those with t in [lo, hi) (all slots if there are fewer).
+    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator, student: int = 0) -> Batch:
+        """``n`` distinct slots of ``student``'s shard at random among those with t in [lo, hi) (all the shard's
+        slots if there are fewer).
 
         Slots already drawn in this step are excluded, so the draws of one step are disjoint and every
         slot advances exactly one reverse step per use.
         """
-        free = ~self._taken
-        if lo == 0 and hi >= self.T and not bool(self._taken.any()):
-            slots = torch.randperm(self.n, generator=generator)[:n]
+        a, e = self.bounds[student], self.bounds[student + 1]
+        taken = self._taken[a:e]
+        free = ~taken
+        if lo == 0 and hi >= self.T and not bool(taken.any()):
+            slots = a + torch.randperm(e - a, generator=generator)[:n]
         else:
-            mask = free & (self.t >= lo) & (self.t < hi)
+            t = self.t[a:e]
+            mask = free & (t >= lo) & (t < hi)
             if not bool(mask.any()):
                 mask = free  # an empty range borrows from all free slots
             have = int(mask.sum())
             if have == 0:
-                raise O2MError(f"DKDM buffer: all {self.n} slots were already drawn in this step; raise --rho")
-            slots = torch.multinomial(mask.float(), min(n, have), replacement=False, generator=generator)
+                raise O2MError(f"DKDM buffer: all {e - a} slots of shard {student} were already drawn in this step; "
+                               "raise --rho")
+            slots = a + torch.multinomial(mask.float(), min(n, have), replacement=False, generator=generator)
         self._taken[slots] = True
         t_host = self.t[slots].clone()
         cond = None if self.y is None else self.label_plan.cond(self.y[slots].to(self.device))
-        return Batch(x_t=self.x[slots.to(self.device)], t=t_host.to(self.device), slots=slots, t_host=t_host,
+        return Batch(x_t=self.x[self._loc(slots)], t=t_host.to(self.device), slots=slots, t_host=t_host,
                      cond=cond)
 
     @torch.no_grad()
@@ -258,11 +325,10 @@ class DynamicBuffer:
         t = batch.t_host
         done = t == 0
         fresh = torch.randn((int(done.sum()), *self.shape), generator=g).to(self.device) if bool(done.any()) else None
-        d = slots.to(self.device)
-        self.x[d] = x_prev
+        self.x[self._loc(slots)] = x_prev
         if fresh is not None:
-            self.x[slots[done].to(self.device)] = fresh
-            self.restarts += int(done.sum())
+            self.x[self._loc(slots[done])] = fresh
+            self.shard_restarts[self._shard_of(int(slots[0]))] += int(done.sum())
             if self.y is not None:  # a restarted slot is a new sample: a new label too
                 self.y[slots[done]] = self.label_plan.draw(int(done.sum()), g)
         self.t[slots] = torch.where(done, torch.full_like(t, self.T - 1), t - 1)
@@ -270,26 +336,49 @@ class DynamicBuffer:
 
     # 3. Checkpoint state -------------------------------------------------------------------------------
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"x": self.x.detach().cpu(), "t": self.t.clone(), "steps_done": self.steps_done.clone(),
-               "restarts": torch.tensor(self.restarts)}
+    def shard_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Held shard k's state (its slots' images, timesteps, counters and labels): a checkpoint's part."""
+        a, e = self.bounds[k], self.bounds[k + 1]
+        out = {"x": self.x[self._loc(torch.arange(a, e))].detach().cpu(), "t": self.t[a:e].clone(),
+               "steps_done": self.steps_done[a:e].clone(), "restarts": torch.tensor(self.shard_restarts[k])}
         if self.y is not None:
-            out["y"] = self.y.clone()
+            out["y"] = self.y[a:e].clone()
+        return out
+
+    def load_shard_state(self, k: int, tensors: dict[str, Any]) -> None:
+        """Inverse of :meth:`shard_state` for held shard k; refuses a shard of another size."""
+        a, e = self.bounds[k], self.bounds[k + 1]
+        x = tensors.get("x")
+        if x is None or tuple(x.shape) != (e - a, *self.shape):
+            got = "none" if x is None else "x".join(map(str, x.shape))
+            what = "" if len(self.bounds) == 2 else f" shard {k}"
+            raise O2MError(f"checkpoint buffer{what} is {got}, this run's is {e - a}x{'x'.join(map(str, self.shape))} "
+                           "(--rho, --batch-size, -k or the teacher changed); resume with the same settings")
+        self.x[self._loc(torch.arange(a, e))] = x.to(self.device)
+        self.t[a:e] = tensors["t"]
+        self.steps_done[a:e] = tensors["steps_done"]
+        self.shard_restarts[k] = int(tensors["restarts"])
+        if self.y is not None:
+            y = tensors.get("y")
+            if y is None or tuple(y.shape) != (e - a,):
+                raise O2MError("checkpoint buffer has no slot labels, this run's teacher is class-conditional; resume "
+                               "with the same teacher")
+            self.y[a:e] = y
+
+    def absorb_counts(self, counts: dict[int, int]) -> None:
+        """Other processes' shards' restart counts (rank 0, for the summary)."""
+        for k, n in counts.items():
+            self.shard_restarts[k] = int(n)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The whole buffer's state (a buffer holding every shard; the engine checkpoints shard by shard)."""
+        parts = [self.shard_state(k) for k in range(len(self.bounds) - 1)]
+        out = {n: torch.cat([p[n] for p in parts]) for n in parts[0] if n != "restarts"}
+        out["restarts"] = torch.tensor(self.restarts)
         return out
 
     def load_state_tensors(self, tensors: dict[str, Any]) -> None:
-        x = tensors.get("x")
-        if x is None or tuple(x.shape) != (self.n, *self.shape):
-            got = "none" if x is None else "x".join(map(str, x.shape))
-            raise O2MError(f"checkpoint buffer is {got}, this run's is {self.n}x{'x'.join(map(str, self.shape))} "
-                           "(--rho, --batch-size or the teacher changed); resume with the same settings")
-        self.x = x.to(self.device)
-        self.t = tensors["t"].clone()
-        self.steps_done = tensors["steps_done"].clone()
-        self.restarts = int(tensors["restarts"])
-        if self.y is not None:
-            y = tensors.get("y")
-            if y is None or tuple(y.shape) != (self.n,):
-                raise O2MError("checkpoint buffer has no slot labels, this run's teacher is class-conditional; resume "
-                               "with the same teacher")
-            self.y = y.clone()
+        """Inverse of :meth:`state_tensors` (one shard)."""
+        if len(self.bounds) != 2:
+            raise O2MError("a sharded buffer loads shard by shard")
+        self.load_shard_state(0, tensors)

@@ -16,6 +16,7 @@ class ImageSource:
 
     name = "images"
     needs_teacher = False
+    shared = True  # students that drew the same range share one batch
 
     def __init__(self, images: torch.Tensor, terms: DiffusionTerms, device: torch.device,
                  labels: torch.Tensor | None = None, null_class: int | None = None, label_dropout: float = 0.0,
@@ -33,7 +34,8 @@ class ImageSource:
     def begin_step(self) -> None:
         """Independent draws: nothing to reset."""
 
-    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator) -> Batch:
+    def draw(self, lo: int, hi: int, n: int, generator: torch.Generator, student: int = 0) -> Batch:
+        """``n`` images noised to timesteps on [lo, hi); ``student`` is ignored (students on a range share it)."""
         idx = torch.randint(0, self.images.shape[0], (n,), generator=generator)
         t = draw_timesteps(lo, hi, n, generator)
         noise = torch.randn((n, *self.images.shape[1:]), generator=generator)

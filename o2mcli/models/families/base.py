@@ -106,6 +106,21 @@ class DenoiserFamily:
         """(C, H, W) of one input sample."""
         raise NotImplementedError
 
+    def deepcache_branches(self, model: nn.Module) -> int:
+        """How many DeepCache branches (skip-connected down/up block pairs) ``model`` has; a family without skip
+        branches refuses (DeepCache, Ma et al. 2024, caches a U-Net's deep features)."""
+        from o2mcli.errors import O2MError
+
+        raise O2MError(f"DeepCache needs a UNet; {self.name} has no skip branches")
+
+    def deepcache_predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor],
+                          branch: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One DeepCache step: with ``cache`` None the full forward (the same output as :meth:`predict`) and the
+        cache of branch ``branch``; else the partial forward of that branch around ``cache``. Returns (the raw
+        output, the cache)."""
+        self.deepcache_branches(model)  # refuses
+        raise NotImplementedError
+
     def feature_points(self, model: nn.Module) -> list[str]:
         """Submodule names whose outputs are the features of feature-based KD (matched by name and size)."""
         raise NotImplementedError

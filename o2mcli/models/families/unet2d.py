@@ -11,6 +11,7 @@ from torch import nn
 from o2mcli.errors import O2MError
 from o2mcli.models.configs import check_int_in
 from o2mcli.models.families.base import DenoiserFamily, LabelInput, build_from_config
+from o2mcli.models.families.unet_cache import UNetDeepCache, unet2d_partial
 
 MAX_SAMPLE_SIZE = 2048
 TEXT_BOUNDS = (("cross_attention_dim", 16384),)  # the extra size a text-conditioned UNet config must bound
@@ -53,7 +54,17 @@ def unet_block_outputs(model: nn.Module) -> list[str]:
     return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
 
 
-class UNet2D(DenoiserFamily):
+def _labels(model: nn.Module, x_t: torch.Tensor, cond: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The class labels to pass: ``cond``, or for a class-conditional model asked without labels (MACs, feature
+    shapes) the last embedding, which is the null class of o2m's conditional models (classifier-free guidance's
+    unconditional branch)."""
+    n_embeds = getattr(getattr(model, "module", model).config, "num_class_embeds", None)
+    if cond is None and n_embeds:
+        return torch.full((x_t.shape[0],), n_embeds - 1, dtype=torch.long, device=x_t.device)
+    return cond
+
+
+class UNet2D(UNetDeepCache, DenoiserFamily):
     """``UNet2DModel``: eps (and v) from ``model(x_t, t[, class_labels]).sample``."""
 
     name = "UNet2DModel"
@@ -69,14 +80,14 @@ class UNet2D(DenoiserFamily):
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        n_embeds = getattr(getattr(model, "module", model).config, "num_class_embeds", None)
-        if cond is None and n_embeds:
-            # A class-conditional model asked without labels (MACs, feature shapes): the last embedding, which
-            # is the null class of o2m's conditional models (classifier-free guidance's unconditional branch).
-            cond = torch.full((x_t.shape[0],), n_embeds - 1, dtype=torch.long, device=x_t.device)
+        cond = _labels(model, x_t, cond)
         if cond is None:
             return model(x_t, t).sample
         return model(x_t, t, class_labels=cond).sample
+
+    def deepcache_partial(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor],
+                          branch: int, cache: Any) -> torch.Tensor:
+        return unet2d_partial(model, x_t, t, _labels(model, x_t, cond), branch, cache)
 
     def label_input(self, cfg: dict[str, Any]) -> LabelInput:
         n = cfg.get("num_class_embeds")

@@ -16,12 +16,13 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.families.base import DenoiserFamily, build_from_config
+from o2mcli.models.families.unet_cache import UNetDeepCache, unet2d_condition_partial
 from o2mcli.models.families.unet2d import TEXT_BOUNDS, check_unet_sizes, unet_block_outputs, unet_input_shape
 
 SHAPE_TOKENS = 77  # CLIP's context length: the stand-in condition's length when only shapes matter
 
 
-class UNet2DCondition(DenoiserFamily):
+class UNet2DCondition(UNetDeepCache, DenoiserFamily):
     """``UNet2DConditionModel``: eps from ``model(x_t, t, encoder_hidden_states=text).sample``."""
 
     name = "UNet2DConditionModel"
@@ -40,13 +41,11 @@ class UNet2DCondition(DenoiserFamily):
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``cond``: text embeddings (B, L, D). Without one, zeros of CLIP's length stand in: enough for MACs and
         feature shapes; sampling and training always pass real embeddings (the empty prompt's for guidance)."""
-        if cond is None:
-            dim = _cross_dim(getattr(model, "module", model).config)
-            cond = torch.zeros(x_t.shape[0], SHAPE_TOKENS, dim, device=x_t.device, dtype=x_t.dtype)
-        if cond.ndim != 3:
-            raise O2MError(f"a UNet2DConditionModel takes text embeddings (batch, tokens, dim), got shape "
-                           f"{tuple(cond.shape)}")
-        return model(x_t, t, encoder_hidden_states=cond).sample
+        return model(x_t, t, encoder_hidden_states=_text(model, x_t, cond)).sample
+
+    def deepcache_partial(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor],
+                          branch: int, cache: Any) -> torch.Tensor:
+        return unet2d_condition_partial(model, x_t, t, _text(model, x_t, cond), branch, cache)
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         return unet_input_shape(model)  # latent channels and size
@@ -94,6 +93,17 @@ class UNet2DCondition(DenoiserFamily):
         (folder / "tokenizer").mkdir()
         for f in sorted(p for p in (src / "tokenizer").iterdir() if p.is_file()):
             shutil.copyfile(f, folder / "tokenizer" / f.name)
+
+
+def _text(model: nn.Module, x_t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+    """The text embeddings to pass: ``cond`` (checked to be (B, L, D)), or zeros of CLIP's length standing in."""
+    if cond is None:
+        dim = _cross_dim(getattr(model, "module", model).config)
+        cond = torch.zeros(x_t.shape[0], SHAPE_TOKENS, dim, device=x_t.device, dtype=x_t.dtype)
+    if cond.ndim != 3:
+        raise O2MError(f"a UNet2DConditionModel takes text embeddings (batch, tokens, dim), got shape "
+                       f"{tuple(cond.shape)}")
+    return cond
 
 
 def _cross_dim(cfg: Any) -> int:
