@@ -22,8 +22,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The comparison table on the embedded default (about 26 minutes on 2 CPU cores, two lanes at once), then its
-# class-conditional section (table-cond, about 16 minutes) and its cross-architecture section (table-xarch):
+# The comparison table on the embedded default (about 28 minutes on 2 CPU cores, two lanes at once), then its
+# class-conditional section (table-cond, about 16 minutes) and its cross-architecture section (table-xarch, about
+# 24 minutes):
 # writes docs/results.md.
 table: $(STAMP)
 	O2M=$(BIN)/o2m bash recipes/digits-table.sh
