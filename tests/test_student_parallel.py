@@ -90,6 +90,24 @@ def test_group_of_two_ranks_trains_one_student_data_parallel(tmp_path: Path, tem
     assert a.keys() == b.keys() and all(torch.allclose(a[n], b[n], rtol=1e-4, atol=1e-6) for n in a)
 
 
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate (the optional launcher) is not installed")
+def test_accelerate_launch_is_the_same_run(tmp_path: Path, template: Path) -> None:
+    """`accelerate launch --multi_gpu` starts torch.distributed's launcher (on a CPU-only machine too): the same
+    environment as torchrun, so the same placement and the same weights as one process."""
+    args = [template, "-k", 2, "--steps", 4, *FAST]
+    _run(1, [*args, "-o", tmp_path / "one"])
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), "-m", "o2mcli", "distill",
+           *map(str, [*args, "-o", tmp_path / "acc"])]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert read_manifest(tmp_path / "acc").summary["world_size"] == 2
+    assert _equal(tmp_path / "one", tmp_path / "acc")
+
+
 def test_dkdm_two_students_on_two_processes(tmp_path: Path, template: Path) -> None:
     """Data-free O2MKD: each rank builds and advances the buffer shards of its own students only."""
     args = [template, "--mode", "dkdm", "-k", 2, "--steps", 4, "--save-every", 2, "--rho", "0.05", "--init-steps", 2,

@@ -212,8 +212,9 @@ class Distiller:
             st.ema.update(st.raw)
             parts_all.append({k: v.detach() for k, v in parts.items()})
         for st in self.students:
-            if not st.held:
-                st.sched.step()  # the stand-in's schedule follows the real one (the log's lr)
+            if not st.held:  # the stand-in's schedule follows the real one (the log's lr); its optimizer step
+                st.opt.step()  # touches nothing (no gradient) but keeps the scheduler's order as torch expects
+                st.sched.step()
         self.step_no += 1
         clock("students")
         return parts_all
