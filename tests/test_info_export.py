@@ -54,8 +54,21 @@ def test_info_samples_dir_and_tampering(tmp_path, tiny_model_file):
     assert j["parents"][0]["sha256"] == sha256_file(tiny_model_file)
     assert j["summary"]["n"] == 3 and j["integrity"] == "ok"
     (s / "grid.png").write_bytes(b"not a png")
-    j = info_json(s)
+    # The description is still printed, and the exit status tells a script the directory is damaged.
+    r = cli("info", s, "--json")
+    assert_refused(r, "integrity check failed", "grid.png")
+    j = json.loads(r.stdout)
     assert "grid.png" in j["integrity"] and j["integrity"] != "ok"
+
+
+def test_version_and_flags_without_a_type_label() -> None:
+    from o2mcli import __version__
+
+    assert ok("--version").strip() == f"o2m {__version__}"
+    for command in ("sample", "distill", "prune", "score"):
+        text = ok(command, "--help")
+        assert "--force" in text and "<bool>" not in text, command
+    assert "<int>" in ok("sample", "--help")  # options that take a value keep theirs
 
 
 def test_info_model_file(tiny_model_file, tiny_learned_file):

@@ -12,6 +12,16 @@ from pydantic import ValidationError
 
 from o2mcli.errors import O2MError, OptionError
 
+def _flag_type_label() -> None:
+    """On/off flags show no ``<bool>`` type in ``--help`` (typer labels every option with its type; a flag takes
+    no value, so the label only misleads)."""
+    from typer.core import TyperOption
+
+    label = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else label(self, ctx)  # type: ignore
+
+
+_flag_type_label()
 app = typer.Typer(name="o2m", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="o2m: prune -> distill -> merge -> sample -> score, for diffusers UNets.")
 _state = {"debug": os.environ.get("O2M_DEBUG") == "1"}
@@ -85,8 +95,18 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from o2mcli import __version__
+
+        typer.echo(f"o2m {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print o2m's version and exit.")) -> None:
     if debug:
         _state["debug"] = True
 

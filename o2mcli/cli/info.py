@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from o2mcli.cli.app import app, handles_errors
+from o2mcli.cli.app import app, fail, handles_errors
 
 
 @app.command()
@@ -18,3 +18,6 @@ def info(
 
     d = describe(path)
     typer.echo(to_json(d) if as_json else format_text(d))
+    integrity = d.get("integrity", "ok")
+    if integrity != "ok":  # the description is printed, and a script still sees the failure
+        fail(f"{path}: integrity check failed: {integrity}")
