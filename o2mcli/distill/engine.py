@@ -18,8 +18,7 @@ student's group draws the same batch and each rank trains on its slice, DDP aver
 group: equal to the 1-process run up to the order of floating-point sums. The teacher runs per
 distinct batch, not over their concatenation, because a convolution's per-sample result can depend on
 the batch size in the last bit (oneDNN on CPU): one concatenated forward would make a batch's
-teacher output depend on which batches share its process (``teacher_concat`` restores it, faster on
-a GPU, placement-dependent in the last bits).
+teacher output depend on which batches share its process.
 """
 
 from __future__ import annotations
@@ -115,7 +114,6 @@ class Distiller:
     gen_data: torch.Generator  # its seed roots the per-step data streams; it also builds a buffer (prepare)
     own_steps: list[int] = field(default_factory=list)
     placement: Placement | None = None  # None: this process holds every student
-    teacher_concat: bool = False  # one teacher forward over all distinct batches (see the module docstring)
     step_no: int = 0
     teacher_samples: int = 0
     profile: bool = False  # benchmarks only: synchronizes to time the teacher and the students
@@ -219,38 +217,22 @@ class Distiller:
         clock("students")
         return parts_all
 
-    def _forward_teacher(self, bs: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = torch.cat([bt.x_t for bt in bs]) if len(bs) > 1 else bs[0].x_t
-        t = torch.cat([bt.t for bt in bs]) if len(bs) > 1 else bs[0].t
-        conds = [bt.cond for bt in bs]
-        cond = None if any(c is None for c in conds) else (torch.cat(conds) if len(bs) > 1 else conds[0])
+    def _forward_teacher(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The teacher's raw output and block features on one batch."""
         with torch.no_grad(), autocast(self.device):
-            t_raw = predict(self.teacher, x, t, cond).float()
+            t_raw = predict(self.teacher, batch.x_t, batch.t, batch.cond).float()
         popped = self.teacher_tap.pop()
         # keyed by the students' block names, whichever teacher block each is compared with
         feats = {n: popped[self.feature_pairs.get(n, n)].detach().float() for n in self.feature_names}
-        self.teacher_samples += x.shape[0]
+        self.teacher_samples += batch.x_t.shape[0]
         return t_raw, feats
 
     def _run_teacher(self, keys: dict, batches: dict, full: dict, gens: dict) -> dict[tuple[int, ...], Outputs]:
-        """The teacher on each distinct batch of this rank (or once over all, ``teacher_concat``); the source
-        advances by the full batch's output (a group's slices gathered first)."""
-        order = list(keys)
-        raws: dict = {}
-        if self.teacher_concat:
-            t_raw, t_feats = self._forward_teacher([batches[key] for key in order])
-            offset = 0
-            for key in order:
-                n = batches[key].x_t.shape[0]  # a buffer range may hold fewer than b slots
-                sl = slice(offset, offset + n)
-                offset += n
-                raws[key] = (t_raw[sl], {n_: f[sl] for n_, f in t_feats.items()})
-        else:
-            for key in order:
-                raws[key] = self._forward_teacher([batches[key]])
+        """The teacher on each distinct batch of this rank; the source advances by the full batch's output (a
+        group's slices gathered first)."""
         teacher_out = {}
-        for key in order:
-            raw, feats = raws[key]
+        for key in keys:
+            raw, feats = self._forward_teacher(batches[key])
             teacher_out[key] = split_outputs(raw, self.channels, self.teacher_learned, feats)
             if self.source.needs_teacher:
                 k = keys[key][1]

@@ -56,15 +56,6 @@ def local_device(state: DistState, device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_mean(tensors: list[torch.Tensor], state: DistState) -> None:
-    """Average ``tensors`` across ranks in place (for the few parameters DDP does not own)."""
-    if not state.enabled:
-        return
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(state.world)
-
-
 def _comm_device() -> torch.device:
     # NCCL moves CUDA tensors only; gloo moves CPU tensors.
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -82,16 +73,6 @@ def broadcast_flag(flag: bool, state: DistState) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def gather_tensors(t: torch.Tensor, state: DistState) -> list[torch.Tensor]:
-    """Every rank's copy of a same-shape CPU tensor (RNG states for the checkpoint)."""
-    if not state.enabled:
-        return [t]
-    dev = _comm_device()
-    out = [torch.empty_like(t, device=dev) for _ in range(state.world)]
-    dist.all_gather(out, t.contiguous().to(dev))
-    return [o.cpu() for o in out]
 
 
 def shutdown(state: DistState) -> None:
