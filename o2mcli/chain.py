@@ -57,13 +57,3 @@ def find_newest_samples(root: Path = Path(".")) -> Path:
     if not found:
         raise O2MError(f"{Path(root).resolve()}: no samples directory found here; run o2m sample first or name one")
     return max(found)[1]
-
-
-def default_output(root: Path, name: str) -> Path:
-    """``root/name``, or ``name-2``, ``name-3``... when taken: chained runs never clobber an earlier output."""
-    path = Path(root) / name
-    i = 2
-    while path.exists():
-        path = Path(root) / f"{name}-{i}"
-        i += 1
-    return path

@@ -23,3 +23,13 @@ class OptionError(O2MError):
     def __init__(self, field: str, value: Any, message: str) -> None:
         self.field, self.value, self.reason = field, value, " ".join(str(message).split())
         super().__init__(f"{field}={value!r}: {self.reason}")
+
+
+# Config fields whose flag is not ``--`` + the field name with dashes.
+FLAGS = {"lam": "--lambda", "num_train_timesteps": "--timesteps", "norm_num_groups": "--norm-groups",
+         "block_out_channels": "--channels", "denoiser_config": "--model-config"}
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a config field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))

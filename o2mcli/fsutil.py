@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -42,6 +41,16 @@ def loads_bounded(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES,
         raise O2MError(f"{what}: unreadable {noun} ({e})") from e
 
 
+def human_bytes(n: float, binary: bool = True) -> str:
+    """A byte count for people: KiB/MiB/GiB (``binary``) or kB/MB/GB."""
+    base, units = (1024, ("bytes", "KiB", "MiB", "GiB")) if binary else (1000, ("B", "kB", "MB", "GB"))
+    for unit in units:
+        if n < base or unit == units[-1]:
+            return f"{n:.0f} {unit}" if unit == units[0] else f"{n:.1f} {unit}"
+        n /= base
+    raise AssertionError("unreachable")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -51,13 +60,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _umask_mode(base: int) -> int:
+def umask_mode(base: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return base & ~mask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -66,21 +75,24 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+TMP_SUFFIX, OLD_SUFFIX = ".tmp-o2m", ".old-o2m"  # hidden temporaries beside an output (see o2mcli.outputs)
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp-o2m", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, _umask_mode(0o666))  # mkstemp makes 0600; give the usual file mode
+        os.chmod(tmp_path, umask_mode(0o666))  # mkstemp makes 0600; give the usual file mode
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -150,7 +162,9 @@ def written_by_o2m(path: Path) -> bool:
     if path.is_symlink():
         return False
     if path.is_dir():
-        return any((path / m).is_file() for m in O2M_DIR_MARKERS) or not any(path.iterdir())
+        # a marker that is a symlink (maybe out of the directory) marks nothing
+        return any((path / m).is_file() and not (path / m).is_symlink() for m in O2M_DIR_MARKERS) or not any(
+            path.iterdir())
     return path.is_file() and path.suffix == ".safetensors" and _o2m_safetensors(path)
 
 
@@ -194,35 +208,6 @@ def check_output_free(path: Path, force: bool, inputs: Iterable[Path | str | Non
             what = "a symbolic link" if path.is_symlink() else ("a directory" if path.is_dir() else "a file")
             raise O2MError(f"{path}: exists and is {what} o2m did not write (no o2m manifest or model header); "
                            "--force replaces only o2m outputs: move it away or choose another -o")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
-    """Build a directory in a temp sibling, then swap it in whole; on error nothing changes."""
-    path = Path(path)
-    check_output_free(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp-o2m", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700
-        _fsync_dir(tmp)
-        if path.exists() or path.is_symlink():
-            # Replace: move the old one aside first so a crash leaves either old or new.
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old-o2m", dir=path.parent))
-            trash.rmdir()
-            os.replace(path, trash)
-            os.replace(tmp, path)
-            if trash.is_dir() and not trash.is_symlink():
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                trash.unlink()
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def contained(root: Path, rel: str) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 
 from o2mcli.chain import resolve_model_spec
 from o2mcli.errors import O2MError
+from o2mcli.fsutil import human_bytes
 
 UNET_FIELDS = ("_class_name", "sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
                "down_block_types", "up_block_types", "norm_num_groups", "attention_head_dim")
@@ -119,11 +120,7 @@ def _pick(cfg: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:
 # 2. Rendering -------------------------------------------------------------------------------------
 
 def human_size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+    return human_bytes(n, binary=False)
 
 
 def _num(x: Any) -> str:

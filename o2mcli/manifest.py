@@ -136,10 +136,30 @@ def is_stage_dir(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
 
 
+def manifest_path(directory: Path) -> Path:
+    """``directory/manifest.json``, refusing one that is a symlink resolving outside ``directory``.
+
+    The manifest vouches for every file of the directory, so it must belong to the directory as its artifacts do
+    (the rule of ``fsutil.contained``): a link to a manifest elsewhere would make this directory pass for another
+    one (its kind, its parents, its hashes). A link that stays inside the directory changes nothing and is read.
+    """
+    directory = Path(directory)
+    mpath = directory / MANIFEST_NAME
+    if mpath.is_symlink():
+        try:
+            root = directory.resolve()
+            target = mpath.resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise O2MError(f"{mpath}: manifest is a symlink that cannot be resolved ({e}); refused") from e
+        if target != root and root not in target.parents:
+            raise O2MError(f"{mpath}: manifest is a symlink to {target}, outside its directory; refused")
+    return mpath
+
+
 def read_manifest(directory: Path, verify: bool = True) -> Manifest:
     """Read and validate ``directory/manifest.json``; with ``verify``, check every artifact's size and hash."""
     directory = Path(directory)
-    mpath = directory / MANIFEST_NAME
+    mpath = manifest_path(directory)
     if not mpath.is_file():
         raise O2MError(f"{directory}: not an o2m stage directory (no {MANIFEST_NAME})")
     try:
@@ -218,7 +238,9 @@ def newest_stage_dir(root: Path, kinds: tuple[str, ...]) -> Path | None:
 
 
 def list_stage_dirs(root: Path) -> list[tuple[float, Path, str]]:
-    """(manifest mtime, directory, kind) for every readable stage directory directly under ``root``."""
+    """(manifest mtime, directory, kind) for every readable stage directory directly under ``root``.
+
+    A directory whose manifest is unreadable, invalid or a symlink leaving the directory is not a candidate."""
     out = []
     for child in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
         if child.name.startswith(".") or not is_stage_dir(child):

@@ -104,7 +104,8 @@ def main() -> None:
         r = by[("g1", m)]
         train = f"{took[m]:.0f}" if m in took else "-"
         cells = " | ".join(f"{by[(g, m)]['fid']:.3f} | {by[(g, m)]['class_accuracy']:.1%}" for g in guides)
-        lines.append(f"| {method} | {data} | {k} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e6:.2f} | {train} | "
+        lines.append(f"| {method} | {data} | {k} | {sections.measured(r['params'], 1e6, '.3f')} | "
+                     f"{sections.measured(r['macs'], 1e6, '.2f')} | {train} | "
                      f"{cells} |")
     one = {"c3ddim": "DDIM 50", "c3ddpm": "DDPM 50"}
     one_lines = ["| Model | " + " | ".join(f"Read as 3, {v}" for v in one.values()) + " |",

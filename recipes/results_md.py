@@ -61,10 +61,17 @@ def method_label(method: str) -> tuple[str, str, str]:
     return name + extra, data, k
 
 
-def step_macs(row: dict) -> float:
-    """MACs per denoising step: with DeepCache, the average over the full and partial steps the sampler made."""
+def step_macs(row: dict) -> float | None:
+    """MACs per denoising step: with DeepCache, the average over the full and partial steps the sampler made;
+    None where the row was scored without its model."""
     dc = row.get("deepcache")
-    return float(dc["macs"]) if dc else float(row["macs"])
+    macs = dc["macs"] if dc else row.get("macs")
+    return None if macs is None else float(macs)
+
+
+def mmacs(row: dict) -> str:
+    """MACs per step in millions, two decimals, or 'unavailable'."""
+    return sections.measured(step_macs(row), 1e6, ".2f")
 
 
 def verdict(gap: float, noise: float) -> str:
@@ -164,13 +171,13 @@ def checks(by: dict[tuple[str, str], dict]) -> list[str]:
             v = {"tie (within noise)": "holds (a tie, within noise)", "holds": "does not hold (worse)",
                  "does not hold": "holds (better)"}[verdict(st["fid"] - o2m["fid"], gauge)]
             out.append(f"ratio {ratio}: DeepCache N=3 keeps the O2MKD students' quality (FID O2MKD + DeepCache = "
-                       f"FID O2MKD, training seed 0) at {step_macs(st) / 1e6:.2f} vs {step_macs(o2m) / 1e6:.2f} M "
+                       f"FID O2MKD, training seed 0) at {mmacs(st)} vs {mmacs(o2m)} M "
                        f"MACs/step: FID {st['fid']:.3f} vs {o2m['fid']:.3f}, gap {st['fid'] - o2m['fid']:+.3f}, "
                        f"noise {gauge:.3f}: **{v}**")
         if dc and st:  # the O2MKD paper's row: DeepCache + O2MKD against DeepCache alone, at fewer MACs
             v = verdict(dc["fid"] - st["fid"], gauge)
             out.append(f"ratio {ratio}: DeepCache + O2MKD beats DeepCache alone on the teacher (FID teacher + "
-                       f"DeepCache > FID O2MKD + DeepCache, at {step_macs(st) / 1e6:.2f} vs {step_macs(dc) / 1e6:.2f} "
+                       f"DeepCache > FID O2MKD + DeepCache, at {mmacs(st)} vs {mmacs(dc)} "
                        f"M MACs/step): FID {dc['fid']:.3f} vs {st['fid']:.3f}, gap {dc['fid'] - st['fid']:+.3f}, "
                        f"noise {gauge:.3f}: **{v}**")
     a, b = by.get(("-", "teacher" + DC_SUFFIX)), by.get(("-", "teacher"))
@@ -178,7 +185,7 @@ def checks(by: dict[tuple[str, str], dict]) -> list[str]:
         v = {"tie (within noise)": "holds (a tie, within noise)", "holds": "does not hold (worse)",
              "does not hold": "holds (better)"}[verdict(a["fid"] - b["fid"], gauge)]
         out.insert(0, f"DeepCache N=3 keeps the teacher's quality (FID teacher + DeepCache = FID teacher) at "
-                      f"{step_macs(a) / 1e6:.2f} vs {step_macs(b) / 1e6:.2f} M MACs/step: FID {a['fid']:.3f} vs "
+                      f"{mmacs(a)} vs {mmacs(b)} M MACs/step: FID {a['fid']:.3f} vs "
                       f"{b['fid']:.3f}, gap {a['fid'] - b['fid']:+.3f}, noise {gauge:.3f}: **{v}**")
     return out
 
@@ -215,7 +222,8 @@ def fid_plot(by: dict[tuple[str, str], dict], path: Path) -> None:
 
     series = {}
     for key in ["teacher", *METHODS, "teacher" + DC_SUFFIX, "o2mkd" + DC_SUFFIX]:  # (not the seed-1, DDPM rows)
-        pts = sorted((step_macs(row) / 1e6, row["fid"]) for (r, m), row in by.items() if m == key)
+        pts = sorted((step_macs(row) / 1e6, row["fid"]) for (r, m), row in by.items()
+                     if m == key and step_macs(row) is not None)
         if pts:
             series[key] = ([p[0] for p in pts], [p[1] for p in pts])
     line_plot(series, path, title="digits: FID vs MACs per denoising step", xlabel="MMACs per step",
@@ -286,8 +294,8 @@ def main() -> None:
             else:
                 method, data, k = method_label(m)
             train = "-" if "teacher" in m else train_seconds(ratio, m)
-            lines.append(f"| {ratio} | {method} | {data} | {k} | {row['params'] / 1e6:.3f} | "
-                         f"{step_macs(row) / 1e6:.2f} | {row['throughput']['images_per_s']:.1f} | {train} | "
+            lines.append(f"| {ratio} | {method} | {data} | {k} | {sections.measured(row['params'], 1e6, '.3f')} | "
+                         f"{mmacs(row)} | {sections.measured(sections.images_per_s(row), 1, '.1f')} | {train} | "
                          f"{row['fid']:.3f} | {row['kid_mean'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f} | "
                          f"{row['n_samples']} |")
         return "\n".join(lines)
@@ -308,7 +316,8 @@ def main() -> None:
     finished = (json.loads(scores_man.read_text())["created_at"][:16].replace("T", " ") if scores_man.is_file()
                 else f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}")
     first = ddim_rows[0]
-    tp = first["throughput"]
+    timed = [r["throughput"] for r in ddim_rows if r.get("throughput")]  # none for rows scored without a model
+    tp = timed[0] if timed else None
     seeds = seed_table(by)
     page = [
         "# Results on the embedded default (digits)",
@@ -326,9 +335,10 @@ def main() -> None:
         f"{report['features']['name']} feature space ({report['features']['description']}). KID is mean ± std over "
         f"{report['kid']['subsets']} subsets drawn from both sets (half the smaller set each). FID has no error "
         f"bar; {noise(by)}",
-        f"- Throughput: images/s of full sampling runs ({tp['scheduler']}, {tp['steps']} steps, batch "
-        f"{tp['batch_size']}, {tp['repeats']} timed run{'s' if tp['repeats'] != 1 else ''} after a warm-up), all measured in the one `o2m score` run "
-        f"on {report['device']}. A K=4 group costs one student per step, so its throughput is a single student's.",
+        (f"- Throughput: images/s of full sampling runs ({tp['scheduler']}, {tp['steps']} steps, batch "
+         f"{tp['batch_size']}, {tp['repeats']} timed run{'s' if tp['repeats'] != 1 else ''} after a warm-up), all measured in the one `o2m score` run "
+         f"on {report['device']}. A K=4 group costs one student per step, so its throughput is a single student's."
+         if tp else "- Throughput: not measured (the rows were scored without their models)."),
         "- Params: all the weights a model holds (a K=4 group: its four students together). MACs: conv + linear "
         "multiply-accumulates of one denoising step (for a group, one student's: one student serves each step). "
         "DeepCache rows (`o2m sample --deepcache 3`: every third step a full forward, the steps between only the "

@@ -102,8 +102,9 @@ def main() -> None:
             who = f"teacher ({teacher})" if m == "teacher" else method
             student = "-" if m.startswith("teacher") else family
             train = f"{took[f'{p}-{m}']:.0f}" if f"{p}-{m}" in took else "-"
-            lines.append(f"| {title} | {who} | {data} | {student} | {r['params'] / 1e6:.3f} | "
-                         f"{r['macs'] / 1e6:.2f} | {train} | {r['fid']:.3f} | {r['class_accuracy']:.1%} |")
+            lines.append(f"| {title} | {who} | {data} | {student} | {sections.measured(r['params'], 1e6, '.3f')} | "
+                         f"{sections.measured(r['macs'], 1e6, '.2f')} | {train} | {r['fid']:.3f} | "
+                         f"{r['class_accuracy']:.1%} |")
     nf = {p: noise(by, p, "fid") for p in DIRECTIONS}
     na = {p: noise(by, p, "class_accuracy") for p in DIRECTIONS}
     mach = machine(a.work)

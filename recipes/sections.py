@@ -57,6 +57,18 @@ def write(docs: Path, name: str, body: str, report: Path, report_name: str) -> N
     os.replace(tmp, docs / report_name)
 
 
+def measured(value: float | None, scale: float, spec: str) -> str:
+    """A row's params, MACs or throughput as ``format(value / scale, spec)``; 'unavailable' where ``o2m score``
+    ran without the model (samples scored away from it record these as null)."""
+    return "unavailable" if value is None else format(value / scale, spec)
+
+
+def images_per_s(row: dict) -> float | None:
+    """A score row's throughput, or None where it was not measured (no model)."""
+    tp = row.get("throughput")
+    return None if not tp else tp.get("images_per_s")
+
+
 def read_run(work: Path) -> tuple[dict, list[list[str]]]:
     """A finished recipe run's score report and its command log, as [milliseconds, command] pairs."""
     report = json.loads((work / "scores" / "report.json").read_text())

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: thread overhead dominates, and CI has 2 cores
 
 from o2mcli.models.configs import scheduler_config, unet_config  # noqa: E402
-from o2mcli.fsutil import atomic_dir  # noqa: E402
+from o2mcli.outputs import atomic_dir  # noqa: E402
 from o2mcli.manifest import write_manifest  # noqa: E402
 from o2mcli.models.io import build_unet, model_record, save_model_file  # noqa: E402
 
@@ -181,3 +181,12 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test inside an empty working directory (for chaining defaults)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _release_outputs():
+    """Output names reserved by a stage called in-process are given up after each test (the CLI does it itself)."""
+    yield
+    from o2mcli.outputs import release_all
+
+    release_all()

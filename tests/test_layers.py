@@ -14,6 +14,7 @@ ROOT = Path(o2mcli.__file__).parent
 LAYERS: list[set[str]] = [
     {"o2mcli", "errors"},
     {"fsutil", "devices", "registry", "parsing"},
+    {"outputs"},
     {"manifest", "runtime", "viz"},
     {"chain", "models"},
     {"diffusion", "data"},
@@ -134,7 +135,7 @@ def test_no_import_cycle() -> None:
 def test_the_checks_can_fail() -> None:
     """A data module importing a stage, and two modules importing each other, are both reported."""
     graph = {"o2mcli.data.x": {"o2mcli.stages.score"}, "o2mcli.stages.score": {"o2mcli.data.x"}}
-    assert _violations(graph) == ["o2mcli.data.x -> o2mcli.stages.score (layer 4 -> 6)"]
+    assert _violations(graph) == ["o2mcli.data.x -> o2mcli.stages.score (layer 5 -> 7)"]
     assert _cycles(graph) == [["o2mcli.data.x", "o2mcli.stages.score"]]
 
 

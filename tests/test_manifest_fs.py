@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_dir, atomic_file, atomic_write_json, contained
+from o2mcli.fsutil import atomic_file, atomic_write_json, contained
+from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import Manifest, parent_ref, read_manifest, require_kind, write_manifest
 
 

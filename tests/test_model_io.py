@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from conftest import tiny_scheduler, tiny_unet
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_dir
+from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import write_manifest
 from o2mcli.models import StudentGroup, load_model, save_model_file
 from o2mcli.models.io import model_record

@@ -175,10 +175,12 @@ def test_crafted_metadata_is_refused(in_tmp: Path, tiny_model_file: Path, case: 
 def test_full_disk_is_a_clear_error_and_leaves_no_temp_files(in_tmp: Path, tiny_model_file: Path, monkeypatch) -> None:
     import errno
 
-    def no_space(src, dst):
+    import o2mcli.outputs as outputs
+
+    def no_space(src, dst, flags):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
-    monkeypatch.setattr(os, "replace", no_space)
+    monkeypatch.setattr(outputs, "_move", no_space)  # every rename of an output goes through _move
     res = cli("sample", tiny_model_file, *SAMPLE, "-o", "s")
     assert_refused(res, "No space left on device", "s")
     assert not (in_tmp / "s").exists()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import tiny_scheduler, tiny_unet
 from o2mcli.cli import app
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_dir
+from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import parent_ref, read_manifest, write_manifest
 from o2mcli.models.io import model_record, save_model_file
 from o2mcli.scoring.features import INCEPTION_FILE, get_extractor, resolve_name

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import assert_refused, cli, ok
-from o2mcli.fsutil import atomic_dir
+from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import read_manifest, write_manifest
 from o2mcli.models.families.stable_diffusion import aux_hashes, text_conditioning
 from o2mcli.models.io import load_model, model_record, save_model_file

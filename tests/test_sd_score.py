@@ -12,7 +12,7 @@ import torch
 from conftest import assert_refused, cli
 from sd_tiny import save_tiny_clip, save_tiny_sd, tiny_tokenizer
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_dir
+from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import parent_ref, read_manifest, write_manifest
 from o2mcli.scoring.clip import SCALE, check_clip_dir, clip_scores, load_clip
 from o2mcli.scoring.features import INCEPTION_FILE

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import typer
 from pydantic import ValidationError
 
-from o2mcli.errors import O2MError, OptionError
+from o2mcli.errors import O2MError, OptionError, flag_name
 
 def _flag_type_label() -> None:
     """On/off flags show no ``<bool>`` type in ``--help`` (typer labels every option with its type; a flag takes
@@ -31,14 +31,9 @@ def debug_enabled() -> bool:
     return _state["debug"]
 
 
-# Config fields whose flag is not ``--`` + the field name with dashes.
-FLAGS = {"lam": "--lambda", "num_train_timesteps": "--timesteps", "norm_num_groups": "--norm-groups",
-         "block_out_channels": "--channels"}
-
-
 def flag(field: str) -> str:
     """The command-line flag of a config field."""
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
+    return flag_name(field)
 
 
 def _text(value: Any) -> str:
@@ -55,13 +50,23 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _released(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a command, then give up the output names it reserved (o2mcli.outputs), however it ended."""
+    from o2mcli.outputs import release_all
+
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        release_all()
+
+
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Bad input -> one line on stderr and exit 2; tracebacks only with --debug."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return _released(fn, *args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except OptionError as e:

@@ -70,7 +70,8 @@ def distill(
     force: Force = False,
 ) -> None:
     """Distil a teacher into K students: O2MKD on data (O2OKD with K=1), or DKDM with no data at all."""
-    from o2mcli.chain import default_output, find_newest_model
+    from o2mcli.chain import find_newest_model
+    from o2mcli.outputs import default_output
     from o2mcli.manifest import read_manifest
     from o2mcli.stages.distill import DistillConfig, run_distill
 

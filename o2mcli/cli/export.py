@@ -27,10 +27,10 @@ def export(
     import json
 
     from o2mcli.chain import resolve_model_spec
-    from o2mcli.fsutil import check_output_free
+    from o2mcli.outputs import reserve_output
     from o2mcli.models.io import export_pipeline, load_model
 
-    check_output_free(out, force, inputs=[model, pipeline])
+    reserve_output(out, force, inputs=[model, pipeline])
     loaded = load_model(resolve_model_spec(model), "cpu")
     lo, hi = loaded.ranges[0]
     path = export_pipeline(loaded, out, force=force, pipeline=pipeline)

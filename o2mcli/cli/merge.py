@@ -32,9 +32,9 @@ def merge(
         inputs = [str(find_newest_model(Path("."), kinds=("students",)))]
 
     if out is None:
-        out, i = Path("merged.safetensors"), 2
-        while out.exists():
-            out, i = Path(f"merged-{i}.safetensors"), i + 1
+        from o2mcli.outputs import default_output
+
+        out = default_output(Path("."), "merged", ".safetensors")
     cfg = MergeConfig(inputs=tuple(inputs), out=out, method=method,
                       lam=lam, weights=weights,
                       force=force)

@@ -41,7 +41,8 @@ def prune(
 ) -> None:
     """Channel-slim a teacher (or remove blocks of a Stable Diffusion UNet) into a student template that plain
     diffusers loads."""
-    from o2mcli.chain import default_output, find_newest_model
+    from o2mcli.chain import find_newest_model
+    from o2mcli.outputs import default_output
     from o2mcli.manifest import read_manifest
     from o2mcli.stages.prune import PruneConfig, run_prune
 

@@ -59,7 +59,8 @@ def sample(
     pipeline's VAE."""
     import json
 
-    from o2mcli.chain import default_output, find_newest_model
+    from o2mcli.chain import find_newest_model
+    from o2mcli.outputs import default_output
     from o2mcli.manifest import read_manifest
     from o2mcli.stages.sample import SampleConfig, run_sample
 

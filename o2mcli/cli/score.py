@@ -39,7 +39,8 @@ def score(
     """FID/KID (clean-fid), CLIP score, params, MACs and throughput of sampled models, as a Table-1-style report."""
     import json
 
-    from o2mcli.chain import default_output, find_newest_samples
+    from o2mcli.chain import find_newest_samples
+    from o2mcli.outputs import default_output
     from o2mcli.scoring.report import markdown_table
     from o2mcli.stages.score import ScoreConfig, run_score
 

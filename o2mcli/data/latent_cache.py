@@ -20,7 +20,8 @@ import torch
 
 from o2mcli.data.captions import Captioned
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_dir, contained, loads_bounded, sha256_file
+from o2mcli.fsutil import check_output_free, contained, loads_bounded, sha256_file
+from o2mcli.outputs import atomic_dir
 
 INDEX = "o2m_latent_cache.json"  # also marks the folder as o2m's (fsutil.O2M_DIR_MARKERS)
 FORMAT = "o2m-latent-cache/1"
@@ -71,6 +72,7 @@ def build_cache(out: Path, items: list[Captioned], encode_images: Callable[[torc
             return out
         force = True  # built from other inputs: rebuilt whole
     shards = []
+    check_output_free(out, force)  # before the encoding work (atomic_dir checks again when done)
     with atomic_dir(out, force=force) as tmp:
         from safetensors.torch import save_file
 

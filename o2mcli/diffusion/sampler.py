@@ -52,12 +52,14 @@ def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
 def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,
             noise: torch.Tensor, generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
             guidance: float = 1.0, uncond: Uncond = None, clamp: bool = True,
-            deepcache: Optional["DeepCacheSpec"] = None, counts: Optional["DeepCacheCounts"] = None) -> torch.Tensor:
+            deepcache: Optional["DeepCacheSpec"] = None, counts: Optional["DeepCacheCounts"] = None,
+            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Run the reverse process from ``noise`` with ``steps`` sampler steps; returns x_0, clamped to the pixel range
     [-1, 1] unless ``clamp`` is off (latents: the VAE's latent space is not bounded by [-1, 1]).
 
     ``cond`` (class labels, text embeddings), ``guidance`` w and ``uncond``: see :func:`guided`. ``deepcache``: run
     the steps with DeepCache (a fresh cache for this trajectory), adding its full and partial calls to ``counts``.
+    ``on_step(n)`` is called after every step with the number of steps this run takes (a progress bar's tick).
     """
     call: Callable[..., torch.Tensor] = predict
     if deepcache is not None:
@@ -81,6 +83,8 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
         if not keep_var:
             out = out[:, :c]  # learned-variance channels are used by the DDPM sampler only
         x = sched.step(out, t, x, generator=generator).prev_sample
+        if on_step is not None:
+            on_step(len(sched.timesteps))
     return x.clamp(-1.0, 1.0) if clamp else x
 
 
@@ -104,8 +108,20 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
     shape = input_shape(unet)
     out = []
     batches = range(0, n, batch_size)
-    for i, start in enumerate(progress(batches, desc="sample") if show_progress else batches):
+    # The bar counts denoising steps over all batches: a batch of 256 images under 1000 DDPM steps is one
+    # long batch, and a bar over batches would sit at 0/1 for all of it. The postfix says how many images are done.
+    bar = progress(total=len(batches) * steps, desc="sample", unit="step") if show_progress else _quiet_bar()
+
+    def tick(taken: int) -> None:
+        # A scheduler may take fewer steps than asked (set_steps drops repeated timesteps): fix the total once.
+        if bar.total != len(batches) * taken:
+            bar.total = len(batches) * taken
+            bar.refresh()
+        bar.update(1)
+
+    for i, start in enumerate(batches):
         b = min(batch_size, n - start)
+        bar.set_postfix_str(f"{start}/{n} img", refresh=False)
         g = torch.Generator().manual_seed(seed + i)
         noise = torch.randn((b, *shape), generator=g).to(device)
         c = None if cond is None else cond[start:start + b]
@@ -113,10 +129,19 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
             c = cond_table[c.to(cond_table.device)]
         c = None if c is None else c.to(device)
         x = denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, cond=c, guidance=guidance,
-                    uncond=uncond, clamp=decode is None, deepcache=deepcache, counts=counts)
+                    uncond=uncond, clamp=decode is None, deepcache=deepcache, counts=counts, on_step=tick)
         images = ((x + 1.0) / 2.0) if decode is None else decode(x)
         out.append(images.float().cpu().numpy())
+        bar.set_postfix_str(f"{start + b}/{n} img")
+    bar.close()
     return np.concatenate(out, 0)
+
+
+def _quiet_bar():
+    """A disabled tqdm: the same calls as a shown bar, no output."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=True)
 
 
 def measure_throughput(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,

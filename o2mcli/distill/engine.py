@@ -41,7 +41,7 @@ from o2mcli.distill.plan import TimestepPlan
 from o2mcli.distill.sources.base import Batch, DataSource
 from o2mcli.models.configs import is_learned_variance
 from o2mcli.models.denoise import predict
-from o2mcli.runtime.checkpoint import adamw_with_warmup, load_optimizer, optimizer_tensors
+from o2mcli.runtime.checkpoint import adamw_with_warmup, has_checkpoint, load_optimizer, optimizer_tensors
 from o2mcli.runtime.dist import (DistState, Placement, all_gather_group, all_gather_objects, all_reduce_mean_group,
                                  broadcast_flag, gather_objects, stream, sum_int)
 from o2mcli.runtime.ema import EMA
@@ -283,8 +283,11 @@ class Distiller:
         rows = [rows_by_k[st.k] for st in self.students]
         if broadcast_flag(bool(bad), self.dist):
             who = f"student {bad[0]}" if bad else "another rank"
+            # Only a checkpoint that is on disk is promised (step 0 is DKDM's buffer checkpoint, a real one).
             kept = (f"the last good checkpoint (step {last_good}) is kept in {work}; resume with --resume "
-                    "(a lower --lr may help)") if last_good else f"no checkpoint was written yet ({work})"
+                    "(a lower --lr may help)") if last_good is not None and has_checkpoint(work) else (
+                    "no checkpoint was written yet, so there is nothing to resume; run it again (a lower --lr "
+                    "may help)")
             raise O2MError(f"loss became NaN or infinite by step {step} ({who}); stopped: {kept}")
         return rows
 

@@ -48,6 +48,17 @@ class _Quiet(list):
         """Silent."""
 
 
+def settings_diff(saved: Any, now: dict) -> str:
+    """The settings a resume changes, as ``--flag <checkpoint's> (now <this run's>)``, the first three."""
+    from o2mcli.errors import flag_name
+
+    if not isinstance(saved, dict):
+        return "the checkpoint records none"
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    shown = [f"{flag_name(k)} {saved.get(k, '<unset>')} (now {now.get(k, '<unset>')})" for k in keys[:3]]
+    return ", ".join(shown) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
 def fit(engine: Any, plan: FitPlan, work: Path, fingerprint: dict,
         prepare: Callable[[Any, Optional[Callable[[str], None]]], dict]) -> FitResult:
     """Train ``engine`` for ``plan.steps`` steps, checkpointing into ``work``; see the module docstring."""
@@ -60,7 +71,7 @@ def fit(engine: Any, plan: FitPlan, work: Path, fingerprint: dict,
     if plan.resume:
         tensors, state = load_checkpoint(work)
         if state.get("config_fingerprint") != fingerprint:
-            raise O2MError(f"{work}: checkpoint was made with other settings; resume with the same options")
+            raise O2MError(f"{work}: checkpoint was made with other settings: {settings_diff(state.get('config_fingerprint'), fingerprint)}; resume with the same options")
         start = engine.load_state(tensors, state)
         init_info = state.get("init_info", {})
         last_good = start

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from o2mcli.diffusion.schedulers import scheduler_config_for_outputs
-from o2mcli.fsutil import atomic_dir
+from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.models.configs import is_learned_variance
 from o2mcli.models.io import model_record, save_model_file

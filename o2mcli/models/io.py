@@ -16,19 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import (atomic_dir, atomic_file, atomic_write_json, check_output_free, loads_bounded,
-                            read_metadata, sha256_file)
+from o2mcli.fsutil import atomic_file, atomic_write_json, check_output_free, loads_bounded, read_metadata, sha256_file
+from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
 from o2mcli.models.configs import check_int_in, is_learned_variance
 from o2mcli.models.families import family_for_config, family_of
 from o2mcli.models.families.stable_diffusion import check_sd_layout, is_sd_pipeline, text_conditioning
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
+from o2mcli.models.guard import Header, build_checked, check_size, tensor_header
 
 FORMAT = "o2m-unet/1"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -123,18 +123,30 @@ def read_model_config(path: Path, what: str = "model config") -> dict[str, Any]:
 
 
 def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
-    """The model a config describes (its family by ``_class_name``); weights, if given, must match exactly."""
-    return family_for_config(cfg, where, served=True).build(cfg, state, where)
+    """The model a config describes (its family by ``_class_name``); weights, if given, must match exactly. A fresh
+    model (no weights: ``--model-config``, ``--student-config``) is sized on the meta device first, so a config
+    implying more than ``guard.MAX_MODEL_BYTES`` is refused before anything is allocated."""
+    family = family_for_config(cfg, where, served=True)
+    if state is None:
+        with torch.device("meta"):
+            check_size(family.build(cfg, None, where), where)
+    return family.build(cfg, state, where)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_unet(cfg: dict[str, Any], weights: Path, where: Path, header: Header | None = None) -> nn.Module:
+    """The model ``cfg`` describes with the weights of the safetensors file ``weights``: the config is built on the
+    meta device and checked against the file's header (dtypes, bytes, names and shapes) before anything real is
+    allocated or any tensor read (``models.guard``); then built for real, weights matching exactly."""
+    family = family_for_config(cfg, where, served=True)
+    return build_checked(lambda state: family.build(cfg, state, where), weights, where, header)
+
+
+def _read_safetensors(path: Path) -> tuple[Header, dict[str, str]]:
+    """A model file's tensor header (dtypes and shapes, floating point only) and metadata; no tensor is read."""
     if not path.is_file():
         raise O2MError(f"{path}: no such model file")
     meta = read_metadata(path)
-    try:
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise O2MError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:120]})") from e
+    return tensor_header(path), meta
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -192,7 +204,7 @@ def _load_file(path: Path) -> LoadedModel:
         raise O2MError(f"{path}: pickle-based checkpoints are not loaded (unsafe); convert it to safetensors")
     if path.suffix.lower() != ".safetensors":
         raise O2MError(f"{path}: not a model file (expected .safetensors)")
-    state, meta = _read_safetensors(path)
+    header, meta = _read_safetensors(path)
     if meta.get("format") != FORMAT:
         if (path.parent / "config.json").is_file():
             return _load_diffusers_dir(path.parent, path.parent, "diffusers-model",
@@ -203,7 +215,7 @@ def _load_file(path: Path) -> LoadedModel:
     sched = _meta_json(meta, "o2m.scheduler_config", path)
     T = check_scheduler_config(sched, path)
     rng = check_timestep_range(_meta_json(meta, "o2m.timestep_range", path), T, path)
-    unet = build_unet(cfg, state, path)
+    unet = load_unet(cfg, path, path, header)
     return LoadedModel(source=path, form="o2m-file", unet=unet, scheduler_config=sched, unet_configs=[cfg],
                        ranges=[rng], sha256=sha256_file(path), conditioning=conditioning_of(cfg, meta, path))
 
@@ -218,8 +230,8 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
         raise O2MError(f"{weights}: missing model weights")
     cfg = _read_json(model_dir / "config.json")
     check_unet_config(cfg, model_dir / "config.json")
-    state, _ = _read_safetensors(weights)
-    unet = build_unet(cfg, state, weights)
+    header, _ = _read_safetensors(weights)
+    unet = load_unet(cfg, weights, weights, header)
     notes = []
     if sched_json.is_file():
         sched = _read_json(sched_json)
@@ -250,9 +262,9 @@ def _load_stage(path: Path) -> LoadedModel:
     for rec in man.models:
         check_timestep_range(list(rec.timestep_range), T, path / rec.artifact)
         check_unet_config(rec.unet_config, path / rec.artifact)
-        state, meta = _read_safetensors(path / rec.artifact)
+        header, meta = _read_safetensors(path / rec.artifact)
         metas.append(meta)
-        units.append(build_unet(rec.unet_config, state, path / rec.artifact))
+        units.append(load_unet(rec.unet_config, path / rec.artifact, path / rec.artifact, header))
         ranges.append(tuple(rec.timestep_range))
     if man.scheduler_config is None:
         raise O2MError(f"{path}: model manifest has no scheduler_config")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_file, atomic_write_json, read_metadata
+from o2mcli.fsutil import TMP_SUFFIX, atomic_file, atomic_write_json, loads_bounded, read_metadata
 
 TENSORS, STATE = "checkpoint.safetensors", "checkpoint.json"
 
@@ -52,14 +53,30 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if not tpath.is_file() or not spath.is_file():
         raise O2MError(f"{directory}: no checkpoint to resume from")
     try:
-        state = json.loads(spath.read_text())
+        state = loads_bounded(spath.read_bytes(), str(spath))
         step = int(read_metadata(tpath).get("step", -1))
+        check_state(state)
         tensors = load_file(str(tpath))
-    except (OSError, ValueError, SafetensorError, json.JSONDecodeError, O2MError) as e:
+    except (OSError, ValueError, SafetensorError, O2MError) as e:
         raise O2MError(f"{directory}: corrupt checkpoint ({e})") from e
     if step != state.get("step"):
         raise O2MError(f"{directory}: checkpoint tensors (step {step}) and state (step {state.get('step')}) disagree")
     return tensors, state
+
+
+def check_state(state: Any) -> None:
+    """The checkpoint JSON's shape, before anything trusts it: a map with a non-negative integer step and, where
+    present, lists of students and of their own-range step counts."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{STATE} holds a {type(state).__name__}, not a map")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step {step!r} is not a non-negative integer")
+    for key in ("students", "own_steps"):
+        if key in state and not isinstance(state[key], list):
+            raise ValueError(f"{key!r} is a {type(state[key]).__name__}, not a list")
+    if not all(isinstance(s, dict) for s in state.get("students", [])):
+        raise ValueError("'students' holds an entry that is not a map")
 
 
 def partial_dir(out: Path) -> Path:
@@ -67,18 +84,56 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def has_checkpoint(work: Path) -> bool:
+    """Whether a partial directory holds a checkpoint (a run stopped before its first one holds only a log)."""
+    return (work / STATE).is_file() or (work / TENSORS).is_file()
+
+
 def check_partial(out: Path, resume: bool, force: bool) -> Path:
     """The run's partial directory, after refusing a resume with nothing to resume or an unasked restart.
 
-    With ``force`` and no ``resume`` an existing partial directory may be discarded; the caller
-    removes it (under torchrun, rank 0 only).
+    The caller holds the output's lock (``o2mcli.outputs``), so a partial directory here belongs to a run that
+    is over. One with no checkpoint (stopped before its first) holds nothing to resume: removed, with a note.
+    With ``force`` and no ``resume`` an existing one may be discarded; the caller removes it (under torchrun,
+    rank 0 only).
     """
+    from o2mcli.outputs import notice
+
     work = partial_dir(out)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise O2MError(f"{work}: not a directory; o2m keeps an interrupted run's checkpoint there: move it away")
+    if work.is_dir() and not has_checkpoint(work):
+        if resume:
+            raise O2MError(f"{work}: the interrupted run stopped before its first checkpoint (written every "
+                           f"--save-every steps), so there is nothing to resume; run again without --resume")
+        if main:
+            shutil.rmtree(work)
+            notice(f"removed {work}: left by a run stopped before its first checkpoint (nothing to resume)")
+        return work
     if resume and not work.exists():
         raise O2MError(f"{work}: nothing to resume (no interrupted run for {out})")
     if work.exists() and not resume and not force:
-        raise O2MError(f"{work}: an interrupted run is there; pass --resume to continue it or --force to start over")
+        raise O2MError(f"{work}: an interrupted run is there (checkpoint at step {_step_of(work)}); pass --resume to "
+                       "continue it or --force to start over")
+    if work.is_dir() and main:
+        for tmp in work.glob(f".*{TMP_SUFFIX}"):  # a checkpoint write cut by the kill
+            tmp.unlink(missing_ok=True)
     return work
+
+
+def _step_of(work: Path) -> str:
+    try:
+        return str(int(read_metadata(work / TENSORS).get("step", "?")))
+    except (O2MError, ValueError):
+        return "?"
+
+
+def run_bytes(model: torch.nn.Module, copies: int) -> int:
+    """Disk a training run of ``copies`` models of ``model``'s size needs: the checkpoint (weights, EMA, AdamW's two
+    moments, as fp32) written beside the finished output (the EMA weights)."""
+    n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    return int(copies) * n * 4 * (4 + 1)
 
 
 def adamw_with_warmup(params, lr: float, weight_decay: float, warmup: int):

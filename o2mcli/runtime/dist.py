@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +74,21 @@ def broadcast_flag(flag: bool, state: DistState) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def agree_path(path: Path, state: DistState) -> Path:
+    """Rank 0's ``path`` on every rank: a default output name is chosen (and reserved) by rank 0 alone."""
+    if not state.enabled:
+        return path
+    dev = _comm_device()
+    data = os.fsencode(str(path)) if state.is_main else b""
+    n = torch.tensor([len(data)], dtype=torch.long, device=dev)
+    dist.broadcast(n, src=0)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
+    if state.is_main:
+        buf.copy_(torch.tensor(list(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return Path(os.fsdecode(bytes(buf.cpu().tolist())))
 
 
 def shutdown(state: DistState) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 COLUMNS = ("Model", "Params (M)", "MACs (G)", "Throughput (img/s)", "FID", "KID x1e3", "n")
 
@@ -19,6 +19,20 @@ def _num(x: float) -> str:
     if abs(x) >= 1:
         return f"{x:.2f}"
     return f"{x:.3g}"
+
+
+UNAVAILABLE = "unavailable"
+
+
+def unavailable_text(row: dict[str, Any]) -> str:
+    """'unavailable (reason)' for a row scored without its model (the samples moved away from it)."""
+    why = row.get("model_unavailable")
+    return f"{UNAVAILABLE} ({why})" if why else UNAVAILABLE
+
+
+def _measured(value: Any, show: Callable[[Any], str]) -> str:
+    """A cell of the model's measurements: ``show(value)``, or 'unavailable' where there was no model to measure."""
+    return UNAVAILABLE if value is None else show(value)
 
 
 def row_label(row: dict[str, Any]) -> str:
@@ -49,11 +63,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [
             row_label(r).replace("|", "\\|"),
-            _num(r["params"] / 1e6),
-            _num(r["macs"] / 1e9),
-            *([("-" if not r.get("deepcache") else _num(r["deepcache"]["macs"] / 1e9))] if dc else []),
-            *([("-" if r.get("macs_cfg") is None else _num(r["macs_cfg"] / 1e9))] if cfg else []),
-            _num(r["throughput"]["images_per_s"]),
+            # Params names why a row has no measurements; the other cells say only 'unavailable'.
+            unavailable_text(r).replace("|", "\\|") if r.get("params") is None else _num(r["params"] / 1e6),
+            _measured(r.get("macs"), lambda v: _num(v / 1e9)),
+            *([("-" if not r.get("deepcache") else _measured(r["deepcache"]["macs"], lambda v: _num(v / 1e9)))]
+              if dc else []),
+            *([(_num(r["macs_cfg"] / 1e9) if r.get("macs_cfg") is not None
+                 else UNAVAILABLE if r.get("model_unavailable") else "-")] if cfg else []),
+            _measured(r.get("throughput"), lambda tp: _num(tp["images_per_s"])),
             _num(r["fid"]),
             f"{_num(r['kid_mean'] * 1e3)} ± {_num(r['kid_std'] * 1e3)}",
             str(r["n_samples"]),
@@ -70,25 +87,29 @@ def markdown_report(report: dict[str, Any]) -> str:
     """``report.md``: the table, then what the numbers were measured with."""
     rows = report["rows"]
     feat, ref = report["features"], report["reference"]
-    tp = rows[0]["throughput"] if rows else {}
+    timed = [r["throughput"] for r in rows if r.get("throughput")]
+    tp = timed[0] if timed else {}
     lines = ["# o2m scores", "", markdown_table(rows), ""]
-    lines.append(f"- Device: {report['device']}; throughput = images/s of full sampling runs at batch "
-                 f"{tp.get('batch_size', '?')} ({report['throughput_repeats']} timed run{'s' if report['throughput_repeats'] != 1 else ''} after one warm-up), "
-                 "with each row's sampler and steps.")
+    if timed:
+        lines.append(f"- Device: {report['device']}; throughput = images/s of full sampling runs at batch "
+                     f"{tp.get('batch_size', '?')} ({report['throughput_repeats']} timed run{'s' if report['throughput_repeats'] != 1 else ''} after one warm-up), "
+                     "with each row's sampler and steps.")
+    else:
+        lines.append(f"- Device: {report['device']}; no throughput measured (no row's model was available).")
     lines.append(f"- Features: {feat['name']} ({feat['description']}).")
     for what in dict.fromkeys(r["macs_what"] for r in rows if r.get("macs_what")):
         lines.append(f"- MACs of text-conditioned models: {what}. The MACs column is per UNet call; "
                      "'MACs/step w/ CFG' is per sampling step with classifier-free guidance (x2).")
-    if any(r.get("deepcache") for r in rows):
+    if any(r.get("deepcache") and r["deepcache"].get("macs") is not None for r in rows):
         lines.append("- DeepCache (Ma et al. 2024): 'MACs (G)' is one full forward; 'MACs w/ DeepCache' is MACs per "
                      "call averaged over the full and partial calls the sampling run made ("
                      + "; ".join(f"{r['name']}: {r['deepcache']['full_calls']} full x "
                                  f"{_num(r['deepcache']['full_macs'] / 1e9)} G + "
                                  f"{r['deepcache']['partial_calls']} partial x "
                                  f"{_num(r['deepcache']['partial_macs'] / 1e9)} G"
-                                 for r in rows if r.get("deepcache"))
+                                 for r in rows if r.get("deepcache") and r["deepcache"].get("macs") is not None)
                      + "); throughput is timed with the same cache schedule on.")
-    for what in dict.fromkeys(r["throughput"].get("what") for r in rows if r["throughput"].get("what")):
+    for what in dict.fromkeys(t.get("what") for t in timed if t.get("what")):
         lines.append(f"- Throughput of text-conditioned models: {what}.")
     clip = report.get("clip")
     if clip:

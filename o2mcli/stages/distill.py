@@ -109,10 +109,10 @@ def run_distill(cfg: DistillConfig) -> Path:
     from o2mcli.distill.losses import kd_class
     from o2mcli.distill.plan import plan_for
     from o2mcli.distill.save import write_students
-    from o2mcli.fsutil import check_output_free
+    from o2mcli.outputs import ensure_space, reserve_output
     from o2mcli.models.io import unet_config_of
-    from o2mcli.runtime.checkpoint import check_partial
-    from o2mcli.runtime.dist import barrier, init_distributed, local_device, shutdown
+    from o2mcli.runtime.checkpoint import check_partial, partial_dir, run_bytes
+    from o2mcli.runtime.dist import agree_path, barrier, init_distributed, local_device, shutdown
 
     # 1. Refuse bad options, then bad outputs, before any work (options first: a bad --kd is not "a run is there").
     mode = MODES.resolve(cfg.mode)(cfg)
@@ -120,7 +120,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     device = resolve_device(cfg.device)
     mode.check_options()
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=[cfg.template, cfg.teacher, cfg.data, cfg.student_config])
+    reserve_output(out, cfg.force, inputs=[cfg.template, cfg.teacher, cfg.data, cfg.student_config])
     work = check_partial(out, cfg.resume, cfg.force)
 
     # 2. Inputs: the students' initialization, the teacher, the data, the timestep plan.
@@ -131,10 +131,14 @@ def run_distill(cfg: DistillConfig) -> Path:
     data = mode.load_data(spec, teacher) if spec is not None else None
     check_fit(teacher, scfg, None if data is None else data.shape, where, teacher_path)
     plan = plan_for(cfg.boundaries, teacher.num_train_timesteps, cfg.students, cfg.p_own)
+    ensure_space(out, run_bytes(student_unet, cfg.students))
 
-    # 3. Processes and devices; the engine; the loop; the students written (rank 0).
+    # 3. Processes and devices (every rank writes where rank 0 reserved); the engine; the loop; the students
+    #    written (rank 0).
     dist = init_distributed(device.type)
     try:
+        out = agree_path(out, dist)
+        work = partial_dir(out)
         device = local_device(dist, device)
         log = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else None
         engine = make_distiller(cfg, student_unet, teacher, plan, device, dist,

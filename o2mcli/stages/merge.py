@@ -171,14 +171,15 @@ def run_merge(cfg: MergeConfig) -> Path:
     """Merge the students named by ``cfg.inputs``; write one file or a ``merged`` directory at ``cfg.out``."""
     from safetensors.torch import load_file
 
-    from o2mcli.fsutil import atomic_dir, check_output_free
+    from o2mcli.outputs import atomic_dir
+    from o2mcli.outputs import reserve_output
     from o2mcli.manifest import parent_ref, write_manifest
     from o2mcli.merge import get_method
     from o2mcli.models.io import load_model, model_record, save_model_file
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=cfg.inputs)
+    reserve_output(out, cfg.force, inputs=cfg.inputs)
     students = collect_students(cfg.inputs)
     check_same_architecture(students, configs=False)  # the model classes first, named
     k = len(students)

@@ -66,7 +66,8 @@ class PruneConfig(BaseModel):
 def run_prune(cfg: PruneConfig) -> Path:
     """Prune ``cfg.teacher`` into a template; write a ``template`` stage directory at ``cfg.out``."""
     from o2mcli.devices import resolve_device
-    from o2mcli.fsutil import atomic_dir, check_output_free
+    from o2mcli.outputs import atomic_dir
+    from o2mcli.outputs import reserve_output
     from o2mcli.manifest import parent_ref, write_manifest
     from o2mcli.models.io import load_model, model_record, save_model_file, unet_config_of
     from o2mcli.pruning.importance import get_importance
@@ -78,7 +79,7 @@ def run_prune(cfg: PruneConfig) -> Path:
     if cfg.target_macs is not None and cfg.target_macs <= 0:
         raise OptionError("target_macs", cfg.target_macs, "must be positive")
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=[cfg.teacher, cfg.data])
+    reserve_output(out, cfg.force, inputs=[cfg.teacher, cfg.data])
     teacher_path = resolve_model_spec(cfg.teacher)
     device = resolve_device(cfg.device)
     if cfg.blocks is not None and cfg.drop_blocks is not None:

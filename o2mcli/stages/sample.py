@@ -36,7 +36,9 @@ from o2mcli.data.prompts import read_prompts
 from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError, OptionError
-from o2mcli.fsutil import atomic_dir, atomic_write_bytes, check_output_free
+from o2mcli.fsutil import atomic_write_bytes
+from o2mcli.outputs import atomic_dir
+from o2mcli.outputs import ensure_space, reserve_output
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.parsing import int_list
 from o2mcli.viz import grid_image, save_png, to_uint8
@@ -99,12 +101,13 @@ class Condition:
 def run_sample(cfg: SampleConfig) -> Path:
     """Sample ``cfg.n`` images from ``cfg.model``; write a ``samples`` stage directory at ``cfg.out``."""
     from o2mcli.diffusion.sampler import sample_images
+    from o2mcli.models.denoise import input_shape
     from o2mcli.models.group import StudentGroup
     from o2mcli.models.io import load_model
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=[cfg.model, cfg.prompts, cfg.pipeline])
+    reserve_output(out, cfg.force, inputs=[cfg.model, cfg.prompts, cfg.pipeline])
     if cfg.prompt is not None and cfg.prompts is not None:
         raise OptionError("prompts", str(cfg.prompts), "give --prompt or --prompts, not both")
     prompts = list(cfg.prompt) if cfg.prompt is not None else (
@@ -152,7 +155,11 @@ def run_sample(cfg: SampleConfig) -> Path:
                                   f"{model_path} is not text-conditioned (prompts are for Stable Diffusion models)")
         condition = class_condition(conditioning, cfg, model_path)
 
-    # 3. Sample.
+    # 3. Sample, once the output's file system has room for the images (a decoded latent is 8x larger a side,
+    #    3 channels; the PNGs roughly double the bytes).
+    c_in, h_in, w_in = input_shape(unet)
+    pixels = 3 * (8 * h_in) * (8 * w_in) if condition.decode is not None else c_in * h_in * w_in
+    ensure_space(out, cfg.n * pixels * (2 if cfg.png else 1))
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
                              cfg.seed, device, cond=condition.cond, guidance=condition.guidance,

@@ -80,8 +80,45 @@ def is_text_conditioned(loaded) -> bool:
 
 # 2. The model that made the samples ---------------------------------------------------------------
 
+def model_unavailable(path: str) -> Optional[str]:
+    """Why the samples' parent model cannot be measured here (it is gone or unreadable), or None when it can be
+    opened (then it is loaded and checked against the recorded hash: a changed model is refused, not skipped).
+
+    Samples travel without their model (copied to another machine, the model deleted): FID and KID need only the
+    images, so an absent model costs the row its params, MACs and throughput, not the whole score.
+    """
+    import os
+
+    p = Path(path)
+    if not os.path.lexists(p) or not p.exists():  # a dangling symlink is as gone as a missing path
+        return f"{path}: no such file or directory"
+    try:
+        if p.is_dir():
+            os.listdir(p)
+        else:
+            with open(p, "rb") as f:
+                f.read(1)
+    except PermissionError:
+        return f"{path}: not readable (permission denied)"
+    except OSError as e:
+        return f"{path}: not readable ({e.strerror or e})"
+    return None
+
+
+def unmeasured_model(man, reason: str) -> dict[str, Any]:
+    """The model fields of a row whose model is unavailable: its name and hash as the samples recorded them,
+    no params, MACs or throughput, and the reason."""
+    parent = man.parents[0]
+    return {"model": None, "model_name": Path(parent.path).name, "model_sha256": parent.sha256,
+            "model_form": None, "students": None, "params": None, "macs": None, "macs_cfg": None,
+            "text_conditioned": None, "macs_what": None, "partial_macs": None, "throughput": None,
+            "model_unavailable": reason,
+            "model_notes": [f"params, MACs and throughput unavailable: {reason} (FID/KID are from the samples alone)"]}
+
+
 def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig) -> dict[str, Any]:
-    """Params, MACs and throughput of the samples' parent model, refusing one changed since sampling."""
+    """Params, MACs and throughput of the samples' parent model, refusing one changed since sampling; a model
+    that is gone or unreadable gives a row without them (see :func:`model_unavailable`)."""
     from o2mcli.diffusion.sampler import measure_throughput
     from o2mcli.models.denoise import input_shape
     from o2mcli.models.families.unet2d_condition import SHAPE_TOKENS
@@ -89,6 +126,9 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     from o2mcli.models.stats import count_deepcache_macs, count_macs, count_params
 
     parent = man.parents[0]
+    reason = model_unavailable(parent.path)
+    if reason is not None:
+        return unmeasured_model(man, reason)
     try:
         loaded = load_model(parent.path, device=device)
     except O2MError as e:
@@ -128,7 +168,8 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     return {"model": parent.path, "model_name": Path(parent.path).name, "model_sha256": loaded.sha256,
             "model_form": loaded.form, "students": len(loaded.ranges), "params": int(params), "macs": int(macs),
             "macs_cfg": int(2 * macs) if text else None, "text_conditioned": text, "macs_what": macs_what,
-            "partial_macs": partial_macs, "throughput": tp, "model_notes": notes + list(loaded.notes)}
+            "partial_macs": partial_macs, "throughput": tp, "model_unavailable": None,
+            "model_notes": notes + list(loaded.notes)}
 
 
 def deepcache_of(man, samples_dir: Path):
@@ -143,9 +184,10 @@ def deepcache_of(man, samples_dir: Path):
     return DeepCacheSpec(int(n), int(man.config.get("cache_branch") or 0))
 
 
-def deepcache_summary(man, samples_dir: Path, full_macs: int, partial_macs: Optional[int]) -> Optional[dict[str, Any]]:
+def deepcache_summary(man, samples_dir: Path, full_macs: Optional[int],
+                      partial_macs: Optional[int]) -> Optional[dict[str, Any]]:
     """The row's DeepCache record: schedule, calls made (from the samples' manifest), full and partial MACs per
-    call and their average over the calls made."""
+    call and their average over the calls made (MACs None where the model was unavailable)."""
     from o2mcli.diffusion.deepcache import average_macs
 
     spec = deepcache_of(man, samples_dir)
@@ -153,16 +195,21 @@ def deepcache_summary(man, samples_dir: Path, full_macs: int, partial_macs: Opti
         return None
     rec = man.summary["deepcache"]
     full, partial = int(rec["full_calls"]), int(rec["partial_calls"])
+    if full_macs is None or partial_macs is None:  # the model is unavailable: the schedule and calls, no MACs
+        return {"interval": spec.interval, "branch": spec.branch, "full_calls": full, "partial_calls": partial,
+                "full_macs": None, "partial_macs": None, "macs": None, "macs_saved": None}
     avg = average_macs(full, partial, full_macs, partial_macs)
     return {"interval": spec.interval, "branch": spec.branch, "full_calls": full, "partial_calls": partial,
             "full_macs": int(full_macs), "partial_macs": int(partial_macs), "macs": float(avg),
             "macs_saved": 1.0 - avg / full_macs}
 
 
-def effective_macs(row: dict[str, Any]) -> float:
-    """MACs per call as sampled: the DeepCache average where the samples used it, else the full forward's."""
+def effective_macs(row: dict[str, Any]) -> Optional[float]:
+    """MACs per call as sampled: the DeepCache average where the samples used it, else the full forward's; None
+    where the model was unavailable."""
     dc = row.get("deepcache")
-    return float(dc["macs"]) if dc else float(row["macs"])
+    macs = dc["macs"] if dc else row.get("macs")
+    return None if macs is None else float(macs)
 
 
 def _g(macs: int) -> str:
@@ -176,8 +223,11 @@ def run_score(cfg: ScoreConfig) -> Path:
     from o2mcli.data import load_dataset, load_samples
     from o2mcli.data.samples import load_sample_labels, load_sample_prompts
     from o2mcli.devices import resolve_device
-    from o2mcli.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_free
+    from o2mcli.fsutil import atomic_write_bytes, atomic_write_json
+    from o2mcli.outputs import atomic_dir
+    from o2mcli.outputs import reserve_output
     from o2mcli.manifest import parent_ref, write_manifest
+    from o2mcli.outputs import notice
     from o2mcli.scoring.features import get_extractor, resolve_name
     from o2mcli.scoring.metrics import fid_from_features, kid_from_features, kid_subset_size, size_warnings
     from o2mcli.scoring.report import markdown_report
@@ -185,7 +235,7 @@ def run_score(cfg: ScoreConfig) -> Path:
 
     # 1. Refuse bad outputs and inputs before any work.
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=[*cfg.samples, cfg.ref, cfg.inception_weights, cfg.clip_weights])
+    reserve_output(out, cfg.force, inputs=[*cfg.samples, cfg.ref, cfg.inception_weights, cfg.clip_weights])
     dirs = [Path(d) for d in cfg.samples]
     resolved = [d.resolve() for d in dirs]
     if len(set(resolved)) != len(resolved):
@@ -227,7 +277,7 @@ def run_score(cfg: ScoreConfig) -> Path:
     notes = size_warnings(len(ref), extractor.dim, f"reference images ({cfg.ref})")
 
     # 4. One row per samples directory.
-    rows, models = [], {}
+    rows, models, noticed = [], {}, set()
     for d, man, images in loaded:
         warnings: list[str] = []
         feats = extractor(_to_float01(images))
@@ -246,11 +296,17 @@ def run_score(cfg: ScoreConfig) -> Path:
                man.config.get("deepcache"), man.config.get("cache_branch"))
         if key not in models:
             models[key] = measure_model(man, d, device, cfg)
+            why = models[key]["model_unavailable"]
+            if why and why not in noticed:  # one line per missing model, however many rows it made
+                noticed.add(why)
+                notice(f"{d}: the model that made these samples is unavailable ({why}); scoring FID/KID from the "
+                       "samples alone, params, MACs and throughput marked unavailable")
         m = models[key]
         warnings += m["model_notes"]
         rows.append({
             "name": d.name, "samples": str(d.resolve()), "model": m["model"], "model_name": m["model_name"],
-            "model_sha256": m["model_sha256"], "model_form": m["model_form"], "students": m["students"],
+            "model_sha256": m["model_sha256"], "model_unavailable": m["model_unavailable"],
+            "model_form": m["model_form"], "students": m["students"],
             "params": m["params"], "macs": m["macs"], "macs_cfg": m["macs_cfg"],
             "text_conditioned": m["text_conditioned"], "macs_what": m["macs_what"],
             "deepcache": deepcache_summary(man, d, m["macs"], m["partial_macs"]),
@@ -284,7 +340,9 @@ def run_score(cfg: ScoreConfig) -> Path:
         "notes": notes,
     }
     summary = {"rows": [{"name": r["name"], "fid": r["fid"], "kid_mean": r["kid_mean"], "params": r["params"],
-                         "macs": r["macs"], "images_per_s": r["throughput"]["images_per_s"],
+                         "macs": r["macs"],
+                         "images_per_s": None if r["throughput"] is None else r["throughput"]["images_per_s"],
+                         **({"model_unavailable": r["model_unavailable"]} if r["model_unavailable"] else {}),
                          **({"macs_deepcache": r["deepcache"]["macs"]} if r["deepcache"] else {}),
                          **({"clip_score": r["clip_score"]} if r["clip_score"] is not None else {}),
                          **({"macs_cfg": r["macs_cfg"]} if r["macs_cfg"] is not None else {})} for r in rows],
@@ -292,9 +350,11 @@ def run_score(cfg: ScoreConfig) -> Path:
     with atomic_dir(out, force=cfg.force) as tmp:
         atomic_write_json(tmp / "report.json", report)
         atomic_write_bytes(tmp / "report.md", markdown_report(report).encode())
-        line_plot({r["name"]: ([effective_macs(r) / 1e9], [r["fid"]]) for r in rows}, tmp / "fid_vs_macs.png",
-                  title="FID against MACs (O2MKD paper, Fig. 6 style)", xlabel="GMACs per denoising step",
-                  ylabel="FID")
+        measured = [r for r in rows if effective_macs(r) is not None]  # a row without its model has no MACs
+        if measured:
+            line_plot({r["name"]: ([effective_macs(r) / 1e9], [r["fid"]]) for r in measured},
+                      tmp / "fid_vs_macs.png", title="FID against MACs (O2MKD paper, Fig. 6 style)",
+                      xlabel="GMACs per denoising step", ylabel="FID")
         _grids(dirs, tmp / "grids.png")
         write_manifest(tmp, "scores", cfg.model_dump(mode="json"), parents=[parent_ref(d) for d in dirs],
                        summary=summary)

@@ -13,11 +13,12 @@ from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError
 from o2mcli.parsing import int_list
-from o2mcli.fsutil import atomic_dir, check_output_free
+from o2mcli.outputs import atomic_dir
+from o2mcli.outputs import ensure_space, reserve_output
 from o2mcli.manifest import write_manifest
 from o2mcli.models.configs import scheduler_config, unet_config
 from o2mcli.models.io import build_unet, model_record, save_model_file
-from o2mcli.runtime.checkpoint import check_partial
+from o2mcli.runtime.checkpoint import check_partial, run_bytes
 from o2mcli.runtime.run import read_jsonl, seed_everything
 from o2mcli.viz import line_plot
 
@@ -83,7 +84,7 @@ def run_train(cfg: TrainConfig) -> Path:
         raise O2MError(f"--attention-level {cfg.attention_level}: must index one of {len(cfg.block_out_channels)} levels")
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    check_output_free(out, cfg.force, inputs=[cfg.data])
+    reserve_output(out, cfg.force, inputs=[cfg.data])
     work = check_partial(out, cfg.resume, cfg.force)
 
     # 2. Data and model.
@@ -116,6 +117,7 @@ def run_train(cfg: TrainConfig) -> Path:
             raise O2MError(str(e)) from e
         model = build_unet(ucfg, None, out)
     scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps)
+    ensure_space(out, run_bytes(model, 1))
     hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
                   ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
 

@@ -39,20 +39,26 @@ def build_from_config(model_cls: Any, cfg: dict[str, Any], state: Optional[dict[
 
 def load_state_exact(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Load ``state`` into ``model``, refusing (one line) any missing, unexpected or misshapen tensor."""
+    check_state_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                       {k: tuple(v.shape) for k, v in state.items()}, where)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: Path) -> None:
+    """A model's tensor shapes (``own``) against the weights' (``found``, from tensors or a safetensors header):
+    one line naming the first missing, unexpected or misshapen tensor."""
     from o2mcli.errors import O2MError
 
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise O2MError(f"{where}: config does not match the weights ({what}; "
                        f"{len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise O2MError(f"{where}: config does not match the weights ({k}: weights {tuple(v.shape)}, "
-                           f"config expects {tuple(own[k].shape)})")
-    model.load_state_dict(state, strict=True)
+    for k, shape in found.items():
+        if tuple(own[k]) != tuple(shape):
+            raise O2MError(f"{where}: config does not match the weights ({k}: weights {tuple(shape)}, "
+                           f"config expects {tuple(own[k])})")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -67,16 +67,16 @@ def _weights_path(folder: Path, name: str) -> Path:
     return path
 
 
-def _weights(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """A part's safetensors state and its sha256."""
-    from safetensors.torch import load_file
+def _checked(folder: Path, name: str, build: Callable[[dict[str, torch.Tensor] | None], nn.Module],
+             allow_int: Callable[[str], bool] = lambda k: False,
+             ignore: Callable[[str], bool] = lambda k: False) -> tuple[nn.Module, str]:
+    """A part built by ``build(state)`` from its safetensors weights, once ``build(None)`` on the meta device has
+    matched the file's header (floating-point dtypes, bytes, names and shapes; ``models.guard``), and its sha256."""
+    from o2mcli.models.guard import build_checked, tensor_header
 
     path = _weights_path(folder, name)
     digest = sha256_file(path)
-    try:
-        return load_file(str(path)), digest
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise O2MError(f"{path}: not a readable safetensors file ({e})") from e
+    return build_checked(build, path, folder, tensor_header(path, allow_int), ignore), digest
 
 
 def check_sd_layout(root: Path) -> None:
@@ -118,24 +118,31 @@ def text_conditioning(root: Path) -> dict[str, Any]:
 def _load_vae(root: Path) -> tuple[nn.Module, str]:
     from diffusers import AutoencoderKL
 
-    state, digest = _weights(root / "vae", "vae")
-    return build_from_config(AutoencoderKL, _json(root / "vae" / "config.json"), state, root / "vae"), digest
+    cfg = _json(root / "vae" / "config.json")
+    return _checked(root / "vae", "vae", lambda state: build_from_config(AutoencoderKL, cfg, state, root / "vae"))
 
 
 def _load_text(root: Path) -> tuple[nn.Module, Any, str]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     try:
-        text = CLIPTextModel(CLIPTextConfig.from_json_file(str(root / "text_encoder" / "config.json")))
+        config = CLIPTextConfig.from_json_file(str(root / "text_encoder" / "config.json"))
     except (OSError, TypeError, ValueError, KeyError) as e:
         raise O2MError(f"{root / 'text_encoder'}: invalid CLIP text config ({e})") from e
-    state, digest = _weights(root / "text_encoder", "text_encoder")
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older exports carry
-    own = {k for k in text.state_dict() if not k.endswith("position_ids")}
-    if set(state) != own:
-        raise O2MError(f"{root / 'text_encoder'}: config does not match the weights "
-                       f"({sorted(own ^ set(state))[0]})")
-    text.load_state_dict(state, strict=False)
+
+    def build(state: dict[str, torch.Tensor] | None) -> nn.Module:
+        try:
+            text = CLIPTextModel(config)
+        except (TypeError, ValueError, KeyError) as e:
+            raise O2MError(f"{root / 'text_encoder'}: invalid CLIP text config ({e})") from e
+        if state is not None:
+            state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+            text.load_state_dict(state, strict=False)  # names and shapes matched by the guard, position_ids aside
+        return text
+
+    # position_ids: an integer buffer older exports carry (newer transformers rebuild it); the only non-float tensor
+    position_ids = lambda k: k.endswith("position_ids")  # noqa: E731
+    text, digest = _checked(root / "text_encoder", "text_encoder", build, allow_int=position_ids, ignore=position_ids)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -155,11 +162,12 @@ def load_sd_parts(path: Path, device: torch.device | str = "cpu", unet: bool = T
     hashes = {}
     model = None
     if unet:
-        state, hashes["unet"] = _weights(root / "unet", "unet")
         # (the family's own checks, built here without importing the family, which imports this module)
         cfg = _json(root / "unet" / "config.json")
         check_unet_sizes(cfg, root / "unet", extra=TEXT_BOUNDS)
-        model = build_from_config(UNet2DConditionModel, cfg, state, root / "unet").to(device).eval()
+        model, hashes["unet"] = _checked(root / "unet", "unet", lambda state: build_from_config(
+            UNet2DConditionModel, cfg, state, root / "unet"))
+        model = model.to(device).eval()
     vae, hashes["vae"] = _load_vae(root)
     text, tokenizer, hashes["text_encoder"] = _load_text(root)
     hashes["tokenizer"] = tokenizer_digest(root / "tokenizer")
