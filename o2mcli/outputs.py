@@ -2,7 +2,7 @@
 checked, what killed runs left beside the output cleaned up or put back), and put in place in one step when done.
 
 A run holds ``.NAME.o2m-lock`` beside its output ``NAME`` (an ``flock``, released by the kernel when the process
-dies, so a killed run never leaves a stale lock) from before its first piece of work until it exits. The lock
+dies, so the file a killed run leaves blocks nothing) from before its first piece of work until it exits. The lock
 covers everything of that name: the output, its ``NAME.partial/`` checkpoint directory and the hidden temporaries
 of its atomic writes. So two runs never write the same output, a default output (``samples``, ``samples-2``...)
 is taken exclusively, a ``--resume`` never continues a run that is still going, and whatever hidden temporaries
@@ -307,11 +307,13 @@ def _move(src: Path, dst: Path, flags: int) -> bool:
     return _renameat2(src, dst, flags)
 
 
-def _kept_name(path: Path) -> Path:
+def kept_name(path: Path) -> Path:
+    """Where a finished output goes when its path was taken while the run worked: ``NAME.o2m-kept-PID`` (a file
+    keeps its suffix: ``merged.o2m-kept-PID.safetensors``)."""
     i = os.getpid()
     while True:
-        kept = path.with_name(f"{path.name}.o2m-kept-{i}")
-        if not kept.exists():
+        kept = path.with_name(f"{path.stem}.o2m-kept-{i}{path.suffix}")
+        if not (kept.exists() or kept.is_symlink()):
             return kept
         i += 1
 
@@ -339,7 +341,7 @@ def _publish(tmp: Path, path: Path, force: bool) -> None:
     try:
         check_output_free(path, force)
     except O2MError as e:
-        kept = _kept_name(path)
+        kept = kept_name(path)
         _move(tmp, kept, 0)
         raise O2MError(f"{e} (it appeared while this run worked; the finished output is kept as {kept})") from e
     if _move(tmp, path, RENAME_EXCHANGE):

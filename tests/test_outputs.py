@@ -36,8 +36,9 @@ def _start(args: list, cwd: Path) -> subprocess.Popen:
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``path`` exists and is not empty (a lock file is written once its flock is held)."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not (path.exists() and path.stat().st_size > 0):
         if proc.poll() is not None:
             raise AssertionError(f"ended before {path} appeared: {proc.communicate()}")
         if time.time() > deadline:
@@ -47,7 +48,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def _stopped_holding(args: list, cwd: Path, name: str) -> subprocess.Popen:
-    """An o2m run frozen (SIGSTOP) right after it reserved ``name``: the second run meets it mid-work."""
+    """An o2m run frozen (SIGSTOP) once it holds ``name``'s lock: the second run meets it mid-work."""
     proc = _start(args, cwd)
     _wait_for(cwd / f".{name}.o2m-lock", proc)
     os.kill(proc.pid, signal.SIGSTOP)
@@ -126,19 +127,24 @@ def test_a_distill_run_is_locked_against_a_second_and_its_partial_is_not_a_dead_
     assert (tmp_path / "st" / "manifest.json").is_file() and not (tmp_path / "st.partial").exists()
 
 
-def test_an_output_that_appears_during_the_run_is_not_replaced_and_the_work_is_kept(tmp_path: Path,
-                                                                                   teacher: Path) -> None:
-    a = _stopped_holding(["sample", teacher, *LONG_SAMPLE, "-o", "out"], tmp_path, "out")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "mine.txt").write_text("not o2m's")
-    code, out, err = _finish(a)
-    assert code == 2 and "appeared while this run worked" in err, err
-    kept = tmp_path / f"out.o2m-kept-{a.pid}"
-    assert str(kept.name) in err
-    assert (tmp_path / "out" / "mine.txt").read_text() == "not o2m's"
+def test_an_output_that_appears_during_the_run_is_not_replaced_and_the_work_is_kept(in_tmp: Path, teacher: Path,
+                                                                                   monkeypatch) -> None:
+    import o2mcli.diffusion.sampler as sampler
     from o2mcli.manifest import read_manifest
 
-    assert read_manifest(kept).summary["n"] == 6
+    real = sampler.sample_images
+
+    def meanwhile(*a, **k):  # another program makes the output while the images are being sampled
+        (in_tmp / "out").mkdir()
+        (in_tmp / "out" / "mine.txt").write_text("not o2m's")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampler, "sample_images", meanwhile)
+    res = cli("sample", teacher, *SHORT_SAMPLE, "-o", "out")
+    kept = in_tmp / f"out.o2m-kept-{os.getpid()}"
+    assert_refused(res, "appeared while this run worked", kept.name)
+    assert (in_tmp / "out" / "mine.txt").read_text() == "not o2m's"
+    assert read_manifest(kept).summary["n"] == 2
 
 
 # 2. Faults at each rename of the swap -------------------------------------------------------------------------
@@ -374,3 +380,25 @@ def test_the_next_run_of_an_output_removes_a_killed_runs_temporaries_and_says_so
     assert res.exit_code == 0, res.output
     assert "note: removed 1 unfinished temporary output" in res.stderr and left.name in res.stderr
     assert not left.exists() and other.exists()
+
+
+def test_a_file_output_that_appears_during_the_run_is_not_replaced_and_the_weights_are_kept(
+        in_tmp: Path, teacher: Path, monkeypatch) -> None:
+    import o2mcli.stages.merge as merge
+    from o2mcli.fsutil import read_metadata
+    from o2mcli.models.io import load_model
+
+    template = run_prune(PruneConfig(teacher=str(teacher), ratio=0.5, throughput=False, out=in_tmp / "template"))
+    assert cli("distill", template, *DISTILL, "--steps", "2", "-o", "st").exit_code == 0
+    real = merge.check_same_architecture
+
+    def meanwhile(*a, **k):  # another program writes the output file while the students are being merged
+        (in_tmp / "m.safetensors").write_bytes(b"someone else's")
+        return real(*a, **k)
+
+    monkeypatch.setattr(merge, "check_same_architecture", meanwhile)
+    res = cli("merge", "st", "-o", "m.safetensors")
+    kept = in_tmp / f"m.o2m-kept-{os.getpid()}.safetensors"
+    assert_refused(res, "appeared while this run worked", kept.name)
+    assert (in_tmp / "m.safetensors").read_bytes() == b"someone else's"
+    assert read_metadata(kept)["o2m.kind"] == "merged" and load_model(kept).unet is not None

@@ -351,9 +351,20 @@ def unet_config_of(unet: nn.Module) -> dict[str, Any]:
 def save_model_file(path: Path, unet: nn.Module, scheduler_config: dict[str, Any], *, kind: str,
                     timestep_range: tuple[int, int] | None = None, provenance: dict[str, Any] | None = None,
                     force: bool = False) -> Path:
-    """Write one self-describing safetensors model atomically (refuses to overwrite without ``force``)."""
+    """Write one self-describing safetensors model atomically (refuses to overwrite without ``force``). An output this
+    run reserved that something else created meanwhile is not replaced: the weights are kept beside it, and said."""
+    from o2mcli.outputs import is_held, kept_name
+
     path = Path(path)
-    check_output_free(path, force)
+    try:
+        check_output_free(path, force)
+    except O2MError as e:
+        if not is_held(path):
+            raise
+        kept = kept_name(path)
+        save_model_file(kept, unet, scheduler_config, kind=kind, timestep_range=timestep_range,
+                        provenance=provenance)
+        raise O2MError(f"{e} (it appeared while this run worked; the finished output is kept as {kept})") from e
     T = int(scheduler_config.get("num_train_timesteps", 1000))
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
     meta = {
