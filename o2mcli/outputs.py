@@ -100,12 +100,18 @@ def _holder(lock: Path) -> str:
         return "a run that is still starting"
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path`` and its parents that exists (where a new output's directories would start)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _writable_parent(path: Path) -> Path:
     """Create the output's parent directories, refusing a parent that is a file or cannot be written."""
     parent = Path(path).parent
-    existing = parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _existing_ancestor(parent)
     if not existing.is_dir():
         raise O2MError(f"{path}: cannot create it: {existing} is a file, not a directory")
     try:
@@ -189,9 +195,7 @@ def recover_leftovers(path: Path) -> list[str]:
 
 def ensure_space(path: Path, need_bytes: int) -> None:
     """Refuse to start when the output's file system has less free space than the output needs (an estimate)."""
-    parent = Path(path).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _existing_ancestor(Path(path).parent)
     free = shutil.disk_usage(parent).free
     need = int(need_bytes) + MIN_FREE_BYTES
     if free < need:

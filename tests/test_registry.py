@@ -59,7 +59,7 @@ def test_string_forms_are_parsed_by_the_configs() -> None:
 
 
 def test_library_errors_name_the_field_and_the_cli_the_flag() -> None:
-    from o2mcli.cli.app import flag
+    from o2mcli.errors import flag_name as flag
     from o2mcli.distill.plan import TimestepPlan
     from o2mcli.errors import OptionError
 

@@ -31,11 +31,6 @@ def debug_enabled() -> bool:
     return _state["debug"]
 
 
-def flag(field: str) -> str:
-    """The command-line flag of a config field."""
-    return flag_name(field)
-
-
 def _text(value: Any) -> str:
     """A value as the user typed it: text quoted, a list comma-separated."""
     if isinstance(value, str):
@@ -72,7 +67,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OptionError as e:
             if debug_enabled():
                 raise
-            fail(f"{flag(e.field)} {_text(e.value)}: {e.reason}")
+            fail(f"{flag_name(e.field)} {_text(e.value)}: {e.reason}")
         except O2MError as e:
             if debug_enabled():
                 raise
@@ -81,7 +76,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if debug_enabled():
                 raise
             err = e.errors()[0]
-            loc = flag("_".join(str(x) for x in err["loc"][:1])) if err["loc"] else "options"
+            loc = flag_name("_".join(str(x) for x in err["loc"][:1])) if err["loc"] else "options"
             fail(f"{loc} {_text(err.get('input'))}: {err['msg'].removeprefix('Value error, ')}")
         except OSError as e:
             # Out of space, read-only or permission denied: the environment, not a bug. Atomic writes

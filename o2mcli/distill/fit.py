@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, flag_name
 from o2mcli.runtime.checkpoint import load_checkpoint, save_checkpoint
 from o2mcli.runtime.dist import barrier
 from o2mcli.runtime.run import JsonlLog, progress
@@ -50,8 +50,6 @@ class _Quiet(list):
 
 def settings_diff(saved: Any, now: dict) -> str:
     """The settings a resume changes, as ``--flag <checkpoint's> (now <this run's>)``, the first three."""
-    from o2mcli.errors import flag_name
-
     if not isinstance(saved, dict):
         return "the checkpoint records none"
     keys = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
@@ -71,7 +69,8 @@ def fit(engine: Any, plan: FitPlan, work: Path, fingerprint: dict,
     if plan.resume:
         tensors, state = load_checkpoint(work)
         if state.get("config_fingerprint") != fingerprint:
-            raise O2MError(f"{work}: checkpoint was made with other settings: {settings_diff(state.get('config_fingerprint'), fingerprint)}; resume with the same options")
+            diff = settings_diff(state.get("config_fingerprint"), fingerprint)
+            raise O2MError(f"{work}: checkpoint was made with other settings: {diff}; resume with the same options")
         start = engine.load_state(tensors, state)
         init_info = state.get("init_info", {})
         last_good = start

@@ -21,7 +21,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import atomic_file, atomic_write_json, check_output_free, loads_bounded, read_metadata, sha256_file
-from o2mcli.outputs import atomic_dir
+from o2mcli.outputs import atomic_dir, is_held, kept_name
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
 from o2mcli.models.configs import check_int_in, is_learned_variance
 from o2mcli.models.families import family_for_config, family_of
@@ -353,8 +353,6 @@ def save_model_file(path: Path, unet: nn.Module, scheduler_config: dict[str, Any
                     force: bool = False) -> Path:
     """Write one self-describing safetensors model atomically (refuses to overwrite without ``force``). An output this
     run reserved that something else created meanwhile is not replaced: the weights are kept beside it, and said."""
-    from o2mcli.outputs import is_held, kept_name
-
     path = Path(path)
     try:
         check_output_free(path, force)

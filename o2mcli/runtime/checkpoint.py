@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import TMP_SUFFIX, atomic_file, atomic_write_json, loads_bounded, read_metadata
+from o2mcli.outputs import notice
 
 TENSORS, STATE = "checkpoint.safetensors", "checkpoint.json"
 
@@ -97,8 +98,6 @@ def check_partial(out: Path, resume: bool, force: bool) -> Path:
     With ``force`` and no ``resume`` an existing one may be discarded; the caller removes it (under torchrun,
     rank 0 only).
     """
-    from o2mcli.outputs import notice
-
     work = partial_dir(out)
     main = int(os.environ.get("RANK", "0")) == 0
     if work.is_symlink() or (work.exists() and not work.is_dir()):

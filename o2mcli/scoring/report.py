@@ -91,8 +91,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     tp = timed[0] if timed else {}
     lines = ["# o2m scores", "", markdown_table(rows), ""]
     if timed:
+        runs = report["throughput_repeats"]
         lines.append(f"- Device: {report['device']}; throughput = images/s of full sampling runs at batch "
-                     f"{tp.get('batch_size', '?')} ({report['throughput_repeats']} timed run{'s' if report['throughput_repeats'] != 1 else ''} after one warm-up), "
+                     f"{tp.get('batch_size', '?')} ({runs} timed run{'s' if runs != 1 else ''} after one warm-up), "
                      "with each row's sampler and steps.")
     else:
         lines.append(f"- Device: {report['device']}; no throughput measured (no row's model was available).")

@@ -171,8 +171,7 @@ def run_merge(cfg: MergeConfig) -> Path:
     """Merge the students named by ``cfg.inputs``; write one file or a ``merged`` directory at ``cfg.out``."""
     from safetensors.torch import load_file
 
-    from o2mcli.outputs import atomic_dir
-    from o2mcli.outputs import reserve_output
+    from o2mcli.outputs import atomic_dir, reserve_output
     from o2mcli.manifest import parent_ref, write_manifest
     from o2mcli.merge import get_method
     from o2mcli.models.io import load_model, model_record, save_model_file

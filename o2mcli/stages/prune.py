@@ -66,8 +66,7 @@ class PruneConfig(BaseModel):
 def run_prune(cfg: PruneConfig) -> Path:
     """Prune ``cfg.teacher`` into a template; write a ``template`` stage directory at ``cfg.out``."""
     from o2mcli.devices import resolve_device
-    from o2mcli.outputs import atomic_dir
-    from o2mcli.outputs import reserve_output
+    from o2mcli.outputs import atomic_dir, reserve_output
     from o2mcli.manifest import parent_ref, write_manifest
     from o2mcli.models.io import load_model, model_record, save_model_file, unet_config_of
     from o2mcli.pruning.importance import get_importance

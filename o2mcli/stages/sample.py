@@ -37,8 +37,7 @@ from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.fsutil import atomic_write_bytes
-from o2mcli.outputs import atomic_dir
-from o2mcli.outputs import ensure_space, reserve_output
+from o2mcli.outputs import atomic_dir, ensure_space, reserve_output
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.parsing import int_list
 from o2mcli.viz import grid_image, save_png, to_uint8

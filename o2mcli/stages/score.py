@@ -224,10 +224,8 @@ def run_score(cfg: ScoreConfig) -> Path:
     from o2mcli.data.samples import load_sample_labels, load_sample_prompts
     from o2mcli.devices import resolve_device
     from o2mcli.fsutil import atomic_write_bytes, atomic_write_json
-    from o2mcli.outputs import atomic_dir
-    from o2mcli.outputs import reserve_output
+    from o2mcli.outputs import atomic_dir, notice, reserve_output
     from o2mcli.manifest import parent_ref, write_manifest
-    from o2mcli.outputs import notice
     from o2mcli.scoring.features import get_extractor, resolve_name
     from o2mcli.scoring.metrics import fid_from_features, kid_from_features, kid_subset_size, size_warnings
     from o2mcli.scoring.report import markdown_report
