@@ -59,17 +59,22 @@ def _fake_table_run(work: Path, fids: dict[str, float]) -> None:
         (work / name / "manifest.json").write_text(json.dumps({"config": cfg, "summary": {"buffer": {"slots": 25600}}}))
 
 
+def _main_table_page(tmp_path: Path, monkeypatch, fids: dict, docs: Path) -> str:
+    """A faked main-table run scored with ``fids``, written by results_md.py into ``docs``: the page."""
+    _fake_table_run(tmp_path / "work", fids)
+    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
+                                      "--seconds", "2400"])
+    _results_md().main()
+    return (docs / "results.md").read_text()
+
+
 def test_results_page_reports_the_expectations_as_measured(tmp_path: Path, monkeypatch) -> None:
     """docs/results.md generation: every row in the table, each expectation judged by the numbers, both ways."""
     fids = {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0, "r0.3-o2okd": 2.0, "r0.3-o2okd-4x": 1.5,
             "r0.3-o2mkd": 2.5,
             "r0.3-o2mkd-merged": 2.55, "r0.3-dkdm": 2.1, "r0.3-dfo2mkd": 2.05, "r0.3-dfo2mkd-merged": 2.0}
-    _fake_table_run(tmp_path / "work", fids)
     docs = tmp_path / "docs"
-    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
-                                      "--seconds", "2400"])
-    _results_md().main()
-    page = (docs / "results.md").read_text()
+    page = _main_table_page(tmp_path, monkeypatch, fids, docs)
     assert (docs / "results-fid-vs-macs.png").is_file() and (docs / "results-report.json").is_file()
     assert "40.0 minutes" in page and "but the 4x-steps one: 400 optimizer steps x batch 64" in page and "25600 slots" in page
     table = [line for line in page.splitlines() if line.startswith("| ")][1:]
@@ -183,11 +188,7 @@ def test_conditional_section_is_judged_and_survives_the_main_table(tmp_path: Pat
     _results_md("results_cond_md").main()
     assert (docs / "results.md").read_text().count("<!-- section: conditional -->") == 1
     fids = {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0, "r0.3-o2okd": 2.0}
-    _fake_table_run(tmp_path / "work", fids)
-    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
-                                      "--seconds", "2400"])
-    _results_md().main()
-    page = (docs / "results.md").read_text()
+    page = _main_table_page(tmp_path, monkeypatch, fids, docs)
     assert "old rows" not in page and page.count("<!-- section: conditional -->") == 1
     assert "| O2MKD | labelled digits | 4 | 1.114 |" in page and page.index("section: conditional") < page.index("## Machine")
 
@@ -245,11 +246,8 @@ def test_cross_architecture_section_is_judged_per_direction(tmp_path: Path, monk
     # A rerun replaces the section; the main table keeps both recipes' sections when it rewrites the page.
     _results_md("results_xarch_md").main()
     assert (docs / "results.md").read_text().count("<!-- section: cross-architecture -->") == 1
-    _fake_table_run(tmp_path / "work", {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0, "r0.3-o2okd": 2.0})
-    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
-                                      "--seconds", "2400"])
-    _results_md().main()
-    page = (docs / "results.md").read_text()
+    page = _main_table_page(tmp_path, monkeypatch, {"teacher": 1.0, "teacher-seed1": 1.1, "r0.3-nokd": 5.0,
+                                                   "r0.3-o2okd": 2.0}, docs)
     assert "old rows" not in page and "cond rows" in page
     assert page.count("<!-- section: cross-architecture -->") == 1 and page.count("<!-- section: conditional -->") == 1
     assert page.index("section: cross-architecture") < page.index("## Machine")
@@ -259,12 +257,8 @@ def test_deepcache_rows_show_their_average_macs_and_are_judged(tmp_path: Path, m
     """Rows sampled with --deepcache 3: labelled, the averaged MACs shown, and the O2MKD paper's claims judged."""
     fids = {"teacher": 1.0, "teacher-seed1": 1.1, "teacher-dc3": 1.5, "r0.5-o2mkd": 2.0, "r0.5-o2mkd-s1": 2.05,
             "r0.5-o2mkd-dc3": 2.06, "r0.5-o2mkd-merged-dc3": 2.3}
-    _fake_table_run(tmp_path / "work", fids)
     docs = tmp_path / "docs"
-    monkeypatch.setattr(sys, "argv", ["results_md.py", "--work", str(tmp_path / "work"), "--docs", str(docs),
-                                      "--seconds", "2400"])
-    _results_md().main()
-    page = (docs / "results.md").read_text()
+    page = _main_table_page(tmp_path, monkeypatch, fids, docs)
     assert "| - | teacher (shipped), sampling seed 0 + DeepCache N=3 | - | 1 | 0.628 | 5.30 |" in page
     assert "| 0.5 | O2MKD + DeepCache N=3 | digits | 4 | 0.628 | 5.30 | 30.0 | - | 2.060 |" in page
     assert "| 0.5 | O2MKD, merged + DeepCache N=3 | digits | 4 -> 1 |" in page
