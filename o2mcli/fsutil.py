@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -98,6 +99,34 @@ def atomic_file(path: Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+@contextlib.contextmanager
+def storage_errors(where: Path) -> Iterator[None]:
+    """Turn a failed safetensors write (``SafetensorError``, which a full disk raises from inside the library, also
+    under diffusers' ``save_pretrained``) into the ``OSError`` it wraps, naming ``where``, so the CLI reports it
+    as it reports every other write that the file system refused ("No space left on device; nothing was
+    written")."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        m = _OS_ERROR.search(str(e))
+        code = int(m.group(1)) if m else errno.EIO
+        raise OSError(code, os.strerror(code) if m else f"safetensors write failed ({str(e)[:200]})",
+                      str(where)) from e
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a refused write reported as an ``OSError`` naming ``path``."""
+    from safetensors.torch import save_file
+
+    with storage_errors(path):
+        save_file(tensors, str(path), metadata=metadata)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write bytes to ``path`` atomically (temp file + rename)."""
     with atomic_file(path) as tmp:
@@ -168,9 +197,9 @@ def written_by_o2m(path: Path) -> bool:
     return path.is_file() and path.suffix == ".safetensors" and _o2m_safetensors(path)
 
 
-def _overlap(out: Path, inp: Path) -> str | None:
+def overlap(out: Path, inp: Path) -> str | None:
     """How ``out`` collides with the input ``inp`` (is it, contains it, lies inside it), or None."""
-    o, i = out.resolve(), inp.resolve()
+    o, i = Path(out).resolve(), Path(inp).resolve()
     if o == i:
         return "is"
     if o in i.parents:
@@ -197,7 +226,7 @@ def check_output_free(path: Path, force: bool, inputs: Iterable[Path | str | Non
     for inp in inputs:
         if inp is None or not Path(inp).exists():
             continue
-        how = _overlap(path, Path(inp))
+        how = overlap(path, Path(inp))
         if how:
             raise O2MError(f"{path}: the output {how} the input {inp}; choose another -o (--force never "
                            "replaces an input)")

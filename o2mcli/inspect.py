@@ -14,7 +14,7 @@ from typing import Any
 
 from o2mcli.chain import resolve_model_spec
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import human_bytes
+from o2mcli.fsutil import human_bytes, loads_bounded
 
 UNET_FIELDS = ("_class_name", "sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
                "down_block_types", "up_block_types", "norm_num_groups", "attention_head_dim")
@@ -67,7 +67,7 @@ def _describe_stage(path: Path) -> dict[str, Any]:
 
 
 def _describe_model(path: Path) -> dict[str, Any]:
-    from o2mcli.models.io import FORMAT, load_model
+    from o2mcli.models.io import FORMAT, load_model, provenance_of
     from o2mcli.models.stats import count_macs, count_params
 
     loaded = load_model(path, "cpu")  # O2MError for anything that is not a model
@@ -90,17 +90,15 @@ def _describe_model(path: Path) -> dict[str, Any]:
         meta = _o2m_metadata(path)
         info["format"] = meta.get("format", FORMAT)
         info["kind"] = meta.get("o2m.kind")
-        try:
-            info["provenance"] = json.loads(meta.get("o2m.provenance", "{}"))
-        except json.JSONDecodeError:
-            info["provenance"] = meta.get("o2m.provenance")
+        info["provenance"] = provenance_of(meta, path)
     if loaded.form == "diffusers-pipeline":
         index = path / "model_index.json"
         if index.is_file():
             try:
-                info["pipeline_class"] = json.loads(index.read_text()).get("_class_name")
-            except (OSError, json.JSONDecodeError):
-                info["pipeline_class"] = None
+                found = loads_bounded(index.read_bytes(), str(index))
+            except (OSError, O2MError):
+                found = None
+            info["pipeline_class"] = found.get("_class_name") if isinstance(found, dict) else None
     if loaded.notes:
         info["notes"] = list(loaded.notes)
     return info

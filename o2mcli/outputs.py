@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -27,13 +28,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import OLD_SUFFIX, TMP_SUFFIX, check_output_free, fsync_dir, human_bytes, umask_mode
+from o2mcli.fsutil import OLD_SUFFIX, TMP_SUFFIX, check_output_free, fsync_dir, human_bytes, overlap, umask_mode
 
 # 1. Reserving an output -------------------------------------------------------------------------------------------
 
+T = TypeVar("T")
 LOCK_SUFFIX = ".o2m-lock"
 MIN_FREE_BYTES = 1 << 20  # what any output needs beyond its own estimate: manifests, logs, a loss plot
 
@@ -83,11 +85,80 @@ def _key(path: Path) -> str:
     return str(Path(path).resolve())
 
 
+# What this run reads: every path an input names or leads to (a model, its manifest's parents, the teacher and
+# pipeline its provenance and conditioning records point to, data, prompts). None of them is ever an output, with or
+# without --force: an output found to be one is refused before any work (or, at the latest, before anything is
+# put in place). Cleared with the reservations (one CLI command is one run).
+_INPUTS: dict[str, str] = {}
+
+
+def _input_refusal(out: Path, how: str, inp: str, why: str) -> O2MError:
+    return O2MError(f"{out}: the output {how} {inp} ({why}); choose another -o (--force never replaces what a "
+                    "run reads or what its inputs' provenance names)")
+
+
+def note_input(path: Path | str | None, why: str = "an input of this run") -> None:
+    """Record that this run reads ``path``, or that a record it reads points to it (``why`` says which, e.g. "the
+    teacher template/ records"), refusing at once if an output this process holds is, contains or lies inside it."""
+    if path is None or not str(path) or "\x00" in str(path):
+        return
+    try:
+        key = str(Path(path).resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop or an unusable name: nothing to protect
+        return
+    _INPUTS.setdefault(key, why)
+    for r in list(_HELD.values()):
+        how = overlap(r.path, Path(key))
+        if how:
+            raise _input_refusal(r.path, how, key, why)
+
+
+def check_not_input(path: Path) -> None:
+    """Refuse an output that is, contains or lies inside anything this run reads (see :func:`note_input`)."""
+    for key, why in list(_INPUTS.items()):
+        how = overlap(Path(path), Path(key))
+        if how:
+            raise _input_refusal(Path(path), how, key, why)
+
+
+_DEPTH = [0]  # how many runs (a CLI command, a stage called in-process) are open; the outermost owns the state
+
+
+@contextlib.contextmanager
+def one_run() -> Iterator[None]:
+    """A run: its inputs and its reserved outputs belong to it alone. The outermost run starts with nothing
+    recorded and, however it ends, releases what it reserved and forgets what it read (so a stage called after
+    another in one process, e.g. in a notebook, is judged on its own inputs and outputs)."""
+    outer = _DEPTH[0] == 0
+    if outer:
+        _INPUTS.clear()
+    _DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DEPTH[0] -= 1
+        if outer:
+            release_all()
+
+
+def run_scope(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a stage's entry point: it runs as :func:`one_run`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        with one_run():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @atexit.register
 def release_all() -> None:
-    """Release every lock this process holds (the kernel would too; this also removes the lock files)."""
+    """Release every lock this process holds (the kernel would too; this also removes the lock files), and forget
+    the run's inputs."""
     for r in list(_HELD.values()):
         r.release()
+    _INPUTS.clear()
 
 
 def _holder(lock: Path) -> str:
@@ -220,6 +291,7 @@ def reserve_output(path: Path, force: bool = False, inputs: Iterable[Path | str 
     path = Path(path)
     if "\x00" in str(path):
         raise O2MError(f"{str(path)!r}: output path contains a NUL byte")
+    check_not_input(path)
     if not _is_main():
         check_output_free(path, force, inputs)
         return path
@@ -276,6 +348,27 @@ def is_held(path: Path) -> bool:
     return _key(path) in _HELD
 
 
+def wait_for_lock(path: Path, waiting: Optional[Callable[[str], None]] = None, poll_s: float = 0.25) -> Reservation:
+    """Take ``path``'s lock, waiting while another live run holds it (``waiting`` gets that run's description once,
+    when the wait begins), then clean what killed runs left beside ``path`` (notes). For what runs share rather
+    than own, such as a cache one run builds and the next reuses: every process (every torchrun rank) takes it,
+    nothing is refused, and the caller releases it (``Reservation.release``) as soon as it is done."""
+    path = Path(path)
+    _writable_parent(path)
+    told = False
+    while (r := _try_lock(path)) is None:
+        if waiting is not None and not told:
+            waiting(_holder(lock_path(path)))
+            told = True
+        time.sleep(poll_s)
+    try:
+        _recover(r)
+    except BaseException:
+        r.release()
+        raise
+    return r
+
+
 # 2. Putting a finished output in place ----------------------------------------------------------------------
 
 # renameat2(2) flags (Linux 3.15+): fail if the target exists; swap two paths in one step.
@@ -330,6 +423,7 @@ def _publish(tmp: Path, path: Path, force: bool) -> None:
     renames: old aside to a hidden ``.old-o2m`` name, new in place; a failure of the second puts the old one
     back, and a kill between them is repaired by the next run of that output (:func:`recover_leftovers`).
     """
+    check_not_input(path)  # the last guard: nothing this run read is ever replaced
     if not (path.exists() or path.is_symlink()):
         try:
             if not _move(tmp, path, RENAME_NOREPLACE):

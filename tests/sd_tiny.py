@@ -128,3 +128,32 @@ def save_tiny_clip(folder: Path, seed: int = 0, preprocessor: bool = True) -> Pa
     if preprocessor:
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def tiny_sd_unet(**kw):
+    """A tiny random SD-style UNet2DConditionModel (text width 32, 8 GroupNorm groups, 8x8 latents); ``kw``
+    overrides its config."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    args = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8)
+    args.update(kw)
+    torch.manual_seed(1)
+    return UNet2DConditionModel(**args).eval()
+
+
+def clip_forward(clip_dir, images, prompts):
+    """(model, output) of transformers' own CLIPProcessor + CLIPModel.forward on the images and prompts: no o2m
+    code, the reference the CLIP-score tests compare against."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor.from_pretrained(str(clip_dir), local_files_only=True),
+                         tokenizer=CLIPTokenizer.from_pretrained(str(clip_dir), local_files_only=True))
+    inputs = proc(text=prompts, images=[Image.fromarray(im) for im in images], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model, model(**inputs)

@@ -18,7 +18,7 @@ from o2mcli.pruning.blocks import plan_blocks
 from o2mcli.pruning.importance import get_importance
 from o2mcli.pruning.pruners import pruner_for
 from o2mcli.stages.prune import PruneConfig, run_prune
-from sd_tiny import save_tiny_sd
+from sd_tiny import save_tiny_sd, tiny_sd_unet
 
 G = torch.Generator().manual_seed(3)
 X = torch.randn(2, 4, 8, 8, generator=G)
@@ -26,23 +26,11 @@ T = torch.tensor([10, 900])
 TEXT = torch.randn(2, 5, 32, generator=G)
 
 
-def _unet(**kw):
-    """A tiny random SD-style UNet2DConditionModel (text width 32, 8 GroupNorm groups, 8x8 latents)."""
-    from diffusers import UNet2DConditionModel
-
-    args = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8)
-    args.update(kw)
-    torch.manual_seed(1)
-    return UNet2DConditionModel(**args).eval()
-
-
 def _pipeline(folder: Path, **unet_kw) -> Path:
-    """The tiny SD pipeline directory, its UNet replaced by ``_unet(**unet_kw)`` when given."""
+    """The tiny SD pipeline directory, its UNet replaced by ``tiny_sd_unet(**unet_kw)`` when given."""
     save_tiny_sd(folder)
     if unet_kw:
-        _unet(**unet_kw).save_pretrained(folder / "unet", safe_serialization=True)
+        tiny_sd_unet(**unet_kw).save_pretrained(folder / "unet", safe_serialization=True)
     return folder
 
 
@@ -106,7 +94,7 @@ def test_ratio_slims_and_loads_in_plain_diffusers(pipes, tmp_path: Path) -> None
 
 def test_linear_projection_and_per_stage_heads_rebuild() -> None:
     """SD 2.x's shape: linear proj_in/proj_out and one head count per stage (heads kept, each narrower)."""
-    unet = _unet(layers_per_block=1, use_linear_projection=True, attention_head_dim=(2, 4),
+    unet = tiny_sd_unet(layers_per_block=1, use_linear_projection=True, attention_head_dim=(2, 4),
                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     cfg = unet_config_of(unet)
@@ -133,7 +121,7 @@ def test_keep_within_heads_and_geglu_pairs() -> None:
 
 def test_unhandled_sd_configs_are_refused_by_name() -> None:
     pruner = pruner_for({"_class_name": "UNet2DConditionModel"}, Path("x"))
-    base = unet_config_of(_unet())
+    base = unet_config_of(tiny_sd_unet())
     for key, value in (("addition_embed_type", "text_time"), ("class_embed_type", "timestep"),
                        ("time_cond_proj_dim", 256), ("transformer_layers_per_block", [1, 2])):
         with pytest.raises(O2MError, match=key):

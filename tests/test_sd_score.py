@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import assert_refused, cli
-from sd_tiny import save_tiny_clip, save_tiny_sd, tiny_tokenizer
+from sd_tiny import clip_forward, save_tiny_clip, save_tiny_sd, tiny_tokenizer
 from o2mcli.errors import O2MError
 from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import parent_ref, read_manifest, write_manifest
-from o2mcli.scoring.clip import SCALE, check_clip_dir, clip_scores, load_clip
+from o2mcli.scoring.clip import SCALE, check_clip_dir, clip_score, clip_scores, load_clip
 from o2mcli.scoring.features import INCEPTION_FILE
 from test_score import fake_inception
 
@@ -53,28 +53,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def direct_clip_score(clip_dir: Path, images: np.ndarray, prompts: list[str]) -> float:
     """torchmetrics' recipe written against transformers directly: CLIPProcessor + CLIPModel.forward's logits."""
-    from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    model = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True).eval()
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor.from_pretrained(str(clip_dir), local_files_only=True),
-                         tokenizer=CLIPTokenizer.from_pretrained(str(clip_dir), local_files_only=True))
-    inputs = proc(text=prompts, images=[Image.fromarray(im) for im in images], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model(**inputs)
+    model, out = clip_forward(clip_dir, images, prompts)
     cos = out.logits_per_image.diagonal().double() / model.logit_scale.exp().double()  # logits = exp(s) * cos
-    return float((100 * cos).clamp_min(0).mean().detach())
+    return float((100 * cos.mean()).clamp_min(0).detach())  # torchmetrics clamps the mean
 
 
 # 1. The CLIP score itself -------------------------------------------------------------------------------
 
 def test_clip_score_scaling_is_torchmetrics() -> None:
-    """100 * max(cos, 0) per pair: identical directions 100, opposite and orthogonal ones 0, any length."""
+    """100 * cos per pair (any length, not clamped); the score clamps their mean at 0, as torchmetrics does."""
     img = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 1.0], [2.0, 0.0]])
     txt = torch.tensor([[5.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
     got = clip_scores(img, txt)
     assert SCALE == 100.0
-    torch.testing.assert_close(got, torch.tensor([100.0, 0.0, 100 / 2 ** 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(got, torch.tensor([100.0, 0.0, 100 / 2 ** 0.5, -100.0], dtype=torch.float64))
+    assert clip_score(got / SCALE) == pytest.approx(100 / 2 ** 0.5 / 4)
     with pytest.raises(O2MError, match="matched"):
         clip_scores(img, txt[:2])
 
@@ -93,7 +86,7 @@ def test_clip_score_equals_an_independent_transformers_computation(world) -> Non
     long = ["cat " * 100] + PROMPTS[1:]
     assert scorer.score(images, long)["truncated_prompts"] == 1
     info = scorer.info()
-    assert info["image_size"] == 32 and "100 * max(cos" in info["scaling"] and len(info["weights_sha256"]) == 64
+    assert info["image_size"] == 32 and "max(100 * mean(cos" in info["scaling"] and len(info["weights_sha256"]) == 64
 
 
 def test_clip_preprocessing_without_a_preprocessor_config(tmp_path: Path, world) -> None:
@@ -200,7 +193,7 @@ def test_score_sd_samples_fid_clip_and_macs(world, scored) -> None:
     md = (out / "report.md").read_text()
     assert "| MACs (G) | MACs/step w/ CFG (G) |" in md and "| CLIP score |" in md
     assert "per UNet call" in md and "per sampling step with classifier-free guidance (x2)" in md
-    assert "CLIP score (Hessel et al. 2021) = 100 * max(cos" in md
+    assert "CLIP score (Hessel et al. 2021) = max(100 * mean(cos" in md
 
 
 def test_report_columns_follow_the_rows(scored) -> None:
@@ -209,12 +202,14 @@ def test_report_columns_follow_the_rows(scored) -> None:
 
     _, out = scored
     (row,) = json.loads((out / "report.json").read_text())["rows"]
-    plain = {**row, "clip_score": None, "macs_cfg": None, "macs_what": None, "text_conditioned": False}
+    plain = {**row, "clip_score": None, "clip_cosine": None, "macs_cfg": None, "macs_what": None, "text_conditioned": False}
     assert "CLIP" not in markdown_table([plain]) and "CFG" not in markdown_table([plain])
     assert "CLIP" not in markdown_table([{**row, "clip_score": None}])
     mixed = markdown_table([row, plain]).splitlines()
     assert mixed[0].count("|") == mixed[2].count("|") == mixed[3].count("|")
-    assert mixed[3].count("| - |") == 2  # no CFG MACs, no CLIP score for the plain row
+    cols, cells = ([c.strip() for c in line.strip().strip("|").split("|")] for line in (mixed[0], mixed[3]))
+    gaps = [cols[i] for i, c in enumerate(cells) if c == "-"]
+    assert gaps == ["MACs/step w/ CFG (G)", "CLIP score", "CLIP cos"]  # what the plain row does not have
 
 
 def test_cli_clip_refusals_are_one_line_and_write_nothing(world, tmp_path: Path, monkeypatch) -> None:

@@ -229,6 +229,8 @@ def test_stable_diffusion_parts_are_checked_before_building(tmp_path: Path) -> N
     cfg = json.loads((crafted / "text_encoder" / "config.json").read_text())
     cfg.update(hidden_size=4096, intermediate_size=16384, num_hidden_layers=4)  # ~1 GiB of float32 weights
     (crafted / "text_encoder" / "config.json").write_text(json.dumps(cfg))
+    unet_cfg = json.loads((crafted / "unet" / "config.json").read_text())  # the UNet's width agreeing (issue #23)
+    (crafted / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "cross_attention_dim": 4096}))
     with pytest.raises(O2MError, match=r"text_encoder: the model config implies .* GiB of weights but "
                                        r"model.safetensors holds"):
         load_sd_parts(crafted, unet=False)

@@ -46,13 +46,12 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 def _released(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a command, then give up the output names it reserved (o2mcli.outputs), however it ended."""
-    from o2mcli.outputs import release_all
+    """Run a command as one run (o2mcli.outputs.one_run): it gives up the output names it reserved and forgets what
+    it read, however it ended."""
+    from o2mcli.outputs import one_run
 
-    try:
+    with one_run():
         return fn(*args, **kwargs)
-    finally:
-        release_all()
 
 
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -38,6 +38,14 @@ def distill(
                                              "DDIM jump instead of exact ancestral shuffle denoise."),
     init_batch: int = typer.Option(1024, "--init-batch", help="dkdm: teacher batch while building the buffer."),
     kl_weight: float = typer.Option(1.0, "--kl-weight", help="dkdm: weight of KL(p_T || p_S) (learned variances)."),
+    buffer_guidance: float = typer.Option(1.0, "--buffer-guidance", metavar="W",
+                                          help="dkdm, conditional teacher: classifier-free guidance weight of the "
+                                          "teacher steps that move buffer slots (the build and every training "
+                                          "step; one more teacher forward each), so the slots follow the guided "
+                                          "trajectories that sampling at --guidance W visits. The KD target stays "
+                                          "the teacher's conditional prediction, since sampling guides the "
+                                          "students' own branches. Default 1: no guidance (W <= 1 is none), as in "
+                                          "DKDM's paper (unconditional teachers) and o2m's published results."),
     student_config: Optional[Path] = typer.Option(None, "--student-config", help="A diffusers model config JSON "
                                                   "(UNet2DModel, or another family by _class_name, e.g. "
                                                   "DiTTransformer2DModel): fresh students of any shape, random init "
@@ -81,7 +89,7 @@ def distill(
         out = default_output(Path("."), "students") if not resume else Path("students")
     cfg = DistillConfig(template=template, mode=mode, teacher=teacher, students=students, boundaries=boundaries,
                         p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, rho=rho, init_steps=init_steps,
-                        init_batch=init_batch, kl_weight=kl_weight, label_dropout=label_dropout, prompts=prompts,
+                        init_batch=init_batch, kl_weight=kl_weight, buffer_guidance=buffer_guidance, label_dropout=label_dropout, prompts=prompts,
                         pipeline=pipeline, latent_cache=latent_cache,
                         student_config=student_config, steps=steps, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup,
                         ema_decay=ema_decay, seed=seed, device=device, save_every=save_every, log_every=log_every,

@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 
 from o2mcli.cli.app import app, handles_errors
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
 from o2mcli.cli.options import Device, Force, seed_option, stage_out
+
+
+@contextmanager
+def _named_as_typed(class_: Optional[str]) -> Iterator[None]:
+    """``--class K`` travels as the config's ``classes``: a refusal of it names ``--class``, the flag typed."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except OptionError as e:
+        if class_ is None or e.field != "classes":
+            raise
+        raise OptionError("class", class_ if class_.strip().lower() == "null" else e.value, e.reason) from e
+    except ValidationError as e:
+        err = e.errors()[0]
+        if class_ is None or tuple(err["loc"][:1]) != ("classes",):
+            raise
+        raise OptionError("class", class_, err["msg"].removeprefix("Value error, ")) from e
+
+
+def _note_deepcache(deepcache: Optional[int], steps: int) -> None:
+    """``--deepcache N`` with N at or above the steps: the 1:N schedule's only full step is step 0 (a group's change
+    of student aside), so the cache is never refreshed; with one step nothing is partial and caching does nothing."""
+    from o2mcli.outputs import notice
+
+    if deepcache is None or deepcache <= 1 or steps < 1 or deepcache < steps:
+        return
+    if steps <= 1:
+        notice(f"--deepcache {deepcache}: with {steps} step no step is partial, so DeepCache does nothing")
+        return
+    notice(f"--deepcache {deepcache} is not below --steps {steps}: step 0 is the only full step of the schedule (a "
+           "student group adds one per change of student) and every later step is partial, reusing the deep "
+           "features of the first, noisiest step (the cache is never refreshed); "
+           "DeepCache's paper uses N of 2 to 10 or so")
 
 
 @app.command()
@@ -26,11 +61,14 @@ def sample(
     out: Annotated[Optional[Path], stage_out("samples")] = None,
     force: Force = False,
     no_png: bool = typer.Option(False, "--no-png", help="Skip the individual PNGs (samples.npz and grid.png only)."),
-    class_: Optional[int] = typer.Option(None, "--class", help="Class-conditional models: sample this class."),
+    class_: Optional[str] = typer.Option(None, "--class", metavar="K|null",
+                                         help="Class-conditional models: sample this class; null: the null class "
+                                         "(the unconditional branch), with no labels saved."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Class-conditional models: these classes in turn, "
                                           "e.g. 0,1,2 (default: every class, balanced)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance weight w (1 = plain "
-                                             "conditional; larger: more typical of the class or prompt). Default: "
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance weight w (at most 1: "
+                                             "no guidance, one forward on the condition alone, as diffusers; "
+                                             "larger: more typical of the class or prompt; at most 100). Default: "
                                              "7.5 for a text model, 1 for a class model."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", metavar="TEXT",
                                                help="Text models: a prompt (repeat for several; the images take "
@@ -68,12 +106,17 @@ def sample(
     out = out if out is not None else default_output(Path("."), "samples")
     if class_ is not None and classes is not None:
         raise O2MError(f"--class {class_} and --classes {classes}: give one")
-    cfg = SampleConfig(model=model, scheduler=scheduler, steps=steps, n=n, batch_size=batch_size, seed=seed,
-                       device=device, out=out, force=force, png=not no_png, guidance=guidance,
-                       classes=(class_,) if class_ is not None else classes, prompt=tuple(prompt) if prompt else None,
-                       prompts=prompts, negative_prompt=negative_prompt, pipeline=pipeline, deepcache=deepcache,
-                       cache_branch=cache_branch)
-    path = run_sample(cfg)
+    if class_ is not None and "," in class_:
+        raise OptionError("class", class_, "one class; use --classes for several")
+    _note_deepcache(deepcache, steps)
+    with _named_as_typed(class_):
+        cfg = SampleConfig(model=model, scheduler=scheduler, steps=steps, n=n, batch_size=batch_size, seed=seed,
+                           device=device, out=out, force=force, png=not no_png, guidance=guidance,
+                           classes=class_ if class_ is not None else classes,
+                           prompt=tuple(prompt) if prompt else None, prompts=prompts,
+                           negative_prompt=negative_prompt, pipeline=pipeline, deepcache=deepcache,
+                           cache_branch=cache_branch)
+        path = run_sample(cfg)
     s = read_manifest(path, verify=False).summary
     extra = f", served {json.dumps(s['served'])}" if "served" in s else ""
     if "deepcache" in s:

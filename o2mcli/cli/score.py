@@ -23,8 +23,10 @@ def score(
         None, "--inception-weights", help="Local inception-2015-12-05.pt (clean-fid's file; never downloaded)."),
     clip_weights: Optional[Path] = typer.Option(
         None, "--clip-weights",
-        help="Local transformers CLIPModel directory (config.json, model.safetensors, tokenizer files; never "
-             "downloaded): adds the CLIP score of each image against its prompt (text-conditioned samples)."),
+        help="Local CLIP directory, never downloaded: a transformers CLIPModel (config.json, model.safetensors) or "
+             "an OpenCLIP one (open_clip_config.json, open_clip_model.safetensors), with tokenizer files. Adds the "
+             "CLIP score (torchmetrics: max(100 x mean cos, 0)) and the raw mean cosine of each image against its "
+             "prompt (text-conditioned samples)."),
     throughput_batch: int = typer.Option(64, "--throughput-batch", help="Batch size of the timed sampling runs."),
     throughput_steps: Optional[int] = typer.Option(
         None, "--throughput-steps", help="Sampler steps of the timed runs; default: the samples' steps."),

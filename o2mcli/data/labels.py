@@ -51,10 +51,11 @@ class LabelPlan:
 @dataclass(frozen=True)
 class TextPlan(LabelPlan):
     """Text conditions as labels: index ``i < n`` is prompt (or caption) ``i``, index ``n`` the empty prompt (the
-    null condition, what caption dropout gives); ``table`` (n + 1, L, D) holds their text embeddings, computed once
-    (a training step never runs the text encoder)."""
+    null condition, what caption dropout gives); ``table[idx] -> (B, L, D)`` gives their text embeddings: a tensor
+    (n + 1, L, D) computed once, or, when that would exceed the text-memory budget, a ``data.text.ChunkedTable``
+    that makes fixed chunks of rows on demand (the same values whatever the order rows are asked in)."""
 
-    table: Optional[torch.Tensor] = None
+    table: Any = None
     source: Optional[dict[str, Any]] = None  # the pipeline record: path and the VAE/text encoder/tokenizer sha256
 
     def cond(self, idx: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,13 @@ def text_plan(texts: list[str], embeddings: torch.Tensor, null_embedding: torch.
     if embeddings.shape[0] != len(texts):
         raise ValueError(f"{len(texts)} texts but {embeddings.shape[0]} embeddings")
     table = torch.cat([embeddings.float(), null_embedding.float().reshape(1, *embeddings.shape[1:])]).contiguous()
+    return text_plan_over(texts, table, dropout, source)
+
+
+def text_plan_over(texts: list[str], table: Any, dropout: float, source: dict[str, Any]) -> TextPlan:
+    """A plan over ``texts`` whose ``table`` (n + 1 rows, the null condition last) is already made."""
+    if len(table) != len(texts) + 1:
+        raise ValueError(f"{len(texts)} texts and the null condition, but a table of {len(table)} rows")
     source = {k: v for k, v in source.items() if k in ("pipeline", "hashes")}
     return TextPlan(tuple(texts), len(texts), float(dropout), table=table, source=source)
 

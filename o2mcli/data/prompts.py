@@ -9,7 +9,13 @@ from o2mcli.errors import O2MError
 MAX_BYTES = 64 << 20  # a prompt file of more than 64 MiB is not a prompt list
 
 
-def read_prompts(path: Path) -> list[str]:
+class Prompts(list):
+    """The prompts of a file, in order, and the file (``path``), which messages about them name."""
+
+    path: Path
+
+
+def read_prompts(path: Path) -> Prompts:
     """The prompts of ``path``, in order; a missing, unreadable, oversized or empty file is refused in one line."""
     path = Path(path)
     try:
@@ -28,4 +34,6 @@ def read_prompts(path: Path) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise O2MError(f"{path}: no prompt in the file (one prompt per line; blank lines are ignored)")
-    return prompts
+    out = Prompts(prompts)
+    out.path = path
+    return out

@@ -111,11 +111,13 @@ def vlb_loss(terms: DiffusionTerms, x0: torch.Tensor, x_t: torch.Tensor, t: torc
              v: torch.Tensor) -> torch.Tensor:
     """Per-sample L_vlb in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)), decoder NLL at t=0 (improved DDPM).
 
-    The caller passes ``eps.detach()`` so this term trains only the variance (improved DDPM, Sec. 3.1).
+    The caller passes ``eps.detach()`` so this term trains only the variance (improved DDPM, Sec. 3.1). The
+    model's x0 is not clipped: improved DDPM's training loss calls ``_vb_terms_bpd(..., clip_denoised=False)``;
+    clipping would make p's mean differ from q's for reasons the variance cannot fix, and shrink its gradient.
     """
     true_mean = q_posterior_mean(terms, x0, x_t, t)
     true_logvar = extract(terms.posterior_log_variance_clipped, t, x_t.ndim)
-    mean, logvar = p_mean_logvar(terms, x_t, t, eps, v)
+    mean, logvar = p_mean_logvar(terms, x_t, t, eps, v, clip=None)
     kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / math.log(2.0)
     return torch.where(t == 0, nll, kl)

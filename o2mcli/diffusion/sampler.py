@@ -24,16 +24,17 @@ Uncond = Union[torch.Tensor, int, None]
 
 def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance: float,
            uncond: Uncond, channels: int, call: Callable[..., torch.Tensor] = predict) -> torch.Tensor:
-    """The model's prediction for condition ``cond``; with guidance w != 1, classifier-free guidance
+    """The model's prediction for condition ``cond``; with guidance w > 1, classifier-free guidance
     eps = eps(uncond) + w (eps(cond) - eps(uncond)) (Ho & Salimans 2022, Eq. 6), variance channels from the
-    conditional branch.
+    conditional branch. At or below 1 there is no guidance, as in diffusers (``do_classifier_free_guidance =
+    guidance_scale > 1``): one forward on ``cond`` alone, no unconditional branch.
 
     ``cond`` is any condition the model's family takes, one row per sample: class labels (B,) or text embeddings
     (B, L, D). ``uncond`` is the unconditional branch's: a tensor of one row (broadcast over the batch) or of
     ``cond``'s batch (the null class's labels, the negative prompt's embeddings), or a class index (the null class).
     Both branches go through one ``call`` (``predict``, or a DeepCache state whose cache then holds both halves).
     """
-    if cond is None or guidance == 1.0:
+    if cond is None or guidance <= 1.0:
         return call(unet, x, t, cond)
     if uncond is None:
         raise O2MError(f"guidance {guidance} needs the unconditional branch's condition (a null class or prompt)")

@@ -42,7 +42,11 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
         # DDIM and DPM-Solver use only eps: the sampler loop drops learned-variance channels itself,
         # because diffusers' DPM-Solver slices a hard-coded 3 channels for learned variance.
         cfg = {k: v for k, v in cfg.items() if k != "variance_type"}
-    return build(cfg)
+    try:
+        return build(cfg)
+    except NotImplementedError as e:  # e.g. DDIM and DPM-Solver have no "laplace" or "sigmoid" beta_schedule
+        raise O2MError(f"--scheduler {name}: the model's scheduler config does not fit it ({e}); "
+                       "try --scheduler ddpm") from e
 
 
 def schedule_terms(base_config: dict[str, Any]) -> DiffusionTerms:
@@ -71,22 +75,42 @@ def scheduler_config_for_outputs(base_config: dict[str, Any], in_channels: int, 
 
 
 def set_steps(sched, steps: int) -> None:
-    """``sched.set_timesteps(steps)``, with distinct timesteps.
+    """``sched.set_timesteps(steps)``, with distinct timesteps inside [0, T - 1].
 
     diffusers' "linspace" spacing rounds ``linspace(0, T-1, steps+1)``, which repeats a timestep when
     steps = T (500 twice for T = 1000). DPM-Solver++'s multistep update divides by the log-SNR gap of
     consecutive steps, so a repeat is 0/0 and every image turns NaN. Then the same spacing is passed
-    without repeats.
+    without repeats. "leading" spacing adds ``steps_offset`` unchecked, so a legal offset with many steps
+    reaches T (an IndexError): that grid is shifted down to end at T - 1.
     """
+    import inspect
+
     import numpy as np
 
     sched.set_timesteps(steps)
-    ts = [int(t) for t in sched.timesteps]
-    if len(set(ts)) == len(ts):
-        return
     T = int(sched.config.num_train_timesteps)
-    distinct = np.unique(np.linspace(0, T - 1, min(steps, T)).round().astype(int))[::-1]
-    sched.set_timesteps(timesteps=[int(t) for t in distinct])
+    ts = [int(t) for t in sched.timesteps]
+    if min(ts) < 0 or max(ts) >= T or (len(set(ts)) < len(ts) and not any(
+            getattr(sched.config, k, False) for k in ("use_karras_sigmas", "use_exponential_sigmas",
+                                                        "use_beta_sigmas", "use_lu_lambdas"))):
+        # (a solver spacing its own sigmas steps by them: a rounded timestep repeating is harmless there)
+        over = max(ts) - (T - 1)
+        if len(set(ts)) == len(ts) and over > 0 and min(ts) - over >= 0:
+            # "leading" spacing plus steps_offset runs past the last timestep (SD's offset 1 at steps = T; an
+            # IndexError in diffusers' step): the same grid, shifted down to end at T - 1.
+            wanted = [t - over for t in ts]
+        else:
+            wanted = [int(t) for t in np.unique(np.linspace(0, T - 1, min(steps, T)).round().astype(int))[::-1]]
+        if "timesteps" in inspect.signature(sched.set_timesteps).parameters:
+            sched.set_timesteps(timesteps=wanted)
+        else:  # DDIM takes no custom timesteps; its step reads only these and the (kept) spacing T // steps
+            import torch
+
+            sched.timesteps = torch.tensor(wanted, dtype=torch.int64)
+    if hasattr(sched, "set_begin_index"):
+        # Step i is timestep i: DPM-Solver otherwise finds its place by looking the first timestep up, and a
+        # repeated one (Karras or beta sigmas at many steps) starts it one step late, past its last sigma.
+        sched.set_begin_index(0)
 
 
 def teacher_reverse_settings(sched: dict, where: Path) -> tuple[str, float | None]:

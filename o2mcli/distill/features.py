@@ -80,8 +80,14 @@ def matched_points(student: nn.Module, teacher: nn.Module, pairs: dict[str, str]
 def feature_match(student: nn.Module, teacher: nn.Module, pairs: dict[str, str] | None = None
                   ) -> tuple[list[str], dict[str, int], dict[str, int], dict[str, str]]:
     """:func:`matched_points` and the student -> teacher block pairs it used (the engine taps the teacher's)."""
-    s = feature_shapes(student, feature_points(student))
-    t = feature_shapes(teacher, feature_points(teacher))
+    if pairs:
+        # Recorded pairs name the points themselves, which may lie inside a block (BK-SDM-Tiny's innermost stage is
+        # compared by an attention's proj_out); names the models lack are left out. Tapped in forward order.
+        s = feature_shapes(student, [n for n in pairs if _has_module(student, n)])
+        t = feature_shapes(teacher, sorted({pairs[n] for n in s if _has_module(teacher, pairs[n])}))
+    else:
+        s = feature_shapes(student, feature_points(student))
+        t = feature_shapes(teacher, feature_points(teacher))
     if not pairs and not set(s) & set(t):
         pairs = depth_pairs(list(s), list(t), s, t)
     of = (lambda n: pairs.get(n)) if pairs else (lambda n: n)
@@ -90,6 +96,14 @@ def feature_match(student: nn.Module, teacher: nn.Module, pairs: dict[str, str] 
         raise O2MError("feature KD needs student and teacher blocks of the same spatial sizes; none match "
                        "(use --kd output)")
     return names, {n: s[n][0] for n in names}, {n: t[of(n)][0] for n in names}, {n: of(n) for n in names}
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def depth_pairs(s_names: list[str], t_names: list[str], s: dict[str, tuple[int, int, int]],

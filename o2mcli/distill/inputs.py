@@ -3,7 +3,6 @@ checks that teacher, students and data fit together."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,12 +25,10 @@ def resolve_teacher(template_path: Path, loaded_template: Any, override: Optiona
         path, want = Path(ref.path), ref.sha256
     else:
         from o2mcli.fsutil import read_metadata
+        from o2mcli.models.io import provenance_of
 
-        try:
-            prov = json.loads(read_metadata(template_path).get("o2m.provenance", "{}"))
-        except (O2MError, ValueError):
-            prov = {}
-        if "teacher" not in prov:
+        prov = provenance_of(read_metadata(template_path), template_path) if template_path.is_file() else {}
+        if not isinstance(prov.get("teacher"), str):
             raise O2MError(f"{template_path}: does not name its teacher; pass --teacher")
         path, want = Path(prov["teacher"]), prov.get("teacher_sha256")
     if not path.exists():
@@ -181,11 +178,11 @@ def template_feature_pairs(template: Any) -> Optional[dict[str, str]]:
         path = Path(template.source) / template.manifest.models[0].artifact
     else:
         return None
-    try:
-        prov = json.loads(read_metadata(path).get("o2m.provenance", "{}"))
-    except (O2MError, ValueError):
-        return None
-    pairs = (prov.get("blocks") or {}).get("feature_pairs") if isinstance(prov, dict) else None
+    from o2mcli.models.io import provenance_of
+
+    prov = provenance_of(read_metadata(path), path)
+    blocks = prov.get("blocks")
+    pairs = blocks.get("feature_pairs") if isinstance(blocks, dict) else None
     if isinstance(pairs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
         return dict(pairs)
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, Literal
 
 from o2mcli.errors import O2MError
@@ -87,11 +89,103 @@ DDPM_CIFAR10_32: dict[str, Any] = {
 }
 
 
-def check_int_in(cfg: dict, key: str, lo: int, hi: int, where: Any, what: str) -> None:
-    """``cfg[key]`` (an integer or a list of them), if present, lies in [lo, hi]; else a one-line error."""
+def check_int_in(cfg: dict, key: str, lo: int, hi: int, where: Any, what: str, many: bool = False) -> None:
+    """``cfg[key]``, if present, is an integer in [lo, hi] (with ``many``, also a non-empty list of them, as UNet
+    configs give per-block values); else a one-line error."""
     v = cfg.get(key)
     if v is None:
         return
+    if isinstance(v, (list, tuple)) and not many:
+        raise O2MError(f"{where}: {what} {key} = {v!r}; expected one integer in [{lo}, {hi}]")
     vals = v if isinstance(v, (list, tuple)) else [v]
     if not vals or any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in vals):
         raise O2MError(f"{where}: {what} {key} = {v!r}; expected integer(s) in [{lo}, {hi}]")
+
+
+# Scheduler configs ------------------------------------------------------------------------------------------------
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # diffusers' DDPMScheduler
+
+
+# The other scheduler-config fields that o2m's samplers (diffusers' DDPM, DDIM and DPM-Solver++ schedulers) or
+# o2m itself read, and what each may be: a value outside these crashes diffusers mid-sampling (an index past T, a
+# quantile outside [0, 1]) or silently changes what the model means.
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+SCHED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                        "learned_range")  # diffusers' names; the reverse step refuses the ones it cannot reproduce
+SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")  # DPM-Solver maps the last three to midpoint
+DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+SCHED_FLAGS = ("clip_sample", "thresholding", "set_alpha_to_one", "lower_order_final", "euler_at_final",
+               "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "skip_prk_steps")
+SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")  # diffusers takes one at most
+SCHED_OFF = {  # flags o2m's eps-prediction DDPM models cannot take: why
+    "rescale_betas_zero_snr": "zero terminal SNR makes alpha_bar 0 at the last step, where an eps model gives no x0 "
+                              "(it needs v-prediction)",
+    "use_flow_sigmas": "flow-matching sigmas are not a DDPM's",
+    "use_dynamic_shifting": "dynamic shifting is for flow-matching models",
+}
+
+
+def check_scheduler_config(sched: Any, where: Path) -> int:
+    """A DDPM scheduler config diffusers can build and o2m can use, every field o2m's samplers read in its range
+    (a crafted ``steps_offset`` indexed past T mid-sampling); returns T."""
+    def number(key: str, lo: float, hi: float, lo_open: bool, say: str, inf_ok: bool = False) -> None:
+        v = sched.get(key)
+        if v is None:
+            return
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and (
+            math.isfinite(v) or inf_ok) and (lo < v if lo_open else lo <= v) and v <= hi
+        if not ok:
+            raise O2MError(f"{where}: scheduler config {key} = {v!r}; expected {say}")
+
+    def one_of(key: str, allowed: tuple[str | None, ...], default: str) -> None:
+        v = sched.get(key, default)
+        if v not in allowed:
+            raise O2MError(f"{where}: scheduler config {key} {v!r} is unknown; expected one of "
+                           f"{', '.join('null' if a is None else a for a in allowed)}")
+
+    if not isinstance(sched, dict):
+        raise O2MError(f"{where}: the scheduler config is a JSON {type(sched).__name__}, expected an object")
+    check_int_in(sched, "num_train_timesteps", 2, 100_000, where, "scheduler config")
+    T = int(sched.get("num_train_timesteps", 1000))
+    bs = sched.get("beta_schedule", "linear")
+    if bs not in BETA_SCHEDULES:
+        raise O2MError(f"{where}: scheduler config beta_schedule {bs!r} is unknown; expected one of "
+                       f"{', '.join(BETA_SCHEDULES)}")
+    for key in ("beta_start", "beta_end"):
+        number(key, 0, 1 - 1e-12, True, "a number in (0, 1)")
+    if str(sched.get("prediction_type", "epsilon")) != "epsilon":
+        raise O2MError(f"{where}: scheduler config prediction_type {sched.get('prediction_type')!r} is not supported; "
+                       "o2m's losses and samplers take eps-prediction models (SD 1.x, SD 2.x base)")
+    if sched.get("trained_betas") is not None:
+        raise O2MError(f"{where}: scheduler config trained_betas is not supported; use a beta_schedule")
+    if sched.get("_class_name") is not None and not isinstance(sched["_class_name"], str):
+        raise O2MError(f"{where}: scheduler config _class_name = {sched['_class_name']!r}; expected a class name")
+    for key in (*SCHED_FLAGS, *SCHED_OFF):
+        if sched.get(key) is not None and not isinstance(sched[key], bool):
+            raise O2MError(f"{where}: scheduler config {key} = {sched[key]!r}; expected true or false")
+    for key, why in SCHED_OFF.items():
+        if sched.get(key):
+            raise O2MError(f"{where}: scheduler config sets {key}, which o2m does not support ({why})")
+    on = [k for k in SIGMA_SPACINGS if sched.get(k)]
+    if len(on) > 1:
+        raise O2MError(f"{where}: scheduler config sets {' and '.join(on)}; diffusers takes one sigma spacing at most")
+    # steps_offset shifts diffusers' "leading" grid: past T - 1 its timesteps index beyond the schedule
+    check_int_in(sched, "steps_offset", 0, T - 1, where, "scheduler config")
+    one_of("timestep_spacing", TIMESTEP_SPACINGS, "leading")
+    one_of("variance_type", (*SCHED_VARIANCE_TYPES, None), "fixed_small")  # null: a DPM-Solver config's default
+    one_of("solver_type", SOLVER_TYPES, "midpoint")
+    one_of("algorithm_type", DPM_ALGORITHMS, "dpmsolver++")
+    one_of("final_sigmas_type", FINAL_SIGMAS_TYPES, "zero")
+    if sched.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver") and sched.get("final_sigmas_type",
+                                                                                     "zero") == "zero":
+        raise O2MError(f"{where}: scheduler config algorithm_type {sched['algorithm_type']!r} needs "
+                       "final_sigmas_type 'sigma_min' (diffusers refuses 'zero' for it)")
+    check_int_in(sched, "solver_order", 1, 3, where, "scheduler config")
+    number("clip_sample_range", 0, math.inf, True, "a positive finite number (x0 is clipped to [-range, range])")
+    number("dynamic_thresholding_ratio", 0, 1, True, "a quantile in (0, 1]")
+    number("sample_max_value", 1, math.inf, False, "a finite number >= 1 (the dynamic threshold's upper bound)")
+    number("flow_shift", 0, math.inf, True, "a positive finite number")
+    number("lambda_min_clipped", -math.inf, 0, False, "a number <= 0, or -inf (no clipping)", inf_ok=True)
+    return T

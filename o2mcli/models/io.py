@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import atomic_file, atomic_write_json, check_output_free, loads_bounded, read_metadata, sha256_file
-from o2mcli.outputs import atomic_dir, is_held, kept_name
+from o2mcli.fsutil import (atomic_file, atomic_write_json, check_output_free, loads_bounded, read_metadata,
+                           save_safetensors, sha256_file, storage_errors)
+from o2mcli.outputs import atomic_dir, check_not_input, is_held, kept_name, note_input
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
-from o2mcli.models.configs import check_int_in, is_learned_variance
+from o2mcli.models.configs import check_scheduler_config, is_learned_variance
 from o2mcli.models.families import family_for_config, family_of
 from o2mcli.models.families.stable_diffusion import check_sd_layout, is_sd_pipeline, text_conditioning
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
@@ -50,6 +50,10 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     # A class-conditional model: {"type": "class", "classes": [...], "null_class": K or None}; None otherwise.
     conditioning: dict[str, Any] | None = None
+    # (path, what it is) for every path the model's records point to: a manifest's parents, the teacher, template
+    # or theta_0 its provenance names, the pipeline its conditioning or export record names. A run never writes
+    # over them (o2mcli.outputs.note_input).
+    recorded: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def is_group(self) -> bool:
@@ -66,36 +70,9 @@ class LoadedModel:
 
 # 1. Building a UNet from a config and a state dict -------------------------------------------
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # diffusers' DDPMScheduler
-
-
 def check_unet_config(cfg: Any, where: Path) -> None:
     """The model config's family, type, keys and sizes, before anything is built (crafted metadata is refused)."""
     family_for_config(cfg, where, served=True).check_config(cfg, where)
-
-
-def check_scheduler_config(sched: Any, where: Path) -> int:
-    """A DDPM scheduler config diffusers can build and o2m can use; returns T."""
-    import math
-
-    if not isinstance(sched, dict):
-        raise O2MError(f"{where}: the scheduler config is a JSON {type(sched).__name__}, expected an object")
-    check_int_in(sched, "num_train_timesteps", 2, 100_000, where, "scheduler config")
-    bs = sched.get("beta_schedule", "linear")
-    if bs not in BETA_SCHEDULES:
-        raise O2MError(f"{where}: scheduler config beta_schedule {bs!r} is unknown; expected one of "
-                       f"{', '.join(BETA_SCHEDULES)}")
-    for key in ("beta_start", "beta_end"):
-        v = sched.get(key)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-                              or not 0 < v < 1):
-            raise O2MError(f"{where}: scheduler config {key} = {v!r}; expected a number in (0, 1)")
-    if str(sched.get("prediction_type", "epsilon")) != "epsilon":
-        raise O2MError(f"{where}: scheduler config prediction_type {sched.get('prediction_type')!r} is not supported; "
-                       "o2m's losses and samplers take eps-prediction models (SD 1.x, SD 2.x base)")
-    if sched.get("trained_betas") is not None:
-        raise O2MError(f"{where}: scheduler config trained_betas is not supported; use a beta_schedule")
-    return int(sched.get("num_train_timesteps", 1000))
 
 
 def check_timestep_range(rng: Any, T: int, where: Path) -> tuple[int, int]:
@@ -195,8 +172,52 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     else:
         raise O2MError(f"{path}: not a model (expected an o2m .safetensors file, a diffusers model or pipeline "
                        "directory, or an o2m stage directory)")
+    note_input(path, "a model this run reads")
+    if loaded.conditioning is not None and loaded.conditioning.get("pipeline"):
+        loaded.recorded.append((loaded.conditioning["pipeline"], "the pipeline its conditioning names"))
+    for where, what in loaded.recorded:
+        note_input(where, f"{what}, recorded by {path}")
     loaded.unet.to(device)
     return loaded
+
+
+# What a model's records point to ---------------------------------------------------------------------------------
+
+# Provenance keys that name a file or directory the model came from (o2m's stages write them; see each stage).
+_PATH_KEYS = {"teacher": "its teacher", "template": "its template", "theta_0": "its merge's theta_0",
+              "student_config": "its student config", "source": "the model it was exported from",
+              "parts_from": "the pipeline its parts came from"}
+
+
+def recorded_paths(record: Any) -> list[tuple[str, str]]:
+    """(path, what it is) for every path an o2m provenance or export record names: the keys of ``_PATH_KEYS``,
+    each merged student's ``path``, the training data's ``source`` and the conditioning's ``pipeline``. Anything
+    else in the record (or a record that is not a map) names nothing."""
+    if not isinstance(record, dict):
+        return []
+    out = [(v, what) for k, what in _PATH_KEYS.items() if isinstance(v := record.get(k), str) and v]
+    students = record.get("students")
+    for st in students if isinstance(students, list) else []:
+        if isinstance(st, dict) and isinstance(st.get("path"), str) and st["path"]:
+            out.append((st["path"], "a student it was merged from"))
+    data = record.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), str) and data["source"]:
+        out.append((data["source"], "the data it was trained on"))
+    cond = record.get("conditioning")
+    if isinstance(cond, dict) and isinstance(cond.get("pipeline"), str) and cond["pipeline"]:
+        out.append((cond["pipeline"], "the pipeline its conditioning names"))
+    return out
+
+
+def provenance_of(meta: dict[str, str], where: Path) -> dict[str, Any]:
+    """An o2m file's ``o2m.provenance`` record, parsed with bounded size and depth ({} when absent; a record that
+    is not a JSON object is refused)."""
+    if "o2m.provenance" not in meta:
+        return {}
+    found = loads_bounded(meta["o2m.provenance"], f"{where}: o2m metadata 'o2m.provenance'")
+    if not isinstance(found, dict):
+        raise O2MError(f"{where}: o2m metadata 'o2m.provenance' is a JSON {type(found).__name__}, expected an object")
+    return found
 
 
 def _load_file(path: Path) -> LoadedModel:
@@ -215,9 +236,11 @@ def _load_file(path: Path) -> LoadedModel:
     sched = _meta_json(meta, "o2m.scheduler_config", path)
     T = check_scheduler_config(sched, path)
     rng = check_timestep_range(_meta_json(meta, "o2m.timestep_range", path), T, path)
+    recorded = recorded_paths(provenance_of(meta, path))
     unet = load_unet(cfg, path, path, header)
     return LoadedModel(source=path, form="o2m-file", unet=unet, scheduler_config=sched, unet_configs=[cfg],
-                       ranges=[rng], sha256=sha256_file(path), conditioning=conditioning_of(cfg, meta, path))
+                       ranges=[rng], sha256=sha256_file(path), conditioning=conditioning_of(cfg, meta, path),
+                       recorded=recorded)
 
 
 def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path,
@@ -242,14 +265,14 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
     T = int(sched.get("num_train_timesteps", 1000))
     meta = {}
     marker = root / "o2m_export.json"
+    rec = _read_json(marker) if marker.is_file() else None
     # o2m's export keeps the class names (or, for a DiT, that it is unconditional) beside diffusers' files
-    if family_for_config(cfg, weights).class_table(cfg) is not None and marker.is_file():
-        rec = _read_json(marker)
+    if family_for_config(cfg, weights).class_table(cfg) is not None and rec is not None:
         found = rec.get("conditioning") if isinstance(rec, dict) else None
         meta = {"o2m.provenance": json.dumps({"conditioning": found})}
     return LoadedModel(source=root, form=form, unet=unet, scheduler_config=sched, unet_configs=[cfg],
                        ranges=[(0, T)], sha256=sha256_file(weights), notes=notes,
-                       conditioning=conditioning_of(cfg, meta, weights))
+                       conditioning=conditioning_of(cfg, meta, weights), recorded=recorded_paths(rec))
 
 
 def _load_stage(path: Path) -> LoadedModel:
@@ -259,11 +282,13 @@ def _load_stage(path: Path) -> LoadedModel:
         raise O2MError(f"{path}: model manifest has no scheduler_config")
     T = check_scheduler_config(man.scheduler_config, path / "manifest.json")
     units, ranges, metas = [], [], []
+    recorded = [(p.path, f"a parent ({p.kind}) its manifest names") for p in man.parents]
     for rec in man.models:
         check_timestep_range(list(rec.timestep_range), T, path / rec.artifact)
         check_unet_config(rec.unet_config, path / rec.artifact)
         header, meta = _read_safetensors(path / rec.artifact)
         metas.append(meta)
+        recorded += recorded_paths(provenance_of(meta, path / rec.artifact))
         units.append(load_unet(rec.unet_config, path / rec.artifact, path / rec.artifact, header))
         ranges.append(tuple(rec.timestep_range))
     if man.scheduler_config is None:
@@ -272,7 +297,8 @@ def _load_stage(path: Path) -> LoadedModel:
     return LoadedModel(source=path, form=f"stage:{man.kind}", unet=unet, scheduler_config=man.scheduler_config,
                        unet_configs=[r.unet_config for r in man.models], ranges=ranges,
                        sha256=sha256_file(path / "manifest.json"), manifest=man,
-                       conditioning=conditioning_of(man.models[0].unet_config, metas[0], path / man.models[0].artifact))
+                       conditioning=conditioning_of(man.models[0].unet_config, metas[0], path / man.models[0].artifact),
+                       recorded=recorded)
 
 
 def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> dict[str, Any] | None:
@@ -286,13 +312,8 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
     without any o2m record is foreign: its label table is taken at its word, classes "0".."K-1".
     """
     family = family_for_config(cfg, where)
-    try:
-        prov = json.loads(meta.get("o2m.provenance", "{}"))
-        found = prov.get("conditioning")
-    except (ValueError, AttributeError):
-        prov, found = {}, None
-    if not isinstance(prov, dict):
-        prov = {}
+    prov = provenance_of(meta, where)
+    found = prov.get("conditioning")
     if family.condition == "text":
         return text_record(found, where)
     table = family.class_table(cfg)
@@ -354,6 +375,7 @@ def save_model_file(path: Path, unet: nn.Module, scheduler_config: dict[str, Any
     """Write one self-describing safetensors model atomically (refuses to overwrite without ``force``). An output this
     run reserved that something else created meanwhile is not replaced: the weights are kept beside it, and said."""
     path = Path(path)
+    check_not_input(path)  # nothing this run read is ever replaced (o2mcli.outputs.note_input)
     try:
         check_output_free(path, force)
     except O2MError as e:
@@ -375,7 +397,7 @@ def save_model_file(path: Path, unet: nn.Module, scheduler_config: dict[str, Any
         "o2m.provenance": json.dumps(provenance or {}, sort_keys=True, default=str),
     }
     with atomic_file(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        save_safetensors(state, tmp, metadata=meta)
     return path
 
 
@@ -398,7 +420,10 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pip
         raise O2MError(f"{loaded.source}: a group of {len(loaded.ranges)} students has no single-UNet diffusers "
                        "form; merge it first (o2m merge) or export one student file")
     out_dir = Path(out_dir)
+    for where, what in [(loaded.source, "the model this export reads"), *loaded.recorded]:
+        note_input(where, what)
     check_output_free(out_dir, force, inputs=[pipeline])
+    check_not_input(out_dir)
     unet = loaded.unet.to("cpu")
     family = family_of(unet)
     parts = family.pipeline_parts(loaded.conditioning, loaded.source, pipeline)
@@ -415,7 +440,8 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pip
     scheduler = getattr(diffusers, name).from_config(config)
     pipe = family.pipeline(unet, scheduler, parts)
     with atomic_dir(out_dir, force=force) as tmp:
-        family.save_pipeline(pipe, tmp, parts)
+        with storage_errors(out_dir):  # a full disk inside diffusers' save_pretrained: the usual one-line refusal
+            family.save_pipeline(pipe, tmp, parts)
         # Marks the pipeline as o2m's, so `o2m export --force` may replace it (and nothing else).
         record = {"format": "o2m-export/1", "source": str(loaded.source), "sha256": loaded.sha256}
         if loaded.conditioning is not None:

@@ -16,7 +16,8 @@ pairs, so that a plain diffusers config still describes it:
 
 The student is built from its config by plain diffusers and every tensor of it is copied from a
 same-named (after the map below), same-shaped teacher tensor; any gap is a bug (RuntimeError).
-The record names what was removed and maps student blocks to teacher blocks for feature KD.
+The record names what was removed, maps student blocks to teacher blocks, and names BK-SDM's own feature-KD points
+(``bk_feature_pairs``: the down and up stages, no mid block; bk-tiny's innermost stage by an attention output).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class BlockRemoval:
     key_map: dict[str, str] = field(default_factory=dict)  # student tensor -> teacher tensor
     layer_map: dict[str, str] = field(default_factory=dict)  # student layer (resnet, attention, ...) -> teacher's
     block_map: dict[str, str] = field(default_factory=dict)  # student block -> teacher block
-    feature_pairs: dict[str, str] = field(default_factory=dict)  # the block_map pairs with equal output shapes
+    feature_pairs: dict[str, str] = field(default_factory=dict)  # BK-SDM's feature-KD points (bk_feature_pairs)
     removed: list[str] = field(default_factory=list)  # teacher layers or blocks with no place in the student
     notes: list[str] = field(default_factory=list)
 
@@ -167,13 +168,37 @@ def _block_maps(new_cfg: dict[str, Any], off: int, variant: str) -> tuple[dict[s
     if new_cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None:
         block_map["mid_block"] = "mid_block"
     block_map.update({f"up_blocks.{i}": f"up_blocks.{i + off}" for i in range(n)})
-    pairs, notes = dict(block_map), []
+    notes = []
     if off:
         last = f"down_blocks.{n - 1}"
-        del pairs[last]
         notes.append(f"{last} has no downsampler in the student (it is the innermost stage now): its output is "
-                     "twice the teacher's resolution, so feature KD does not pair it")
-    return block_map, pairs, notes
+                     "twice the teacher's resolution, so feature KD pairs its last layer's output with the teacher's "
+                     "layer before the downsampler instead (BK-SDM-Tiny)")
+    return block_map, bk_feature_pairs(new_cfg, off), notes
+
+
+def bk_feature_pairs(new_cfg: dict[str, Any], off: int) -> dict[str, str]:
+    """BK-SDM's feature-KD points (Kim et al. 2023, Sec. 3.2, L_featKD; ``mapping_layers`` of its
+    kd_train_text_to_image.py), student module -> teacher module, in input-to-output order.
+
+    * bk-base, bk-small: every down stage's and every up stage's output, with its namesake. The mid block is not a
+      point, not even in bk-base, which keeps it (BK-SDM hooks the down and up blocks only).
+    * bk-tiny: the outer down stages with their namesakes; the innermost remaining stage, which lost its
+      downsampler, by its last layer: the student's one attention's ``proj_out`` against the teacher's second
+      (``down_blocks.2.attentions.0.proj_out`` -> ``down_blocks.2.attentions.1.proj_out`` on SD 1.x/2.x); and
+      every up stage with the teacher's one index higher (its first up stage is gone).
+
+    Beyond BK-SDM (its configs always have attention there): an innermost stage without attention pairs its resnet
+    outputs the same way (``resnets.0`` -> ``resnets.1``).
+    """
+    n = len(new_cfg["block_out_channels"])
+    pairs = {f"down_blocks.{i}": f"down_blocks.{i}" for i in range(n - 1 if off else n)}
+    if off:
+        inner = n - 1
+        part = "attentions.{}.proj_out" if "CrossAttn" in str(new_cfg["down_block_types"][inner]) else "resnets.{}"
+        pairs[f"down_blocks.{inner}.{part.format(0)}"] = f"down_blocks.{inner}.{part.format(1)}"
+    pairs.update({f"up_blocks.{i}": f"up_blocks.{i + off}" for i in range(n)})
+    return pairs
 
 
 # 3. The student itself -----------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import TMP_SUFFIX, atomic_file, atomic_write_json, loads_bounded, read_metadata
+from o2mcli.fsutil import TMP_SUFFIX, atomic_file, atomic_write_json, loads_bounded, read_metadata, save_safetensors
 from o2mcli.outputs import notice
 
 TENSORS, STATE = "checkpoint.safetensors", "checkpoint.json"
@@ -43,8 +43,8 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: di
     """Write tensors then state; the JSON names the tensors file's step, so a torn pair is detected."""
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / TENSORS) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"step": str(state["step"])})
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                         metadata={"step": str(state["step"])})
     atomic_write_json(directory / STATE, state)
 
 

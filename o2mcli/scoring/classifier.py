@@ -139,9 +139,7 @@ def train_digits_classifier(seed: int = 0, steps: int = 1500, verbose: bool = Tr
 def save_classifier(path: Path, model: DigitsCNN, heldout_accuracy: float, seed: int, steps: int,
                     force: bool = True) -> Path:
     """Write the weights as safetensors with self-describing metadata, atomically."""
-    from safetensors.torch import save_file
-
-    from o2mcli.fsutil import atomic_file, check_output_free
+    from o2mcli.fsutil import atomic_file, check_output_free, save_safetensors
 
     path = Path(path)
     check_output_free(path, force)
@@ -161,7 +159,7 @@ def save_classifier(path: Path, model: DigitsCNN, heldout_accuracy: float, seed:
         "torch": torch.__version__,
     }
     with atomic_file(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        save_safetensors(state, tmp, metadata=meta)
     return path
 
 

@@ -56,7 +56,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     if cfg:
         cols.insert(cols.index("MACs (G)") + 1, "MACs/step w/ CFG (G)")
     if clip:
-        cols.append("CLIP score")
+        cols += ["CLIP score", "CLIP cos"]
     if acc:
         cols.append("Class acc.")
     lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
@@ -77,6 +77,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         ]
         if clip:
             cells.append("-" if r.get("clip_score") is None else _num(r["clip_score"]))
+            cells.append("-" if r.get("clip_cosine") is None else f"{r['clip_cosine']:.4f}")
         if acc:
             cells.append("-" if r.get("class_accuracy") is None else f"{r['class_accuracy']:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -115,7 +116,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     clip = report.get("clip")
     if clip:
         lines.append(f"- CLIP score (Hessel et al. 2021) = {clip['scaling']}, each image against its own prompt; "
-                     f"CLIP weights {clip['weights']} (sha256 {clip['weights_sha256'][:12]}), images "
+                     f"CLIP weights {clip['weights']} ({clip.get('format_text', 'transformers CLIPModel')}, sha256 "
+                     f"{clip['weights_sha256'][:12]}), images "
                      f"{clip['image_size']}x{clip['image_size']} ({clip['preprocessing']}), prompts cut at "
                      f"{clip['max_tokens']} tokens.")
     shape = "x".join(str(v) for v in ref["shape"])

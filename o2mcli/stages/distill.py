@@ -22,8 +22,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from o2mcli.outputs import run_scope
 from o2mcli.distill.modes import MODES
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
 from o2mcli.parsing import int_list
 
 
@@ -47,6 +48,9 @@ class DistillConfig(BaseModel):
     init_steps: Optional[int] = Field(None, ge=1)
     init_batch: int = Field(1024, ge=1)
     kl_weight: float = Field(1.0, ge=0)
+    # dkdm: classifier-free guidance weight W of the teacher steps that move buffer slots (build and training);
+    # <= 1: none (one forward, the paper's and o2m's results). The KD target stays the conditional prediction.
+    buffer_guidance: float = Field(1.0, ge=0, le=100)
     label_dropout: Optional[float] = Field(None, ge=0, le=1)  # class or caption dropout; None = the teacher's own
     prompts: Optional[Path] = None  # dkdm under a text-conditioned teacher: one prompt per line
     pipeline: Optional[str] = None  # a text-conditioned teacher's VAE/text encoder; default: the one it records
@@ -88,18 +92,26 @@ class DistillConfig(BaseModel):
         """``-k`` unset: the mode's default (O2MKD's 4; DKDM's single student, data-free O2MKD is ``-k 4``)."""
         if self.students is None:
             object.__setattr__(self, "students", MODES[self.mode].default_students)
+        if self.buffer_guidance != 1.0 and not getattr(MODES[self.mode], "buffer_guidance", False):
+            raise OptionError("buffer_guidance", self.buffer_guidance, f"guides DKDM's buffer; --mode {self.mode} has "
+                              "no buffer (use --mode dkdm, or drop --buffer-guidance)")
         return self
 
 
 def _fingerprint(cfg: DistillConfig) -> dict:
-    # `steps` may grow on resume (constant LR after warm-up); paths and devices may move.
-    return cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out",
-                                                "steps", "template", "teacher", "data", "pipeline",
-                                                "latent_cache"})
+    # `steps` may grow on resume (constant LR after warm-up); paths and devices may move. A setting added later is
+    # left out at its default, so checkpoints written before it existed still resume.
+    out = cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out",
+                                               "steps", "template", "teacher", "data", "pipeline",
+                                               "latent_cache"})
+    if out.get("buffer_guidance") == 1.0:
+        del out["buffer_guidance"]
+    return out
 
 
 # The stage ----------------------------------------------------------------------------------------
 
+@run_scope
 def run_distill(cfg: DistillConfig) -> Path:
     """Distil the teacher into ``cfg.students`` students; write a ``students`` stage directory."""
     from o2mcli.devices import resolve_device

@@ -9,7 +9,6 @@ or, when ``out`` does not end in ``.safetensors``, a ``merged`` stage directory.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,10 +16,12 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from o2mcli.outputs import run_scope
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.parsing import number, number_list
 
 ARTIFACT = "merged.safetensors"
+MAX_T = 100_000  # the most training timesteps a scheduler config may have (models.configs.check_scheduler_config)
 
 
 class MergeConfig(BaseModel):
@@ -62,8 +63,10 @@ def _file_meta(path: Path) -> dict:
 
 def collect_students(inputs: tuple[str, ...]) -> list[StudentRef]:
     """Every student named by ``inputs`` (students directories or student files), verified."""
-    from o2mcli.fsutil import sha256_file
+    from o2mcli.fsutil import loads_bounded, sha256_file
     from o2mcli.manifest import is_stage_dir, read_manifest, require_kind
+    from o2mcli.models.io import check_timestep_range, provenance_of, recorded_paths
+    from o2mcli.outputs import note_input
 
     found: list[StudentRef] = []
     for spec in inputs:
@@ -77,13 +80,18 @@ def collect_students(inputs: tuple[str, ...]) -> list[StudentRef]:
             require_kind(man, p, ("students",))
             files = [(p / m.artifact, tuple(m.timestep_range)) for m in man.models]
         else:
-            files = [(p, tuple(json.loads(_file_meta(p).get("o2m.timestep_range", "[0, 1000]"))))]
+            rng = loads_bounded(_file_meta(p).get("o2m.timestep_range", "[0, 1000]"),
+                                f"{p}: o2m metadata 'o2m.timestep_range'")
+            files = [(p, tuple(check_timestep_range(rng, MAX_T, p)))]
+        note_input(p, "a student this merge reads")
         for f, rng in files:
             meta = _file_meta(f)
             if meta.get("o2m.kind") != "students":
                 raise O2MError(f"{f}: a {meta.get('o2m.kind', 'model')} file, not a distilled student")
-            found.append(StudentRef(f, rng, json.loads(meta.get("o2m.provenance", "{}")), sha256_file(f),
-                                    _config(meta, f)))
+            prov = provenance_of(meta, f)
+            for where, what in recorded_paths(prov):  # theta_0 and the teacher: never this merge's output
+                note_input(where, f"{what}, recorded by {f}")
+            found.append(StudentRef(f, rng, prov, sha256_file(f), _config(meta, f)))
     if len(found) < 2:
         raise O2MError(f"{', '.join(inputs)}: holds {len(found)} student; merging needs at least 2")
     return found
@@ -165,8 +173,34 @@ def _classes(provenance: dict) -> str:
     return "unconditional" if not c else f"classes {','.join(map(str, c.get('classes', [])))}"
 
 
+def check_finite(merged: dict[str, torch.Tensor], cfg: MergeConfig, lam: float, weights: list[float],
+                 states: list[dict[str, torch.Tensor]], students: list[StudentRef], base_path: Optional[Path],
+                 base: Optional[dict[str, torch.Tensor]]) -> None:
+    """Refuse a merge with an inf or NaN anywhere, before anything is written, naming the cause: an input tensor
+    already non-finite, else the option that scaled a finite one past float32's range (--lambda or --weights)."""
+    from o2mcli.merge import first_nonfinite
+
+    key = first_nonfinite(merged)
+    if key is None:
+        return
+    inputs = list(zip([s.path for s in students], states)) + ([(base_path, base)] if base is not None else [])
+    for path, state in inputs:
+        bad = first_nonfinite(state)
+        if bad is not None:
+            raise O2MError(f"{path}: tensor {bad} holds non-finite values (inf or NaN), so the merge would too; "
+                           "nothing was written")
+    why = f"the merged tensor {key} overflows float32 (inf or NaN); nothing was written"
+    if cfg.lam is not None and cfg.method == "task-arithmetic":
+        with_w = "" if cfg.weights is None else f" (with --weights {','.join(f'{w:g}' for w in weights)})"
+        raise OptionError("lam", lam, f"{why}{with_w}; use a smaller --lambda (the plain average is 1/K)")
+    if cfg.weights is not None:
+        raise OptionError("weights", tuple(weights), f"{why}; use smaller --weights")
+    raise O2MError(f"{cfg.out}: {why}")
+
+
 # 2. The stage ----------------------------------------------------------------------------------------------
 
+@run_scope
 def run_merge(cfg: MergeConfig) -> Path:
     """Merge the students named by ``cfg.inputs``; write one file or a ``merged`` directory at ``cfg.out``."""
     from safetensors.torch import load_file
@@ -211,6 +245,7 @@ def run_merge(cfg: MergeConfig) -> Path:
 
     # 3. Merge and build the model from theta_0's (or the first student's) config.
     merged = get_method(cfg.method)(reference if base is not None else None, states, weights, lam)
+    check_finite(merged, cfg, lam, weights, states, students, base_path, reference if base is not None else None)
     shell = base if base is not None else load_model(students[0].path)
     template = shell.unet
     template.load_state_dict(merged)

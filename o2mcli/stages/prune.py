@@ -30,6 +30,7 @@ from typing import Callable, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from o2mcli.outputs import run_scope
 from o2mcli.chain import resolve_model_spec
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.parsing import macs
@@ -63,6 +64,7 @@ class PruneConfig(BaseModel):
     force: bool = False
 
 
+@run_scope
 def run_prune(cfg: PruneConfig) -> Path:
     """Prune ``cfg.teacher`` into a template; write a ``template`` stage directory at ``cfg.out``."""
     from o2mcli.devices import resolve_device

@@ -26,7 +26,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,7 +37,7 @@ from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.fsutil import atomic_write_bytes
-from o2mcli.outputs import atomic_dir, ensure_space, reserve_output
+from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.parsing import int_list
 from o2mcli.viz import grid_image, save_png, to_uint8
@@ -48,6 +48,7 @@ GRID_MIN_CELL = 64  # an 8x8 digit becomes 64x64 pixels in grid.png
 
 TEXT_GUIDANCE = 7.5  # Stable Diffusion's usual classifier-free guidance weight
 CLASS_GUIDANCE = 1.0  # plain conditional sampling: class models were guided only when asked
+MAX_GUIDANCE = 100.0  # far beyond any weight in use; above it eps_u + w (eps_c - eps_u) only overflows or saturates
 DECODE_BATCH = 8  # latents the VAE decodes at once
 
 
@@ -66,9 +67,12 @@ class SampleConfig(BaseModel):
     out: Path = Path("samples")
     force: bool = False
     png: bool = True
-    classes: Optional[tuple[int, ...]] = None  # class-conditional models: the classes asked for, in turn ("0,1,2")
-    # Classifier-free guidance weight w (1: plain conditional). None: the model's default, 7.5 for a text model
-    # (Stable Diffusion's), 1 otherwise; the weight used is recorded in the manifest summary.
+    # class-conditional models: the classes asked for, in turn ("0,1,2"), or "null": the null class (the
+    # unconditional branch) for every image
+    classes: Optional[Union[Literal["null"], tuple[int, ...]]] = None
+    # Classifier-free guidance weight w (at or below 1: none, the conditional prediction alone, as diffusers).
+    # None: the model's default, 7.5 for a text model (Stable Diffusion's), 1 otherwise; the weight used is
+    # recorded in the manifest summary.
     guidance: Optional[float] = Field(None, ge=0)
     prompt: Optional[tuple[str, ...]] = None  # text models: the prompts, given to the images in turn
     prompts: Optional[Path] = None  # text models: a file of prompts, one a line (instead of ``prompt``)
@@ -76,7 +80,15 @@ class SampleConfig(BaseModel):
     pipeline: Optional[Path] = None  # text models: where the VAE, text encoder and tokenizer come from
     deepcache: Optional[int] = Field(None, ge=1)  # DeepCache interval N: every N-th step full (1: no caching)
     cache_branch: Optional[int] = Field(None, ge=0)  # DeepCache's branch B (down block B's pair); None: 0
-    _parse_classes = field_validator("classes", mode="before")(classmethod(lambda cls, v: int_list(v)))
+    _parse_classes = field_validator("classes", mode="before")(classmethod(lambda cls, v: _classes_value(v)))
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance_bounded(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and v > MAX_GUIDANCE:
+            raise ValueError(f"at most {MAX_GUIDANCE:g}: classifier-free guidance weights in use are about 1 to 20 "
+                             "(Stable Diffusion: 7.5); larger ones overflow or saturate every sample")
+        return v
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -97,6 +109,7 @@ class Condition:
     summary: dict = field(default_factory=dict)
 
 
+@run_scope
 def run_sample(cfg: SampleConfig) -> Path:
     """Sample ``cfg.n`` images from ``cfg.model``; write a ``samples`` stage directory at ``cfg.out``."""
     from o2mcli.diffusion.sampler import sample_images
@@ -145,12 +158,12 @@ def run_sample(cfg: SampleConfig) -> Path:
 
     conditioning = loaded.conditioning
     if conditioning is not None and conditioning.get("type") == "text":
-        condition = text_condition(conditioning, cfg, prompts, model_path, device)
+        condition = text_condition(conditioning, cfg, prompts, model_path, device, loaded.unet_configs)
     else:
         for name, value in (("prompt", cfg.prompt), ("prompts", cfg.prompts), ("pipeline", cfg.pipeline),
                             ("negative_prompt", cfg.negative_prompt or None)):
             if value is not None:
-                raise OptionError(name, value if isinstance(value, str) else str(value),
+                raise OptionError(name, _as_typed(value),
                                   f"{model_path} is not text-conditioned (prompts are for Stable Diffusion models)")
         condition = class_condition(conditioning, cfg, model_path)
 
@@ -166,6 +179,10 @@ def run_sample(cfg: SampleConfig) -> Path:
                              deepcache=spec, counts=counts)
     seconds = time.perf_counter() - t0
     if not np.isfinite(images01).all():
+        if condition.guidance > 1.0:  # eps_u + w (eps_c - eps_u) grows with w: blame the weight before the model
+            raise OptionError("guidance", condition.guidance, f"sampling {model_path} produced non-finite values; "
+                              "guidance this strong is the likely cause (Stable Diffusion uses 7.5): use a smaller "
+                              "--guidance")
         raise O2MError(f"{model_path}: sampling produced non-finite values; the model is broken")
     images = to_uint8(images01)  # (N, H, W, C)
     _, h, w, c = images.shape
@@ -206,12 +223,31 @@ def run_sample(cfg: SampleConfig) -> Path:
     return out
 
 
+def _classes_value(v: Any) -> Any:
+    """``"null"`` (any case) stays the null class's name; ``"0,1,2"`` -> (0, 1, 2)."""
+    if isinstance(v, str) and v.strip().lower() == "null":
+        return "null"
+    return int_list(v)
+
+
+def _as_typed(value: Any) -> Any:
+    """An option's value as the user typed it, for an error: one repeated option's single value unwrapped."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return value[0]
+    return value if isinstance(value, (str, tuple, list)) else str(value)
+
+
 def class_condition(conditioning: dict | None, cfg: SampleConfig, model_path: Path) -> Condition:
     """A class-conditional (or unconditional) model's labels, null class and guidance (default 1)."""
     guidance = CLASS_GUIDANCE if cfg.guidance is None else cfg.guidance
     labels, null_class = class_labels(conditioning, cfg, model_path, guidance)
     if labels is None:
         return Condition(guidance=guidance)
+    if cfg.classes == "null":
+        # The unconditional branch for every image: no class was asked for, so no labels are saved (score reports
+        # no class accuracy for them), and there is nothing to guide.
+        return Condition(cond=labels, uncond=null_class, guidance=1.0,
+                         summary={"classes": {"null": int(cfg.n)}, "guidance": 1.0})
     names = conditioning["classes"]
     summary = {"classes": {names[k]: int((labels == k).sum()) for k in sorted(set(labels.tolist()))},
                "guidance": guidance}
@@ -233,12 +269,20 @@ def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path,
         return None, None
     null = conditioning["null_class"]
     k = null if null is not None else len(conditioning["classes"])
+    if cfg.classes == "null":
+        if null is None:
+            raise OptionError("classes", "null", f"{model_path} has no null class recorded (it was not trained by "
+                              "o2m with label dropout)")
+        if guidance > 1.0:
+            raise OptionError("guidance", guidance, "the null class is the unconditional branch itself: there is "
+                              "nothing to guide; drop --guidance")
+        return torch.full((cfg.n,), int(null), dtype=torch.int64), null
     wanted = list(cfg.classes) if cfg.classes is not None else list(range(k))
     bad = [c for c in wanted if not 0 <= c < k]
     if bad or not wanted:
         raise OptionError("classes", cfg.classes, f"{model_path} has classes 0..{k - 1} "
                           f"({', '.join(conditioning['classes'][:k])})")
-    if guidance != 1.0 and null is None:
+    if guidance > 1.0 and null is None:  # at or below 1 there is no unconditional branch to run
         raise OptionError("guidance", guidance, f"{model_path} has no null class recorded (it was not trained "
                           "by o2m with label dropout), so it cannot be guided; use --guidance 1")
     labels = torch.tensor(wanted, dtype=torch.int64)[torch.arange(cfg.n) % len(wanted)]
@@ -246,11 +290,13 @@ def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path,
 
 
 def text_condition(conditioning: dict, cfg: SampleConfig, prompts: list[str] | None, model_path: Path,
-                   device) -> Condition:
-    """A text-conditioned (latent) model's prompts in turn, embedded once by its pipeline's text encoder, the
-    negative prompt's embedding for guidance (default 7.5), and its VAE's decoder."""
+                   device, unet_configs: list | None = None) -> Condition:
+    """A text-conditioned (latent) model's prompts in turn, embedded by its pipeline's text encoder (once, or in
+    fixed chunks as the images use them where they exceed the text-memory budget), the negative prompt's embedding
+    for guidance (default 7.5), and its VAE's decoder."""
     import torch
 
+    from o2mcli.data.text import prompt_table, prompts_flag
     from o2mcli.models.families.stable_diffusion import decode_latents, encode_prompts, resolve_parts
 
     if cfg.classes is not None:
@@ -259,12 +305,13 @@ def text_condition(conditioning: dict, cfg: SampleConfig, prompts: list[str] | N
         raise O2MError(f"{model_path}: a text-conditioned model samples from prompts; give --prompt TEXT or "
                        "--prompts FILE")
     guidance = TEXT_GUIDANCE if cfg.guidance is None else cfg.guidance
-    parts = resolve_parts(conditioning, model_path, cfg.pipeline, device)
+    parts = resolve_parts(conditioning, model_path, cfg.pipeline, device,
+                          models=[(c, model_path) for c in unet_configs or []])  # the model fits the parts
     # Each distinct prompt the n images use is encoded once; the images index their prompt's row.
     assigned = [prompts[i % len(prompts)] for i in range(cfg.n)]
     row = {p: i for i, p in enumerate(dict.fromkeys(assigned))}
     distinct = list(row)
-    table = encode_prompts(parts, distinct)
+    table = prompt_table(parts, distinct, prompts_flag(prompts))  # `table[rows]`: a tensor, or chunks within budget
     negative = encode_prompts(parts, [cfg.negative_prompt])
     index = torch.tensor([row[p] for p in assigned], dtype=torch.int64)
     vae = parts.vae

@@ -7,9 +7,14 @@ load the model that made the samples (checking it is byte-identical to the one s
 parameters and MACs and time full sampling runs with the samples' sampler and steps. The report is
 a ``scores`` stage directory with ``report.json`` and ``report.md`` (Table 1 of the O2MKD paper).
 
-Text-conditioned (Stable Diffusion) samples: with ``--clip-weights DIR`` (a local transformers CLIPModel),
-each row also gets the CLIP score of its images against the prompts stored in ``samples.npz``
-(``o2mcli.scoring.clip``: 100 * max(cos, 0), averaged, torchmetrics' scaling). MACs are the UNet's alone,
+Labelled samples (a class-conditional model's): their labels must be the model's classes (read from its
+conditioning record where the model is there, else bounded by the classifier's classes); class accuracy is the
+share the digits classifier reads as the label asked for.
+
+Text-conditioned (Stable Diffusion) samples: with ``--clip-weights DIR`` (a local transformers CLIPModel or
+OpenCLIP directory), each row also gets the CLIP score of its images against the prompts stored in ``samples.npz``
+(``o2mcli.scoring.clip``: max(100 * mean cos, 0), torchmetrics' CLIPScore) and the raw mean cosine (BK-SDM's and
+the O2MKD paper's number). MACs are the UNet's alone,
 one call at the latent size with a 77-token text embedding, reported per UNet call and per sampling step
 with classifier-free guidance (two calls); throughput times the UNet's latent denoising loop alone (one
 call per step, a zero text embedding: no guidance doubling, text encoding or VAE decoding).
@@ -29,6 +34,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from o2mcli.data.samples import model_unavailable
+from o2mcli.outputs import run_scope
 from o2mcli.errors import O2MError
 
 
@@ -80,31 +87,6 @@ def is_text_conditioned(loaded) -> bool:
 
 # 2. The model that made the samples ---------------------------------------------------------------
 
-def model_unavailable(path: str) -> Optional[str]:
-    """Why the samples' parent model cannot be measured here (it is gone or unreadable), or None when it can be
-    opened (then it is loaded and checked against the recorded hash: a changed model is refused, not skipped).
-
-    Samples travel without their model (copied to another machine, the model deleted): FID and KID need only the
-    images, so an absent model costs the row its params, MACs and throughput, not the whole score.
-    """
-    import os
-
-    p = Path(path)
-    if not os.path.lexists(p) or not p.exists():  # a dangling symlink is as gone as a missing path
-        return f"{path}: no such file or directory"
-    try:
-        if p.is_dir():
-            os.listdir(p)
-        else:
-            with open(p, "rb") as f:
-                f.read(1)
-    except PermissionError:
-        return f"{path}: not readable (permission denied)"
-    except OSError as e:
-        return f"{path}: not readable ({e.strerror or e})"
-    return None
-
-
 def unmeasured_model(man, reason: str) -> dict[str, Any]:
     """The model fields of a row whose model is unavailable: its name and hash as the samples recorded them,
     no params, MACs or throughput, and the reason."""
@@ -151,7 +133,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     if spec is not None and loaded.is_group and len(set(per_student)) > 1:
         notes.append("DeepCache MACs: the largest student's full and partial forwards")
     text = is_text_conditioned(loaded)
-    macs_what = None
+    macs_what, calls = None, 2
     steps = cfg.throughput_steps or int(man.config["steps"])
     tp = measure_throughput(unet, str(man.config["scheduler"]), loaded.scheduler_config, steps,
                             cfg.throughput_batch, device, repeats=cfg.throughput_repeats, seed=cfg.seed,
@@ -162,12 +144,17 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
         tp["what"] = ("UNet latent denoising only: one UNet call per step with a zero text embedding; no "
                       "classifier-free guidance doubling, text encoding or VAE decoding")
         shape = "x".join(str(v) for v in input_shape(unet))
+        # Guidance at or below 1 runs the conditional branch alone (o2m sample, as diffusers): one call per step.
+        w = man.summary.get("guidance", man.config.get("guidance"))
+        calls = 1 if isinstance(w, (int, float)) and not isinstance(w, bool) and w <= 1.0 else 2
         macs_what = (f"UNet only, one call on a {shape} latent with a {SHAPE_TOKENS}-token text embedding: "
-                     f"{_g(macs)} GMACs per UNet call, {_g(2 * macs)} GMACs per sampling step with classifier-free "
-                     "guidance (x2: conditional and unconditional branch); VAE and text encoder not counted")
+                     f"{_g(macs)} GMACs per UNet call, {_g(calls * macs)} GMACs per sampling step "
+                     + ("with classifier-free guidance (x2: conditional and unconditional branch)" if calls == 2 else
+                        f"at guidance {float(w):g} (at most 1: no guidance, one call)")
+                     + "; VAE and text encoder not counted")
     return {"model": parent.path, "model_name": Path(parent.path).name, "model_sha256": loaded.sha256,
             "model_form": loaded.form, "students": len(loaded.ranges), "params": int(params), "macs": int(macs),
-            "macs_cfg": int(2 * macs) if text else None, "text_conditioned": text, "macs_what": macs_what,
+            "macs_cfg": int(calls * macs) if text else None, "text_conditioned": text, "macs_what": macs_what,
             "partial_macs": partial_macs, "throughput": tp, "model_unavailable": None,
             "model_notes": notes + list(loaded.notes)}
 
@@ -218,10 +205,11 @@ def _g(macs: int) -> str:
 
 # 3. The stage -----------------------------------------------------------------------------------------
 
+@run_scope
 def run_score(cfg: ScoreConfig) -> Path:
     """Score every samples directory against the reference; write a ``scores`` stage directory."""
     from o2mcli.data import load_dataset, load_samples
-    from o2mcli.data.samples import load_sample_labels, load_sample_prompts
+    from o2mcli.data.samples import has_labels, load_sample_labels, load_sample_prompts, model_classes
     from o2mcli.devices import resolve_device
     from o2mcli.fsutil import atomic_write_bytes, atomic_write_json
     from o2mcli.outputs import atomic_dir, notice, reserve_output
@@ -248,7 +236,7 @@ def run_score(cfg: ScoreConfig) -> Path:
 
     # 2. Samples (verified) and the reference, all the same shape.
     loaded = [(d, *load_samples(d)) for d in dirs]
-    ref = load_dataset(cfg.ref)
+    ref = load_dataset(cfg.ref, labels=False)  # a reference's labels play no part
     ref_shape = tuple(int(s) for s in ref.shape)
     for d, _, images in loaded:
         shape = (int(images.shape[3]), int(images.shape[1]), int(images.shape[2]))
@@ -270,6 +258,17 @@ def run_score(cfg: ScoreConfig) -> Path:
     # 3. Features: the reference once, as 8-bit images like the samples.
     name = resolve_name(cfg.features, ref_shape)
     extractor = get_extractor(name, inception_weights=cfg.inception_weights, device=device, shape=ref_shape)
+    # Labels must be classes of the model that made them (its conditioning record), or where the model cannot be
+    # read, classes the classifier that judges them knows.
+    judged = classifier_classes(extractor)
+    labels = {}
+    for d, man, images in loaded:
+        names, whence = model_classes(d, man) if has_labels(d) else ([], "")
+        k = None if names is None else len(names)
+        if names is None and judged is not None:
+            k, whence = judged, (f"the classes of the {extractor.name} classifier that judges them; the model that "
+                                 f"made them is unavailable: {whence}")
+        labels[d] = load_sample_labels(d, images.shape[0], k, whence)
     ref_u8 = np.clip(np.rint(ref.images.numpy() * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     ref_feats = extractor(_to_float01(ref_u8))
     notes = size_warnings(len(ref), extractor.dim, f"reference images ({cfg.ref})")
@@ -283,9 +282,13 @@ def run_score(cfg: ScoreConfig) -> Path:
         kid_mean, kid_std = kid_from_features(feats, ref_feats, subsets=cfg.kid_subsets,
                                               subset_size=cfg.kid_subset_size, seed=cfg.seed)
         warnings += size_warnings(images.shape[0], extractor.dim, "samples")
-        labels = load_sample_labels(d, images.shape[0])
-        predicted = extractor.classify(images) if labels is not None else None
-        accuracy = None if predicted is None else float((predicted == labels).mean())
+        accuracy = None
+        if labels[d] is not None and judged is not None and int(labels[d].max()) >= judged:
+            warnings.append(f"no class accuracy: labels reach {int(labels[d].max())} but the {extractor.name} "
+                            f"classifier knows {judged} classes")
+        elif labels[d] is not None:
+            predicted = extractor.classify(images)
+            accuracy = None if predicted is None else float((predicted == labels[d]).mean())
         cs = clip.score(images, prompts[d]) if clip is not None else None
         if cs is not None and cs["truncated_prompts"]:
             warnings.append(f"{cs['truncated_prompts']} prompt(s) longer than CLIP's {clip.max_tokens} tokens were "
@@ -310,7 +313,8 @@ def run_score(cfg: ScoreConfig) -> Path:
             "deepcache": deepcache_summary(man, d, m["macs"], m["partial_macs"]),
             "throughput": m["throughput"],
             "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "class_accuracy": accuracy,
-            "clip_score": None if cs is None else cs["mean"], "clip_score_std": None if cs is None else cs["std"],
+            "clip_score": None if cs is None else cs["mean"], "clip_cosine": None if cs is None else cs["cosine"],
+            "clip_score_std": None if cs is None else cs["std"],
             "n_samples": int(images.shape[0]), "n_reference": len(ref),
             "features": extractor.name, "feature_dim": extractor.dim,
             "scheduler": man.config["scheduler"], "steps": int(man.config["steps"]), "seed": man.config.get("seed"),
@@ -342,7 +346,8 @@ def run_score(cfg: ScoreConfig) -> Path:
                          "images_per_s": None if r["throughput"] is None else r["throughput"]["images_per_s"],
                          **({"model_unavailable": r["model_unavailable"]} if r["model_unavailable"] else {}),
                          **({"macs_deepcache": r["deepcache"]["macs"]} if r["deepcache"] else {}),
-                         **({"clip_score": r["clip_score"]} if r["clip_score"] is not None else {}),
+                         **({"clip_score": r["clip_score"], "clip_cosine": r["clip_cosine"]}
+                            if r["clip_score"] is not None else {}),
                          **({"macs_cfg": r["macs_cfg"]} if r["macs_cfg"] is not None else {})} for r in rows],
                "features": extractor.name, "reference": cfg.ref, "device": str(device)}
     with atomic_dir(out, force=cfg.force) as tmp:
@@ -357,6 +362,18 @@ def run_score(cfg: ScoreConfig) -> Path:
         write_manifest(tmp, "scores", cfg.model_dump(mode="json"), parents=[parent_ref(d) for d in dirs],
                        summary=summary)
     return out
+
+
+def classifier_classes(extractor) -> Optional[int]:
+    """How many classes the feature extractor's classifier tells apart (its head's outputs), or None where it is no
+    classifier (clean-fid's Inception)."""
+    from o2mcli.scoring.features import FeatureExtractor
+
+    if type(extractor).classify is FeatureExtractor.classify:
+        return None
+    head = getattr(getattr(extractor, "net", None), "head", None)
+    n = getattr(head, "out_features", None)
+    return int(n) if isinstance(n, int) else None
 
 
 def _grids(dirs: list[Path], path: Path, most: int = 6) -> None:

@@ -13,7 +13,7 @@ from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError
 from o2mcli.parsing import int_list
-from o2mcli.outputs import atomic_dir, ensure_space, reserve_output
+from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
 from o2mcli.manifest import write_manifest
 from o2mcli.models.configs import scheduler_config, unet_config
 from o2mcli.models.io import build_unet, model_record, save_model_file
@@ -65,6 +65,7 @@ class TrainConfig(BaseModel):
         return v
 
 
+@run_scope
 def run_train(cfg: TrainConfig) -> Path:
     """Train a DDPM teacher; write a ``teacher`` stage directory, or one ``.safetensors`` if ``out`` ends so.
 

@@ -50,7 +50,8 @@ class DistillMode:
         if cond is not None and cond.get("type") == "text":
             from o2mcli.models.families.stable_diffusion import resolve_parts
 
-            self.parts = resolve_parts(cond, teacher_path, self.cfg.pipeline)
+            self.parts = resolve_parts(cond, teacher_path, self.cfg.pipeline,
+                                       models=[(c, teacher_path) for c in teacher.unet_configs])
         else:
             for opt, v in (("prompts", self.cfg.prompts), ("pipeline", self.cfg.pipeline),
                            ("latent_cache", self.cfg.latent_cache)):

@@ -12,7 +12,7 @@ import torch
 from o2mcli.diffusion.schedulers import teacher_reverse_settings
 from o2mcli.distill.modes.base import DistillMode
 from o2mcli.distill.objective import Objective, dkdm_kl
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
 from o2mcli.models.configs import is_learned_variance
 
 
@@ -21,6 +21,7 @@ class DKDM(DistillMode):
 
     name = "dkdm"
     default_students = 1
+    buffer_guidance = True  # takes --buffer-guidance (the buffer's teacher steps); other modes refuse it
 
     def check_options(self) -> None:
         cfg = self.cfg
@@ -50,6 +51,7 @@ class DKDM(DistillMode):
             self.labels = prompt_plan(self.parts, prompts, caption_dropout(teacher.conditioning,
                                                                            self.cfg.label_dropout),
                                       teacher.conditioning, resolve_device(self.cfg.device))
+        self._check_guidance(teacher_path)
         self.reverse = teacher_reverse_settings(teacher.scheduler_config, teacher_path)
         self.teacher_learned = is_learned_variance(teacher.unet.config)
         if is_learned_variance(student_config) and not self.teacher_learned:
@@ -60,6 +62,20 @@ class DKDM(DistillMode):
         if self.cfg.init_steps is not None and self.cfg.init_steps > T - 1:
             raise O2MError(f"--init-steps {self.cfg.init_steps}: the teacher {teacher_path} has T={T}, so a slot is "
                            f"at most {T - 1} steps from noise; use at most {T - 1} (10 is plenty: see the README)")
+
+    def _check_guidance(self, teacher_path: Path) -> None:
+        """--buffer-guidance W != 1 needs an unconditional branch: a conditional teacher with a null class (class
+        models o2m trained with label dropout) or the empty prompt (text models)."""
+        w = self.cfg.buffer_guidance
+        if w == 1.0:
+            return
+        if self.labels is None:
+            raise OptionError("buffer_guidance", w, f"the teacher {teacher_path} is unconditional: there is no "
+                              "condition to guide; use --buffer-guidance 1")
+        if self.labels.null_class is None:
+            raise OptionError("buffer_guidance", w, f"the teacher {teacher_path} has no null class recorded (it was "
+                              "not trained by o2m with label dropout), so it has no unconditional branch to guide "
+                              "against; use --buffer-guidance 1")
 
     def make_source(self, teacher: Any, data: Any, plan: Any, log: Optional[Callable[[str], None]]
                     ) -> Callable[[Any, torch.device], Any]:
@@ -75,9 +91,12 @@ class DKDM(DistillMode):
         shape = family_of(teacher.unet).input_shape(teacher.unet)  # any family's (C, H, W)
         variance, clip = self.reverse
         # A class-conditional teacher: every slot keeps a label (the null class with the label dropout), which
-        # the teacher's reverse steps and the students' inputs use.
+        # the teacher's reverse steps and the students' inputs use; with --buffer-guidance W > 1 the steps that move
+        # a slot are guided by the teacher (the engine's module, moved to the device in place) against the null one.
+        w = cfg.buffer_guidance
         return lambda terms, dev: DynamicBuffer(shape, slots, terms, dev, variance_type=variance,
-                                                learned=self.teacher_learned, clip=clip, labels=self.labels)
+                                                learned=self.teacher_learned, clip=clip, labels=self.labels,
+                                                guidance=w, teacher=teacher.unet if w > 1 else None)
 
     @classmethod
     def objective(cls, cfg: Any, teacher_unet: Any, student_unet: Any, source: Any) -> Objective:
@@ -103,7 +122,8 @@ class DKDM(DistillMode):
 
     def summary(self, engine: Any, init_info: dict) -> dict:
         return {**super().summary(engine, init_info),
-                "buffer": {**init_info, "restarts": engine.source.restarts, "data": "none (teacher only)"}}
+                "buffer": {**init_info, "restarts": engine.source.restarts, "data": "none (teacher only)",
+                           "guidance": engine.source.guidance}}
 
     def losses_text(self, engine: Any, learned_student: bool) -> str:
         cfg, obj = self.cfg, engine.objective

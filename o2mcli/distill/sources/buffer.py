@@ -8,6 +8,14 @@ every slot from pure noise down to a uniform random t, either exactly (T-1-t anc
 steps) or, beyond the paper, with an S-step DDIM jump (``init_steps``). Under a class-conditional
 teacher each slot also keeps a class label (the null class with the label dropout), drawn when the slot
 starts from noise; the teacher's steps on the slot and the students' inputs use it.
+
+Buffer guidance (``guidance`` W, ``--buffer-guidance``; beyond the paper, whose teachers are unconditional): with
+W > 1 every teacher step that moves a slot (training's reverse steps and the shuffle-denoise build, exact or DDIM)
+uses the classifier-free guided eps_u + W (eps_c - eps_u), eps_u being the teacher on the null condition (one more
+forward per slot step), so the slots follow the guided trajectories that sampling at guidance W visits. The KD
+target stays the teacher's conditional prediction on the slot's condition: the students must learn both branches
+as the teacher has them, since sampling guides the students' own branches (a guided target would apply guidance
+twice). W <= 1 is no guidance: one forward, as before.
 Slot timesteps live on the CPU (drawing needs no device sync); images live on the device.
 
 Student-parallel sharding: the slots are split into K contiguous shards, one per student (``hold``);
@@ -33,6 +41,11 @@ from o2mcli.models.denoise import predict
 from o2mcli.runtime.dist import stream
 from o2mcli.runtime.run import progress
 from o2mcli.errors import O2MError, OptionError
+
+
+def cfg_eps(eps_c: torch.Tensor, eps_u: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps_u + w (eps_c - eps_u)."""
+    return eps_u + w * (eps_c - eps_u)
 
 
 def buffer_slots(rho: float, T: int, batch_size: int, min_slots: int | None = None) -> int:
@@ -73,9 +86,18 @@ class DynamicBuffer:
 
     def __init__(self, shape: tuple[int, int, int], slots: int, terms: DiffusionTerms, device: torch.device,
                  variance_type: str = "fixed_small", learned: bool = False, clip: float | None = 1.0,
-                 labels: Any = None) -> None:
-        """``labels`` (a ``LabelPlan``, for a class-conditional teacher) gives every slot a class label."""
+                 labels: Any = None, guidance: float = 1.0, teacher: nn.Module | None = None) -> None:
+        """``labels`` (a ``LabelPlan``, for a class-conditional teacher) gives every slot a class label.
+        ``guidance`` W > 1 guides the teacher's slot-moving steps against the plan's null condition, running
+        ``teacher`` (the engine's) once more on it after training's forward (see the module docstring)."""
         self.shape, self.n, self.terms, self.device = tuple(shape), int(slots), terms, device
+        self.guidance = float(guidance)
+        self.guided = self.guidance > 1.0  # at or below 1: no guidance, as diffusers (guidance_scale > 1)
+        if self.guided and (labels is None or labels.null_class is None or teacher is None):
+            raise OptionError("buffer_guidance", self.guidance, "guidance needs a conditional teacher with a null "
+                              "class (or empty prompt) and the teacher to run")
+        self.guide_teacher = teacher if self.guided else None
+        self.guide_forwards = 0  # training's extra (unconditional) teacher forwards, per sample
         # The teacher's scheduler config decides the reverse step, as diffusers' DDPMScheduler.step would.
         check_variance_type(variance_type, "teacher scheduler config")
         if variance_type == "learned_range" and not learned:
@@ -162,15 +184,15 @@ class DynamicBuffer:
 
     def planned_forwards(self, target: torch.Tensor, init_steps: int | None) -> int:
         """Teacher forwards the build will run for slot goals ``target`` (exact: T-1-t each; DDIM: its moves)."""
-        start = self.T - 1
+        start, per_move = self.T - 1, 2 if self.guided else 1  # guided: a conditional and an unconditional forward
         if not init_steps:
-            return int((start - target).sum())
+            return per_move * int((start - target).sum())
         moves = 0
         for j in range(init_steps):
             t_cur = start - torch.div((start - target) * j, init_steps, rounding_mode="floor")
             t_next = start - torch.div((start - target) * (j + 1), init_steps, rounding_mode="floor")
             moves += int((t_next < t_cur).sum())
-        return moves
+        return per_move * moves
 
     @torch.no_grad()
     def initialize(self, teacher: nn.Module, generator: torch.Generator, init_steps: int | None,
@@ -192,6 +214,8 @@ class DynamicBuffer:
         total = self.planned_forwards(target[held], init_steps)
         say = log or (lambda _msg: None)
         how = f"{init_steps}-step DDIM jumps" if init_steps else "exact shuffle denoise"
+        if self.guided:
+            how += f", guided at W={self.guidance:g}"
         hint = "" if init_steps else (f"; --init-steps 10 would need about {self.planned_forwards(target[held], 10):,} "
                                       "(DDIM jumps, beyond the paper)")
         say(f"{self.describe()}: building by {how} takes {total:,} teacher forwards{hint}")
@@ -237,14 +261,37 @@ class DynamicBuffer:
 
     def _eps(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The build's teacher eps (guided when W > 1) and variance output (the conditional branch's)."""
         c = self.shape[0]
+        out = self._build_forward(teacher, x, t, None if y is None else self.label_plan.cond(y.to(self.device)))
+        eps = out[:, :c]
+        if self.guided:
+            eps = cfg_eps(eps, self._build_forward(teacher, x, t, self._null(x.shape[0]))[:, :c], self.guidance)
+        return eps, (out[:, c:2 * c] if self.learned else None)
+
+    def _build_forward(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
+                       ) -> torch.Tensor:
         with autocast(self.device):
-            cond = None if y is None else self.label_plan.cond(y.to(self.device))
             out = predict(teacher, x, t.to(self.device), cond).float()
         self.init_forwards += x.shape[0]
         if self._report is not None:
             self._report()
-        return out[:, :c], (out[:, c:2 * c] if self.learned else None)
+        return out
+
+    def _null(self, n: int) -> torch.Tensor:
+        """The null condition (null class, or the empty prompt's embedding) for ``n`` slots."""
+        idx = torch.full((n,), int(self.label_plan.null_class), dtype=torch.long, device=self.device)
+        return self.label_plan.cond(idx)
+
+    def step_eps(self, batch: Batch, eps_c: torch.Tensor) -> torch.Tensor:
+        """The eps that moves the drawn slots: the teacher's conditional ``eps_c`` (the engine's forward, also the
+        KD target), guided against one unconditional forward when W > 1."""
+        if not self.guided:
+            return eps_c
+        with autocast(self.device):
+            out = predict(self.guide_teacher, batch.x_t, batch.t, self._null(batch.x_t.shape[0])).float()
+        self.guide_forwards += batch.x_t.shape[0]
+        return cfg_eps(eps_c, out[:, :self.shape[0]], self.guidance)
 
     def _exact_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor,
                     generator: torch.Generator, y: torch.Tensor | None) -> torch.Tensor:
@@ -319,8 +366,8 @@ class DynamicBuffer:
         slots = batch.slots
         g = generator
         z = torch.randn((slots.numel(), *self.shape), generator=g).to(self.device)
-        eps = teacher_out[:, :c].float()
-        v = teacher_out[:, c:2 * c].float() if self.learned else None
+        eps = self.step_eps(batch, teacher_out[:, :c].float())
+        v = teacher_out[:, c:2 * c].float() if self.learned else None  # guided or not: the conditional branch's
         x_prev = reverse_step(self.terms, batch.x_t.float(), batch.t, eps, v, z, self.variance_type, self.clip)
         t = batch.t_host
         done = t == 0

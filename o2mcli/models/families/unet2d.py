@@ -23,9 +23,15 @@ def check_unet_sizes(cfg: Any, where: Path, extra: tuple[tuple[str, int], ...] =
     ``extra`` keys' upper bounds), ``sample_size`` an int or [H, W], and activations of bounded size."""
     if not isinstance(cfg, dict):
         raise O2MError(f"{where}: the UNet config is a JSON {type(cfg).__name__}, expected an object")
-    for key, hi in (("in_channels", 64), ("out_channels", 128), ("block_out_channels", 16384),
-                    ("layers_per_block", 64), ("sample_size", MAX_SAMPLE_SIZE), *extra):
+    for key, hi in (("in_channels", 64), ("out_channels", 128)):
         check_int_in(cfg, key, 1, hi, where, "UNet config")
+    # per-block values: a list, or (but for the widths) one integer for every block
+    for key, hi in (("block_out_channels", 16384), ("layers_per_block", 64), ("sample_size", MAX_SAMPLE_SIZE),
+                    *extra):
+        check_int_in(cfg, key, 1, hi, where, "UNet config", many=True)
+    if "block_out_channels" in cfg and not isinstance(cfg["block_out_channels"], (list, tuple)):
+        raise O2MError(f"{where}: UNet config block_out_channels = {cfg['block_out_channels']!r}; expected a list of "
+                       "integers, one width per block")
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)) and len(size) != 2:
         raise O2MError(f"{where}: UNet config sample_size = {size!r}; expected an integer or [height, width]")

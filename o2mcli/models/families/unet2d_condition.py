@@ -29,7 +29,10 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
     condition = "text"
 
     def check_config(self, cfg: Any, where: Path) -> None:
+        from o2mcli.models.families.stable_diffusion import check_text_only
+
         check_unet_sizes(cfg, where, extra=TEXT_BOUNDS)
+        check_text_only(cfg, where)  # o2m passes text embeddings alone: an SDXL UNet would fail mid-run
 
     def build(self, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]], where: Path) -> nn.Module:
         from diffusers import UNet2DConditionModel
@@ -54,6 +57,17 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
         """The block outputs, as for UNet2DModel (BK-SDM's feature-KD points)."""
         return unet_block_outputs(model)
 
+    def feature_map(self, model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A point's output as (B, C, H, W): block outputs already are; a transformer's ``proj_out`` under
+        ``use_linear_projection`` (SD 2.x; a point of BK-SDM-Tiny) gives tokens (B, H*W, C), laid back on the square
+        latent grid (o2m's SD latents are square), else on one row (every feature-KD loss treats positions alike)."""
+        if tensor.dim() != 3:
+            return tensor
+        b, n, c = tensor.shape
+        side = int(round(n ** 0.5))
+        h, w = (side, side) if side * side == n else (1, n)
+        return tensor.transpose(1, 2).reshape(b, c, h, w)
+
     def pipeline_parts(self, conditioning: Optional[dict[str, Any]], where: Path,
                        pipeline: Optional[Path] = None) -> Any:
         """The teacher pipeline's VAE, text encoder and tokenizer (on the CPU), checked against the model's record."""
@@ -66,9 +80,14 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
         checker: o2m's students are research models, and diffusers would otherwise ask for one)."""
         from diffusers import StableDiffusionPipeline
 
+        from o2mcli.models.families.stable_diffusion import check_unets_fit
+
         if parts is None:
             raise O2MError("a UNet2DConditionModel's pipeline needs its VAE, text encoder and tokenizer "
                            "(pipeline_parts)")
+        # The UNet against the parts (a foreign UNet given --pipeline records no hashes): else a broken pipeline
+        check_unets_fit(Path(parts.root), [({**model.config, "_class_name": type(model).__name__},
+                                            "the UNet to export")])
         return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                        unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
