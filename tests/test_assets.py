@@ -49,16 +49,18 @@ def test_shipped_teacher_samples_digits() -> None:
     assert fid < 10.0, f"digits FID of the shipped teacher (200 samples, DDIM 25): {fid:.2f}"
 
 
-def test_shipped_cond_teacher_draws_the_class_asked_for(tmp_path) -> None:
-    """`o2m sample digits-cond-teacher --class 3 -n 200` (its defaults: DDIM 50, seed 0): the independent digits
-    classifier reads at least 95% as 3 (measured when it was shipped: 96.5%)."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shipped_cond_teacher_draws_the_class_asked_for(tmp_path, seed: int) -> None:
+    """`o2m sample digits-cond-teacher --class 3 -n 200 --seed S` (its defaults: DDIM 50): the independent digits
+    classifier reads at least 95% as 3 at every seed (measured when it was shipped, seeds 0..4: 97.5, 98.5, 99.5,
+    98.0, 99.5%; recipes/digits-cond-teacher-check.sh). The first shipped teacher read 93.5% at seed 1."""
     from o2mcli.stages.sample import SampleConfig, run_sample
 
     teacher = load_model(BUILTIN_MODELS["digits-cond-teacher"])
     assert teacher.conditioning == {"type": "class", "classes": list("0123456789"), "null_class": 10,
                                    "label_dropout": 0.1}
-    out = run_sample(SampleConfig(model="digits-cond-teacher", classes=(3,), n=200, device="cpu", png=False,
-                                  out=tmp_path / "s"))
+    out = run_sample(SampleConfig(model="digits-cond-teacher", classes=(3,), n=200, seed=seed, device="cpu",
+                                  png=False, out=tmp_path / "s"))
     with np.load(out / "samples.npz") as z:
         images, labels = z["images"], z["labels"]
     predicted = get_extractor("digits", device=torch.device("cpu")).classify(images)

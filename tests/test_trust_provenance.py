@@ -187,3 +187,19 @@ def test_a_unet_with_sample_size_height_width_runs_every_stage(in_tmp: Path) -> 
     ok("prune", "t", "--ratio", "0.5", "--no-throughput", "-o", "tpl")
     ok("distill", "tpl", "-k", "2", *DISTILL, "-o", "st")
     ok("sample", "st", *SAMPLE, "-o", "s")
+
+
+def test_every_stage_refuses_what_its_input_records(in_tmp: Path) -> None:
+    """Variants of the rule across stages and record kinds: a template's teacher under prune, a merged file's
+    students and theta_0 under sample and export, a student file's template under sample."""
+    tiny_teacher_file(in_tmp / "t.safetensors")
+    ok("prune", "t.safetensors", "--ratio", "0.5", "--no-throughput", "-o", "tpl")
+    ok("distill", "tpl", "-k", "2", *DISTILL, "-o", "st")
+    ok("merge", "st", "-o", "m.safetensors")
+    trees = {n: _tree(in_tmp / n) for n in ("t.safetensors", "tpl", "st", "m.safetensors")}
+    assert_refused(cli("prune", "tpl", "--ratio", "0.5", "--no-throughput", "-o", "t.safetensors", "--force"),
+                   "t.safetensors", "recorded by tpl")
+    assert_refused(cli("sample", "m.safetensors", *SAMPLE, "-o", "st", "--force"), "st", "contains")
+    assert_refused(cli("export", "m.safetensors", "-o", "tpl", "--force"), "tpl", "theta_0")
+    assert_refused(cli("sample", "st/student_0.safetensors", *SAMPLE, "-o", "tpl", "--force"), "tpl")
+    assert {n: _tree(in_tmp / n) for n in trees} == trees

@@ -11,6 +11,7 @@ Only safetensors and JSON are read: pickle-based checkpoints are refused.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,23 +191,20 @@ _PATH_KEYS = {"teacher": "its teacher", "template": "its template", "theta_0": "
 
 
 def recorded_paths(record: Any) -> list[tuple[str, str]]:
-    """(path, what it is) for every path an o2m provenance or export record names: the keys of ``_PATH_KEYS``,
-    each merged student's ``path``, the training data's ``source`` and the conditioning's ``pipeline``. Anything
-    else in the record (or a record that is not a map) names nothing."""
+    """(path, what it is) for every absolute path an o2m provenance or export record names (o2m records resolved
+    paths): the keys of ``_PATH_KEYS``, each merged student's ``path``, the training data's ``source`` and the
+    conditioning's ``pipeline``. Anything else in the record (or a record that is not a map) names nothing."""
     if not isinstance(record, dict):
         return []
-    out = [(v, what) for k, what in _PATH_KEYS.items() if isinstance(v := record.get(k), str) and v]
+    found = [(record.get(k), what) for k, what in _PATH_KEYS.items()]
     students = record.get("students")
-    for st in students if isinstance(students, list) else []:
-        if isinstance(st, dict) and isinstance(st.get("path"), str) and st["path"]:
-            out.append((st["path"], "a student it was merged from"))
-    data = record.get("data")
-    if isinstance(data, dict) and isinstance(data.get("source"), str) and data["source"]:
-        out.append((data["source"], "the data it was trained on"))
-    cond = record.get("conditioning")
-    if isinstance(cond, dict) and isinstance(cond.get("pipeline"), str) and cond["pipeline"]:
-        out.append((cond["pipeline"], "the pipeline its conditioning names"))
-    return out
+    found += [(st.get("path"), "a student it was merged from")
+              for st in (students if isinstance(students, list) else []) if isinstance(st, dict)]
+    for key, sub, what in (("data", "source", "the data it was trained on"),
+                           ("conditioning", "pipeline", "the pipeline its conditioning names")):
+        if isinstance(record.get(key), dict):
+            found.append((record[key].get(sub), what))
+    return [(p, what) for p, what in found if isinstance(p, str) and os.path.isabs(p)]
 
 
 def provenance_of(meta: dict[str, str], where: Path) -> dict[str, Any]:
@@ -282,7 +280,7 @@ def _load_stage(path: Path) -> LoadedModel:
         raise O2MError(f"{path}: model manifest has no scheduler_config")
     T = check_scheduler_config(man.scheduler_config, path / "manifest.json")
     units, ranges, metas = [], [], []
-    recorded = [(p.path, f"a parent ({p.kind}) its manifest names") for p in man.parents]
+    recorded = [(p.path, f"the {p.kind} its manifest names as parent") for p in man.parents]
     for rec in man.models:
         check_timestep_range(list(rec.timestep_range), T, path / rec.artifact)
         check_unet_config(rec.unet_config, path / rec.artifact)
