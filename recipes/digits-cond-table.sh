@@ -9,7 +9,7 @@
 # Every model is sampled twice, balanced over the 10 classes ($O2M_N images, default 1000, seed 0):
 #   guidance 1      plain conditional, DDIM 50 steps
 #   guidance 2      classifier-free guidance, DDPM 50 steps (ancestral): on this teacher DDIM with guidance
-#                   degrades FID (README: DDIM guidance 2 gave FID 18.1), DDPM does not
+#                   degrades FID (README: DDIM guidance 2 gave FID 14.1), DDPM does not
 # and scored in one `o2m score` run: FID/KID with the digits classifier's features against the 1797 digits, and
 # class accuracy (the share of samples that classifier reads as the class asked for). Each model also draws
 # `--class 3 -n 200` (guidance 1) with DDIM 50 and DDPM 50: the one-class check, class accuracy only.

@@ -139,7 +139,7 @@ def main() -> None:
         f"- Every model sampled twice with seed 0, {first['g1']['n_samples']} images balanced over the 10 classes: "
         f"{guides['g1']} and {guides['g2']}. Guidance runs the model twice per step (conditional and null "
         "branches), so a guided step costs twice the MACs shown. DDPM is used for the guided column because DDIM "
-        "with guidance degrades this teacher (README: DDIM at guidance 2, FID 18.1).",
+        "with guidance degrades this teacher (README: DDIM at guidance 2, FID 14.1).",
         f"- FID against the {first['g1']['n_reference']} bundled digits in the {report['features']['name']} feature "
         "space; class accuracy: the share of samples the independent digits classifier reads as the class asked for.",
         "- Noise, measured in this run: "
