@@ -124,7 +124,7 @@ def _teacher_with_scheduler(path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("changes,words", [({"variance_type": "learned"}, ["'learned'", "not supported"]),
-                                           ({"prediction_type": "v_prediction"}, ["v_prediction"]),
+                                           ({"prediction_type": "sample"}, ["'sample'", "x0-prediction"]),
                                            ({"clip_sample_range": -1}, ["clip_sample_range"])])
 def test_dkdm_refuses_teachers_it_cannot_step(in_tmp: Path, template: Path, changes, words) -> None:
     teacher = _teacher_with_scheduler(template.parent / "teacher.safetensors", **changes)

@@ -85,11 +85,13 @@ def test_a_pipeline_loads_as_a_text_conditioned_model_naming_its_parts(tmp_path:
     cond = loaded.conditioning
     assert loaded.form == "diffusers-pipeline" and cond["type"] == "text"
     assert cond["pipeline"] == str(root.resolve()) and set(cond["hashes"]) == {"vae", "text_encoder", "tokenizer"}
-    # v-prediction (SD 2.x 768) is refused by name: o2m's losses and samplers take eps.
+    # v-prediction (SD 2.x 768) loads (issue #24); x0-prediction is refused by name.
     import json
     sc = root / "scheduler" / "scheduler_config.json"
     sc.write_text(json.dumps({**json.loads(sc.read_text()), "prediction_type": "v_prediction"}))
-    with pytest.raises(O2MError, match="v_prediction"):
+    assert load_model(root).scheduler_config["prediction_type"] == "v_prediction"
+    sc.write_text(json.dumps({**json.loads(sc.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(O2MError, match="'sample'"):
         load_model(root)
 
 

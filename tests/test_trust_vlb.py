@@ -81,7 +81,7 @@ def test_hybrid_loss_trains_the_variance_with_the_reference_gradient_at_t900() -
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     eps = (noise + 0.3 * torch.randn(8, 1, 8, 8, generator=g)).requires_grad_(True)
     v = torch.zeros(8, 1, 8, 8).requires_grad_(True)
-    loss, _, _ = hybrid_loss(terms, x0, x_t, tt, noise, eps, v, vlb_weight=0.001)
+    loss, _, _ = hybrid_loss(terms, x0, x_t, tt, eps, noise, eps, v, vlb_weight=0.001)
     grad_v = torch.autograd.grad(loss, v)[0]
     v_ref = torch.zeros(8, 1, 8, 8, dtype=torch.float64, requires_grad=True)
     ref = 0.001 * 1000 * _reference_vb(betas, x0, x_t, 900, eps.detach(), v_ref).mean()

@@ -64,6 +64,11 @@ def distill(
     latent_cache: Optional[Path] = typer.Option(None, "--latent-cache", help="Stable Diffusion teacher: where the "
                                                 "captioned --data's latents and text embeddings are cached (default: "
                                                 "beside the output, DATA.latents-RES; reused when it matches)."),
+    prediction_type: Optional[str] = typer.Option(None, "--prediction-type", help="What the students output: "
+                                                  "epsilon (eps) or v_prediction (v). Default: what the template "
+                                                  "(or --init teacher) outputs. KD and the diffusion loss compare in "
+                                                  "the students' parametrization, the teacher's output converted "
+                                                  "exactly (an eps student of a v teacher)."),
     steps: int = typer.Option(1000, help="Optimizer steps (every student takes one per step)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch per student per step (per process)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up)."),
@@ -89,7 +94,8 @@ def distill(
         out = default_output(Path("."), "students") if not resume else Path("students")
     cfg = DistillConfig(template=template, mode=mode, teacher=teacher, students=students, boundaries=boundaries,
                         p_own=p_own, kd=kd, alpha=alpha, init=init, data=data, rho=rho, init_steps=init_steps,
-                        init_batch=init_batch, kl_weight=kl_weight, buffer_guidance=buffer_guidance, label_dropout=label_dropout, prompts=prompts,
+                        init_batch=init_batch, kl_weight=kl_weight, buffer_guidance=buffer_guidance,
+                        label_dropout=label_dropout, prompts=prompts, prediction_type=prediction_type,
                         pipeline=pipeline, latent_cache=latent_cache,
                         student_config=student_config, steps=steps, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup,
                         ema_decay=ema_decay, seed=seed, device=device, save_every=save_every, log_every=log_every,

@@ -21,6 +21,8 @@ def train(
     lr: float = typer.Option(1e-3, help="AdamW learning rate (linear warm-up)."),
     variance: Optional[str] = typer.Option(None, help="fixed (C outputs; the default) or learned (2C outputs, hybrid "
                                            "loss). With --model-config, the config's out_channels decide."),
+    prediction_type: str = typer.Option("epsilon", "--prediction-type", help="What the model learns to output: "
+                                        "epsilon (eps, the noise) or v_prediction (v, Salimans & Ho 2022)."),
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="A diffusers model config (JSON) to "
                                                 "train instead of the built-in UNet: its _class_name picks the "
                                                 "family (UNet2DModel without one, DiTTransformer2DModel, ...)."),
@@ -56,7 +58,7 @@ def train(
     if attention_level is not None:  # -1: none (a given None, unlike a missing option)
         chosen["attention_level"] = None if attention_level < 0 else attention_level
     cfg = TrainConfig(data=data, out=out, steps=steps, batch_size=batch_size, lr=lr, cond=cond,
-                      label_dropout=label_dropout, num_train_timesteps=timesteps, ema_decay=ema_decay, seed=seed,
+                      label_dropout=label_dropout, num_train_timesteps=timesteps, prediction_type=prediction_type, ema_decay=ema_decay, seed=seed,
                       device=device, save_every=save_every, log_every=log_every, resume=resume, force=force,
                       **chosen)
     path = run_train(cfg)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type
+from o2mcli.models.parametrization import check_prediction_type
 from o2mcli.errors import O2MError
 from o2mcli.registry import Registry
 
@@ -115,9 +116,7 @@ def set_steps(sched, steps: int) -> None:
 
 def teacher_reverse_settings(sched: dict, where: Path) -> tuple[str, float | None]:
     """(variance_type, x0 clip range or None) of the teacher's reverse step, as diffusers' DDPMScheduler reads them."""
-    if str(sched.get("prediction_type", "epsilon")) != "epsilon":
-        raise O2MError(f"{where}: prediction_type {sched.get('prediction_type')!r} is not supported by DKDM here "
-                       "(only 'epsilon')")
+    check_prediction_type(sched.get("prediction_type"), f"{where}: scheduler config")
     if sched.get("thresholding", False):
         raise O2MError(f"{where}: scheduler config sets thresholding (dynamic thresholding) which o2m's reverse step "
                        "does not implement")

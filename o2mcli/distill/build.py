@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -14,6 +15,7 @@ from o2mcli.distill.features import feature_match
 from o2mcli.distill.losses import build_kd_loss, kd_class
 from o2mcli.distill.modes import MODES
 from o2mcli.errors import O2MError
+from o2mcli.models.parametrization import Parametrization, parametrization_of
 from o2mcli.runtime.dist import DistState, Placement, place_students
 
 
@@ -29,14 +31,16 @@ def _run_basics(seed: int, scheduler_config: dict) -> tuple[torch.Generator, tor
 
 def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: Any, device: torch.device,
                    dist: DistState, make_source: Callable[[DiffusionTerms, torch.device], Any],
-                   feature_pairs: dict[str, str] | None = None) -> Distiller:
+                   feature_pairs: dict[str, str] | None = None,
+                   student_param: Parametrization | None = None) -> Distiller:
     """Students, KD modules, source and generators for ``cfg``: the engine a run trains (and benchmarks time).
 
     ``make_source(terms, device)`` builds the data source; ``cfg.mode`` names the objective. The students
     are placed on the processes (``place_students``): this rank builds the ones it trains and stand-ins for
     the others. Randomness is per step and per batch, independent of the placement (see the engine).
     ``feature_pairs`` (student block -> teacher block) pair feature-KD points whose names
-    differ (a BK-SDM template records them); without them blocks pair by name.
+    differ (a BK-SDM template records them); without them blocks pair by name. ``student_param``: what the
+    students output (default: the teacher's parametrization); KD and L_simple compare in it.
     """
     placement = place_students(cfg.students, dist)
     _check_group_batch(placement, cfg.batch_size)
@@ -64,10 +68,13 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
         kd = build_kd_loss(cfg.kd, s_ch, t_ch, g).to(device)
         students.append(Student(k, copy.deepcopy(init_unet).to(device).train(), kd, hyper, dist,
                                 placement.group(k), placement.group_size(k)))
-    objective = MODES.resolve(cfg.mode).objective(cfg, teacher.unet, init_unet, source)
+    teacher_param = parametrization_of(teacher.scheduler_config)
+    student_param = student_param or teacher_param
+    objective = replace(MODES.resolve(cfg.mode).objective(cfg, teacher.unet, init_unet, source), param=student_param)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
                      hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data,
-                     feature_pairs={s: t for s, t in (pairs or {}).items() if s != t}, placement=placement)
+                     feature_pairs={s: t for s, t in (pairs or {}).items() if s != t}, placement=placement,
+                     teacher_param=teacher_param, student_param=student_param)
 
 
 def _check_group_batch(placement: Placement, batch_size: int) -> None:
@@ -99,7 +106,9 @@ def make_trainer(model: torch.nn.Module, scheduler_config: dict, images: torch.T
     kd = build_kd_loss("none", {}, {}, torch.Generator().manual_seed(seed)).to(device)
     student = Student(0, model.to(device).train(), kd, hyper, dist, placement.group(0), placement.group_size(0))
     source = ImageSource(images, terms, device, labels, null_class, label_dropout)
+    param = parametrization_of(scheduler_config)  # what the model learns to output
     return Distiller(teacher=None, students=[student], source=source,
-                     plan=TimestepPlan((0, terms.T), 0.0), objective=Objective(alpha=0.0, vlb_weight=vlb_weight),
+                     plan=TimestepPlan((0, terms.T), 0.0),
+                     objective=Objective(alpha=0.0, vlb_weight=vlb_weight, param=param),
                      terms=terms, hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data,
-                     placement=placement)
+                     placement=placement, student_param=param)

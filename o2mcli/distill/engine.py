@@ -34,6 +34,7 @@ from torch import nn
 
 from o2mcli.devices import autocast
 from o2mcli.diffusion.gaussian import DiffusionTerms
+from o2mcli.models.parametrization import Epsilon, Parametrization
 from o2mcli.distill.features import FeatureTap
 from o2mcli.distill.losses.base import KDLoss, Outputs
 from o2mcli.distill.objective import Objective
@@ -92,9 +93,15 @@ class Student:
         return self.raw is not None
 
 
-def split_outputs(raw: torch.Tensor, channels: int, learned: bool, features: dict[str, torch.Tensor]) -> Outputs:
-    """A UNet's raw output as eps (first C channels), v (the next C, if learned) and features."""
-    return Outputs(eps=raw[:, :channels], v=raw[:, channels:2 * channels] if learned else None, features=features)
+def split_outputs(raw: torch.Tensor, channels: int, learned: bool, features: dict[str, torch.Tensor],
+                  terms: DiffusionTerms, x_t: torch.Tensor, t: torch.Tensor, own: Parametrization,
+                  space: Parametrization) -> Outputs:
+    """A model's raw output as its prediction in ``space`` (first C channels, converted exactly from its ``own``
+    parametrization), the eps it implies, the variance channels (the next C, if learned) and features."""
+    pred = raw[:, :channels]
+    eps = own.to_eps(terms, pred, x_t, t)
+    return Outputs(pred=own.convert(terms, pred, x_t, t, space), eps=eps,
+                   v=raw[:, channels:2 * channels] if learned else None, features=features)
 
 
 @dataclass
@@ -121,6 +128,9 @@ class Distiller:
     # student's up blocks sit one index below the teacher's); a block missing here is compared with its namesake.
     feature_pairs: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "teacher": 0.0, "students": 0.0})
+    # What the teacher's and the students' outputs mean; KD and L_simple compare in the students' space.
+    teacher_param: Parametrization = field(default_factory=Epsilon)
+    student_param: Parametrization = field(default_factory=Epsilon)
 
     def __post_init__(self) -> None:
         K = len(self.students)
@@ -198,7 +208,8 @@ class Distiller:
             with autocast(self.device):
                 s_raw = predict(st.model, batch.x_t, batch.t, batch.cond).float()
             learned = s_raw.shape[1] == 2 * self.channels
-            s_out = split_outputs(s_raw, self.channels, learned, {n: f.float() for n, f in st.tap.pop().items()})
+            s_out = split_outputs(s_raw, self.channels, learned, {n: f.float() for n, f in st.tap.pop().items()},
+                                  self.terms, batch.x_t.float(), batch.t, self.student_param, self.student_param)
             loss, parts = self.objective(st.kd, s_out, teacher_out[key], batch, self.terms)
             st.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -233,7 +244,9 @@ class Distiller:
         teacher_out = {}
         for key in keys:
             raw, feats = self._forward_teacher(batches[key])
-            teacher_out[key] = split_outputs(raw, self.channels, self.teacher_learned, feats)
+            b = batches[key]
+            teacher_out[key] = split_outputs(raw, self.channels, self.teacher_learned, feats, self.terms,
+                                             b.x_t.float(), b.t, self.teacher_param, self.student_param)
             if self.source.needs_teacher:
                 k = keys[key][1]
                 whole = self._gather_slices(raw, k, full[key].x_t.shape[0])

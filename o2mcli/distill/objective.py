@@ -7,12 +7,13 @@ teacher's and the student's reverse Gaussians when both learn their variance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 
 from o2mcli.diffusion.gaussian import DiffusionTerms, mean_flat, reverse_kl
+from o2mcli.models.parametrization import Epsilon, Parametrization
 from o2mcli.distill.losses.base import KDLoss, Outputs
 from o2mcli.distill.losses.output import OutputKD
 from o2mcli.diffusion.losses import hybrid_loss
@@ -32,8 +33,8 @@ def dkdm_kl(student: Outputs, teacher: Outputs, batch: Batch, terms: DiffusionTe
 class Objective:
     """Weights of the loss terms.
 
-    ``base`` is ``diffusion`` (L_diff against the true noise: real data) or ``output``
-    (DKDM's L'_simple = ||eps_T - eps_S||^2: data-free); a ``--kd`` other than ``output`` adds
+    ``base`` is ``diffusion`` (L_diff against the true noise, or the target ``param`` makes of it: real data) or
+    ``output`` (DKDM's L'_simple = ||eps_T - eps_S||^2, in the students' parametrization: data-free); a ``--kd`` other than ``output`` adds
     ``alpha * L_KD``; ``kl`` is the DKDM KL term (None when teacher or student has fixed variance).
     """
 
@@ -42,6 +43,8 @@ class Objective:
     vlb_weight: float = 0.001
     kl_weight: float = 0.0
     kl: KLTerm | None = None
+    # The students' parametrization: L_diff regresses its target (eps: the noise; v: Salimans & Ho's v).
+    param: Parametrization = field(default_factory=Epsilon)
 
     @property
     def needs_teacher(self) -> bool:
@@ -53,13 +56,14 @@ class Objective:
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | float = 0.0
         if self.base == "diffusion" and batch.noise is not None:
-            parts["diff"], mse, vlb = hybrid_loss(terms, batch.x0, batch.x_t, batch.t, batch.noise, student.eps,
-                                                  student.v, self.vlb_weight)
+            target = self.param.target(terms, batch.x0, batch.noise, batch.t)
+            parts["diff"], mse, vlb = hybrid_loss(terms, batch.x0, batch.x_t, batch.t, student.pred, target,
+                                                  student.eps, student.v, self.vlb_weight)
             if student.v is not None:  # the hybrid loss's two terms, logged apart
                 parts["mse"], parts["vlb"] = mse, vlb
             total = parts["diff"]
         elif self.base == "output":
-            parts["simple"] = mean_flat((student.eps - teacher.eps) ** 2).mean()
+            parts["simple"] = mean_flat((student.pred - teacher.pred) ** 2).mean()
             total = parts["simple"]
         if kd.needs_teacher and not (self.base == "output" and isinstance(kd, OutputKD)):
             # (DKDM's L'_simple already is output KD, so a loss that also holds one adds only its feature part;

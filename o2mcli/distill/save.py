@@ -13,6 +13,7 @@ from o2mcli.outputs import atomic_dir
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.models.configs import is_learned_variance
 from o2mcli.models.io import model_record, save_model_file
+from o2mcli.models.parametrization import parametrization_of
 from o2mcli.runtime.run import read_jsonl
 from o2mcli.viz import line_plot
 
@@ -39,6 +40,8 @@ def write_students(cfg: Any, mode: Any, out: Path, work: Path, engine: Any, plan
     scfg = base.config
     student_sched = scheduler_config_for_outputs(teacher.scheduler_config, int(scfg.in_channels),
                                                  int(scfg.out_channels))
+    if parametrization_of(student_sched).name != engine.student_param.name:  # (an eps student of a v teacher)
+        student_sched["prediction_type"] = engine.student_param.name
     records = []
     steps_run = max(1, cfg.steps)
     with atomic_dir(out, force=cfg.force) as tmp:

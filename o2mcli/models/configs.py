@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from o2mcli.errors import O2MError
+from o2mcli.models.parametrization import check_prediction_type
 
 Variance = Literal["fixed", "learned"]
 
@@ -42,8 +43,9 @@ def unet_config(*, sample_size: int, channels: int, variance: Variance = "fixed"
 
 
 def scheduler_config(variance: Variance = "fixed", num_train_timesteps: int = 1000,
-                     beta_schedule: str = "linear") -> dict[str, Any]:
-    """A ``DDPMScheduler`` config (Ho et al. linear betas; improved-DDPM learned range when learned)."""
+                     beta_schedule: str = "linear", prediction_type: str = "epsilon") -> dict[str, Any]:
+    """A ``DDPMScheduler`` config (Ho et al. linear betas; improved-DDPM learned range when learned; eps- or
+    v-prediction)."""
     return {
         "_class_name": "DDPMScheduler",
         "num_train_timesteps": num_train_timesteps,
@@ -52,7 +54,7 @@ def scheduler_config(variance: Variance = "fixed", num_train_timesteps: int = 10
         "beta_schedule": beta_schedule,
         "variance_type": "learned_range" if variance == "learned" else "fixed_small",
         "clip_sample": True,
-        "prediction_type": "epsilon",
+        "prediction_type": prediction_type,
     }
 
 
@@ -155,9 +157,7 @@ def check_scheduler_config(sched: Any, where: Path) -> int:
                        f"{', '.join(BETA_SCHEDULES)}")
     for key in ("beta_start", "beta_end"):
         number(key, 0, 1 - 1e-12, True, "a number in (0, 1)")
-    if str(sched.get("prediction_type", "epsilon")) != "epsilon":
-        raise O2MError(f"{where}: scheduler config prediction_type {sched.get('prediction_type')!r} is not supported; "
-                       "o2m's losses and samplers take eps-prediction models (SD 1.x, SD 2.x base)")
+    check_prediction_type(sched.get("prediction_type"), f"{where}: scheduler config")
     if sched.get("trained_betas") is not None:
         raise O2MError(f"{where}: scheduler config trained_betas is not supported; use a beta_schedule")
     if sched.get("_class_name") is not None and not isinstance(sched["_class_name"], str):

@@ -26,6 +26,7 @@ from o2mcli.outputs import run_scope
 from o2mcli.distill.modes import MODES
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.parsing import int_list
+from o2mcli.models.parametrization import PARAMETRIZATIONS, parametrization_of, prediction_name
 
 
 class DistillConfig(BaseModel):
@@ -48,6 +49,9 @@ class DistillConfig(BaseModel):
     init_steps: Optional[int] = Field(None, ge=1)
     init_batch: int = Field(1024, ge=1)
     kl_weight: float = Field(1.0, ge=0)
+    # The students' parametrization (epsilon, v_prediction); None: the template's (the teacher's, as pruned). KD and
+    # L_simple compare in it, the teacher's output converted exactly.
+    prediction_type: Optional[str] = None
     # dkdm: classifier-free guidance weight W of the teacher steps that move buffer slots (build and training);
     # <= 1: none (one forward, the paper's and o2m's results). The KD target stays the conditional prediction.
     buffer_guidance: float = Field(1.0, ge=0, le=100)
@@ -80,6 +84,11 @@ class DistillConfig(BaseModel):
             raise ValueError(f"expected one of {', '.join(MODES)}")
         return v
 
+    @field_validator("prediction_type")
+    @classmethod
+    def _prediction(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else prediction_name(v)
+
     @field_validator("rho")
     @classmethod
     def _rho(cls, v: float) -> float:
@@ -106,6 +115,8 @@ def _fingerprint(cfg: DistillConfig) -> dict:
                                                "latent_cache"})
     if out.get("buffer_guidance") == 1.0:
         del out["buffer_guidance"]
+    if out.get("prediction_type") is None:
+        del out["prediction_type"]
     return out
 
 
@@ -143,6 +154,10 @@ def run_distill(cfg: DistillConfig) -> Path:
     data = mode.load_data(spec, teacher) if spec is not None else None
     check_fit(teacher, scfg, None if data is None else data.shape, where, teacher_path)
     plan = plan_for(cfg.boundaries, teacher.num_train_timesteps, cfg.students, cfg.p_own)
+    # What the students output: the option, else the model they start from (a template keeps its teacher's).
+    start = template if template is not None and cfg.init == "template" else teacher
+    student_param = (PARAMETRIZATIONS.resolve(cfg.prediction_type) if cfg.prediction_type is not None
+                     else parametrization_of(start.scheduler_config))
     ensure_space(out, run_bytes(student_unet, cfg.students))
 
     # 3. Processes and devices (every rank writes where rank 0 reserved); the engine; the loop; the students
@@ -154,7 +169,8 @@ def run_distill(cfg: DistillConfig) -> Path:
         device = local_device(dist, device)
         log = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else None
         engine = make_distiller(cfg, student_unet, teacher, plan, device, dist,
-                                mode.make_source(teacher, data, plan, log), template_feature_pairs(template))
+                                mode.make_source(teacher, data, plan, log), template_feature_pairs(template),
+                                student_param=student_param)
         result = fit(engine, FitPlan(steps=cfg.steps, log_every=cfg.log_every, save_every=cfg.save_every,
                                      resume=cfg.resume, desc=f"distill K={cfg.students}"),
                      work, _fingerprint(cfg), mode.prepare)

@@ -228,6 +228,7 @@ def blocks_summary(teacher, shallow, template, removal, slim: Optional[dict]) ->
 def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch.device) -> float:
     from o2mcli.data import load_dataset
     from o2mcli.diffusion.schedulers import schedule_terms
+    from o2mcli.models.parametrization import parametrization_of
     from o2mcli.pruning.importance.taylor import accumulate_denoising_grads
 
     data = load_dataset(cfg.data)
@@ -244,7 +245,7 @@ def _taylor_grads(unet: torch.nn.Module, loaded, cfg: PruneConfig, device: torch
     unet.to(device)
     loss = accumulate_denoising_grads(unet, data.to_model_range(), schedule_terms(loaded.scheduler_config),
                                       batches=cfg.taylor_batches, batch_size=cfg.batch_size, seed=cfg.seed,
-                                      labels=labels)
+                                      labels=labels, param=parametrization_of(loaded.scheduler_config))
     unet.to("cpu")
     if loss != loss:
         raise O2MError(f"{cfg.teacher}: the teacher's denoising loss is NaN on {data.source}; cannot rank channels")

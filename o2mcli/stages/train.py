@@ -16,6 +16,7 @@ from o2mcli.parsing import int_list
 from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
 from o2mcli.manifest import write_manifest
 from o2mcli.models.configs import scheduler_config, unet_config
+from o2mcli.models.parametrization import prediction_name
 from o2mcli.models.io import build_unet, model_record, save_model_file
 from o2mcli.runtime.checkpoint import check_partial, run_bytes
 from o2mcli.runtime.run import read_jsonl, seed_everything
@@ -37,6 +38,7 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     variance: Literal["fixed", "learned"] = "fixed"
+    prediction_type: str = "epsilon"  # what the model learns to output: epsilon or v_prediction (or eps, v)
     vlb_weight: float = Field(0.001, ge=0)
     cond: Literal["none", "class"] = "none"  # class: a class-conditional model (the data's labels)
     label_dropout: float = Field(0.1, ge=0, le=1)  # P(label -> the null class): classifier-free guidance
@@ -56,6 +58,8 @@ class TrainConfig(BaseModel):
     force: bool = False
 
     _parse_channels = field_validator("block_out_channels", mode="before")(classmethod(lambda cls, v: int_list(v)))
+
+    _prediction = field_validator("prediction_type")(classmethod(lambda cls, v: prediction_name(v)))
 
     @field_validator("block_out_channels")
     @classmethod
@@ -116,7 +120,7 @@ def run_train(cfg: TrainConfig) -> Path:
         except ValueError as e:
             raise O2MError(str(e)) from e
         model = build_unet(ucfg, None, out)
-    scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps)
+    scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
     ensure_space(out, run_bytes(model, 1))
     hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
                   ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip)
@@ -172,6 +176,8 @@ def _fingerprint(cfg: TrainConfig) -> dict:
     # `steps` is left out so a resumed run can be extended (the LR is constant after warm-up). A --model-config
     # file counts by its content: an edited file is another run.
     found = cfg.model_dump(mode="json", exclude={"resume", "force", "device", "save_every", "log_every", "out", "steps"})
+    if found.get("prediction_type") == "epsilon":  # (added later: checkpoints written before it still resume)
+        del found["prediction_type"]
     if cfg.denoiser_config is not None:
         from o2mcli.fsutil import sha256_file
 

@@ -11,11 +11,18 @@ from torch import nn
 
 @dataclass
 class Outputs:
-    """One UNet's outputs on a batch: the eps prediction, the variance channels (if learned), block features."""
+    """One model's outputs on a batch: its prediction in the run's stated space (the students' parametrization:
+    what KD and L_simple compare), the eps it implies (what the Gaussian terms read), the variance channels (if
+    learned), block features."""
 
     eps: torch.Tensor
     v: torch.Tensor | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    pred: torch.Tensor | None = None  # None: ``eps`` (an eps-prediction run)
+
+    def __post_init__(self) -> None:
+        if self.pred is None:
+            self.pred = self.eps
 
 
 class KDLoss(nn.Module):

@@ -36,7 +36,7 @@ def _key(point: str) -> str:
 
 
 class FeatureKD(KDLoss):
-    """lambda_out * MSE(eps_S, eps_T) + lambda_feat * sum over matched blocks of MSE(P(f_S), f_T)."""
+    """lambda_out * MSE(pred_S, pred_T) (the students' parametrization) + lambda_feat * sum over matched blocks of MSE(P(f_S), f_T)."""
 
     name = "feat"
     needs_features = True
@@ -71,7 +71,7 @@ class FeatureKD(KDLoss):
 
     def output_loss(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
         """L_outKD: as ``--kd output`` computes it (mean over pixels and batch)."""
-        return mean_flat((student.eps - teacher.eps) ** 2).mean()
+        return mean_flat((student.pred - teacher.pred) ** 2).mean()
 
     def forward(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
         return self.lambda_out * self.output_loss(student, teacher) + \

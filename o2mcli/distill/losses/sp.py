@@ -21,6 +21,6 @@ class SimilarityPreserving(KDLoss):
     needs_features = True
 
     def forward(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
-        b = student.eps.shape[0]
+        b = student.pred.shape[0]
         return sum((similarity(student.features[n]) - similarity(teacher.features[n])).pow(2).sum() / (b * b)
                    for n in self.points)

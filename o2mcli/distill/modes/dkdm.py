@@ -79,6 +79,7 @@ class DKDM(DistillMode):
 
     def make_source(self, teacher: Any, data: Any, plan: Any, log: Optional[Callable[[str], None]]
                     ) -> Callable[[Any, torch.device], Any]:
+        from o2mcli.models.parametrization import parametrization_of
         from o2mcli.distill.sources.buffer import DynamicBuffer, buffer_slots
 
         cfg, T = self.cfg, teacher.num_train_timesteps
@@ -96,7 +97,8 @@ class DKDM(DistillMode):
         w = cfg.buffer_guidance
         return lambda terms, dev: DynamicBuffer(shape, slots, terms, dev, variance_type=variance,
                                                 learned=self.teacher_learned, clip=clip, labels=self.labels,
-                                                guidance=w, teacher=teacher.unet if w > 1 else None)
+                                                guidance=w, teacher=teacher.unet if w > 1 else None,
+                                                param=parametrization_of(teacher.scheduler_config))
 
     @classmethod
     def objective(cls, cfg: Any, teacher_unet: Any, student_unet: Any, source: Any) -> Objective:

@@ -37,6 +37,7 @@ from torch import nn
 from o2mcli.devices import autocast
 from o2mcli.diffusion.gaussian import DiffusionTerms, check_variance_type, ddim_jump, reverse_step
 from o2mcli.distill.sources.base import Batch
+from o2mcli.models.parametrization import Epsilon, Parametrization
 from o2mcli.models.denoise import predict
 from o2mcli.runtime.dist import stream
 from o2mcli.runtime.run import progress
@@ -86,11 +87,14 @@ class DynamicBuffer:
 
     def __init__(self, shape: tuple[int, int, int], slots: int, terms: DiffusionTerms, device: torch.device,
                  variance_type: str = "fixed_small", learned: bool = False, clip: float | None = 1.0,
-                 labels: Any = None, guidance: float = 1.0, teacher: nn.Module | None = None) -> None:
+                 labels: Any = None, guidance: float = 1.0, teacher: nn.Module | None = None,
+                 param: Parametrization | None = None) -> None:
         """``labels`` (a ``LabelPlan``, for a class-conditional teacher) gives every slot a class label.
+        ``param``: what the teacher's output means (default eps); its reverse steps read the eps it implies.
         ``guidance`` W > 1 guides the teacher's slot-moving steps against the plan's null condition, running
         ``teacher`` (the engine's) once more on it after training's forward (see the module docstring)."""
         self.shape, self.n, self.terms, self.device = tuple(shape), int(slots), terms, device
+        self.param = param or Epsilon()
         self.guidance = float(guidance)
         self.guided = self.guidance > 1.0  # at or below 1: no guidance, as diffusers (guidance_scale > 1)
         if self.guided and (labels is None or labels.null_class is None or teacher is None):
@@ -264,9 +268,10 @@ class DynamicBuffer:
         """The build's teacher eps (guided when W > 1) and variance output (the conditional branch's)."""
         c = self.shape[0]
         out = self._build_forward(teacher, x, t, None if y is None else self.label_plan.cond(y.to(self.device)))
-        eps = out[:, :c]
-        if self.guided:
-            eps = cfg_eps(eps, self._build_forward(teacher, x, t, self._null(x.shape[0]))[:, :c], self.guidance)
+        pred = out[:, :c]
+        if self.guided:  # (guidance is linear in the output, so it mixes in any parametrization)
+            pred = cfg_eps(pred, self._build_forward(teacher, x, t, self._null(x.shape[0]))[:, :c], self.guidance)
+        eps = self.param.to_eps(self.terms, pred, x, t.to(self.device))
         return eps, (out[:, c:2 * c] if self.learned else None)
 
     def _build_forward(self, teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
@@ -283,15 +288,15 @@ class DynamicBuffer:
         idx = torch.full((n,), int(self.label_plan.null_class), dtype=torch.long, device=self.device)
         return self.label_plan.cond(idx)
 
-    def step_eps(self, batch: Batch, eps_c: torch.Tensor) -> torch.Tensor:
-        """The eps that moves the drawn slots: the teacher's conditional ``eps_c`` (the engine's forward, also the
-        KD target), guided against one unconditional forward when W > 1."""
-        if not self.guided:
-            return eps_c
-        with autocast(self.device):
-            out = predict(self.guide_teacher, batch.x_t, batch.t, self._null(batch.x_t.shape[0])).float()
-        self.guide_forwards += batch.x_t.shape[0]
-        return cfg_eps(eps_c, out[:, :self.shape[0]], self.guidance)
+    def step_eps(self, batch: Batch, pred_c: torch.Tensor) -> torch.Tensor:
+        """The eps that moves the drawn slots: implied by the teacher's conditional output ``pred_c`` (the engine's
+        forward, also the KD target), guided against one unconditional forward when W > 1."""
+        if self.guided:
+            with autocast(self.device):
+                out = predict(self.guide_teacher, batch.x_t, batch.t, self._null(batch.x_t.shape[0])).float()
+            self.guide_forwards += batch.x_t.shape[0]
+            pred_c = cfg_eps(pred_c, out[:, :self.shape[0]], self.guidance)
+        return self.param.to_eps(self.terms, pred_c, batch.x_t.float(), batch.t)
 
     def _exact_init(self, teacher: nn.Module, x: torch.Tensor, goal: torch.Tensor,
                     generator: torch.Generator, y: torch.Tensor | None) -> torch.Tensor:

@@ -16,11 +16,14 @@ from torch import nn
 from o2mcli.diffusion.gaussian import DiffusionTerms, q_sample
 from o2mcli.errors import O2MError
 from o2mcli.models.denoise import predict
+from o2mcli.models.parametrization import Parametrization
 
 
 def accumulate_denoising_grads(unet: nn.Module, images: torch.Tensor, terms: DiffusionTerms, *, batches: int,
-                               batch_size: int, seed: int, labels: torch.Tensor | None = None) -> float:
-    """Fill ``p.grad`` with the summed gradient of the eps-MSE over ``batches`` batches; returns the mean loss.
+                               batch_size: int, seed: int, labels: torch.Tensor | None = None,
+                               param: Parametrization | None = None) -> float:
+    """Fill ``p.grad`` with the summed gradient of the denoising MSE (against ``param``'s target: the noise for an
+    eps model, v for a v model) over ``batches`` batches; returns the mean loss.
 
     ``labels`` (a class-conditional teacher): each image's class goes with it, so the conditional branch the
     model serves is what ranks the channels."""
@@ -36,8 +39,8 @@ def accumulate_denoising_grads(unet: nn.Module, images: torch.Tensor, terms: Dif
         noise = torch.randn(x0.shape, generator=g).to(device)
         x_t = q_sample(terms, x0, t, noise)
         cond = None if labels is None else labels[idx].to(device)
-        eps = predict(unet, x_t, t, cond)[:, :c]
-        loss = F.mse_loss(eps, noise)
+        pred = predict(unet, x_t, t, cond)[:, :c]
+        loss = F.mse_loss(pred, noise if param is None else param.target(terms, x0, noise, t))
         loss.backward()
         total += float(loss.detach())
     return total / batches
