@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from o2mcli.models.conditioning import kind_of
 from o2mcli.chain import resolve_model_spec
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import human_bytes, loads_bounded
@@ -209,16 +210,9 @@ def format_text(info: dict[str, Any]) -> str:
     out.append(f"MACs:        {_macs(info['macs'])} per forward of one image")
     lo, hi = info["timestep_range"]
     out.append(f"timesteps:   [{lo}, {hi})")
-    cond = info.get("conditioning")
-    if cond and cond.get("type") == "text":
-        drop = "" if cond.get("caption_dropout") is None else f", caption dropout {cond['caption_dropout']:g}"
-        where = cond.get("pipeline") or "its pipeline not recorded (sample/export with --pipeline DIR)"
-        out.append(f"text:        Stable Diffusion prompts; VAE and text encoder from {where}{drop}")
-    elif cond:
-        null = "no null class recorded" if cond["null_class"] is None else f"null class {cond['null_class']}"
-        drop = "" if cond.get("label_dropout") is None else f", label dropout {cond['label_dropout']:g}"
-        out.append(f"classes:     {len(cond['classes'])} ({', '.join(cond['classes'][:12])}"
-                   f"{', ...' if len(cond['classes']) > 12 else ''}); {null}{drop}")
+    kind = kind_of(info.get("conditioning"))
+    if kind is not None:
+        out.append(kind.info_line(info["conditioning"]))
     out.append("unet config:")
     out += _compact(info["unet_config"])
     out.append("scheduler:")

@@ -155,3 +155,66 @@ def test_only_the_families_import_diffusers_model_classes() -> None:
                           if (a.name.endswith(("Model", "Transformer2DModel")) or a.name.startswith("UNet"))
                           and a.name not in LAYER_CLASSES]
     assert not found, found
+
+
+# Where a family or a condition kind may be named: its own modules (the families, their pruners) and the one module
+# that defines the condition kinds. Everything else asks a family or a kind what it can do.
+FAMILY_HOMES = ("models/families/", "pruning/pruners/", "models/conditioning.py")
+
+
+def _named(node: ast.AST, names: set[str]) -> list[str]:
+    """The names of ``names`` a comparison tests by value: ``x == "NAME"``, ``"NAME" != x``, ``x in ("NAME", ...)``
+    (a key looked up in a mapping, ``"text" in row``, is not a test of a kind)."""
+    found = []
+    if isinstance(node, ast.Compare):
+        for i, (op, right) in enumerate(zip(node.ops, node.comparators)):
+            left = node.left if i == 0 else node.comparators[i - 1]
+            if isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot)):
+                sides = [left, right]
+            elif isinstance(op, (ast.In, ast.NotIn)) and isinstance(right, (ast.Tuple, ast.List, ast.Set)):
+                sides = list(right.elts)
+            else:
+                continue
+            found += [s.value for s in sides if isinstance(s, ast.Constant) and s.value in names]
+    return found
+
+
+def _family_tests(rel: str, source: str, names: set[str]) -> list[str]:
+    """Where the module at ``rel`` (under o2mcli/) tests a family or condition kind by name, or imports one family's
+    module."""
+    if rel.startswith(FAMILY_HOMES):
+        return []
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        bad += [f"{rel}:{node.lineno}: tests {n!r}" for n in _named(node, names)]
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("o2mcli.models.families."):
+            if node.module != "o2mcli.models.families.base":
+                bad.append(f"{rel}:{node.lineno}: imports {node.module}")
+    return bad
+
+
+def _kind_names() -> set[str]:
+    from o2mcli.models.conditioning import KINDS
+    from o2mcli.models.families import FAMILIES, PIPELINES
+
+    return set(FAMILIES) | set(PIPELINES) | set(KINDS)
+
+
+def test_no_module_outside_a_family_tests_a_family_or_condition_kind_by_name() -> None:
+    """Stages, data, distillation and scoring ask a family (``DenoiserFamily``), a codec or a condition kind what it
+    can do; a new family lands as its modules plus registrations, never as ``if family == ...`` elsewhere."""
+    names = _kind_names()
+    bad = [b for path in sorted(ROOT.rglob("*.py"))
+           for b in _family_tests(path.relative_to(ROOT).as_posix(), path.read_text(), names)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_family_scan_can_fail() -> None:
+    """A stage testing a conditioning record's type, a family by class name, or importing a family module is found;
+    looking a key up in a mapping is not, and a family's own module may name itself."""
+    source = ('if cond.get("type") == "text": pass\nif name in ("DiTTransformer2DModel", "x"): pass\n'
+              'if "text" in row: pass\nfrom o2mcli.models.families.dit import DiT\n')
+    assert sorted(_family_tests("stages/probe.py", source, _kind_names())) == [
+        "stages/probe.py:1: tests 'text'", "stages/probe.py:2: tests 'DiTTransformer2DModel'",
+        "stages/probe.py:4: imports o2mcli.models.families.dit"]
+    assert _family_tests("models/families/probe.py", source, _kind_names()) == []

@@ -165,8 +165,9 @@ def test_a_v_teacher_through_prune_distill_merge_sample_score_export(in_tmp: Pat
         images = np.load(in_tmp / f"s-{sched}" / "samples.npz")["images"]
         assert np.isfinite(images).all()
     ok("sample", "merged.safetensors", "-n", "4", "--steps", "5", "--no-png", "-o", "s-merged")
-    assert "s-merged" in ok("score", "s-ddim", "s-merged", "--ref", "digits", "--throughput-repeats", "1",
-                            "--throughput-batch", "2", "-o", "scores")
+    table = ok("score", "s-ddim", "s-merged", "--ref", "digits", "--throughput-repeats", "1", "--throughput-batch",
+               "2", "-o", "scores")
+    assert "| merged.safetensors (ddim, 5 steps) |" in table and "| st (ddim, 5 steps) |" in table
     ok("export", "merged.safetensors", "-o", "pipe")
     cfg = json.loads((in_tmp / "pipe" / "scheduler" / "scheduler_config.json").read_text())
     assert cfg["prediction_type"] == "v_prediction"

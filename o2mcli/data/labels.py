@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from o2mcli.errors import O2MError, OptionError
+from o2mcli.models.conditioning import TEXT, class_record, takes_prompts
 
 DEFAULT_DROPOUT = 0.1  # o2m train's default, for teachers that did not record theirs
 
@@ -44,8 +45,7 @@ class LabelPlan:
 
     def record(self) -> dict[str, Any]:
         """The ``conditioning`` provenance the students carry (what sample and score read)."""
-        return {"type": "class", "classes": list(self.classes), "null_class": self.null_class,
-                "label_dropout": self.dropout}
+        return class_record(list(self.classes), self.null_class, self.dropout)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class TextPlan(LabelPlan):
         return self.table[idx.cpu()].to(idx.device)
 
     def record(self) -> dict[str, Any]:
-        return {**(self.source or {}), "type": "text", "caption_dropout": self.dropout}
+        return {**(self.source or {}), "type": TEXT.name, "caption_dropout": self.dropout}
 
 
 def text_plan(texts: list[str], embeddings: torch.Tensor, null_embedding: torch.Tensor, dropout: float,
@@ -86,7 +86,7 @@ def text_plan_over(texts: list[str], table: Any, dropout: float, source: dict[st
 def label_plan(conditioning: Optional[dict[str, Any]], dropout: Optional[float], teacher_path: Path
                ) -> Optional[LabelPlan]:
     """The plan for a teacher's ``conditioning`` (None: unconditional) and ``--label-dropout`` (None: the teacher's)."""
-    if conditioning is not None and conditioning.get("type") == "text":
+    if takes_prompts(conditioning):
         return None  # a text plan needs the prompts or captions: made when they are read (data/text.py)
     if conditioning is None:
         if dropout is not None:

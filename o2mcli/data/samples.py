@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from o2mcli.models.conditioning import takes_labels
 from o2mcli.errors import O2MError
 from o2mcli.manifest import read_manifest, require_kind
 from o2mcli.outputs import note_input
@@ -134,7 +135,7 @@ def model_classes(directory: Path, man: Any) -> tuple[list[str] | None, str]:
     if loaded.sha256 != parent.sha256:
         return None, f"{parent.path}: changed since sampling ({Path(directory)} recorded sha256 {parent.sha256[:12]})"
     cond = loaded.conditioning
-    if cond is None or cond.get("type") != "class":
+    if not takes_labels(cond):
         return [], f"the model {parent.path}, which is not class-conditional"
     null = cond.get("null_class")
     k = null if isinstance(null, int) else len(cond["classes"])

@@ -28,6 +28,7 @@ from o2mcli.data.base import ImageSet
 from o2mcli.data.labels import TextPlan, text_plan_over
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import human_bytes
+from o2mcli.models.codec import Codec
 from o2mcli.outputs import notice
 
 DEFAULT_CAPTION_DROPOUT = 0.1  # Stable Diffusion 1.x's training drops 10% of the captions
@@ -178,15 +179,13 @@ def embedding_table(n: int, row_shape: tuple[int, ...], make: Callable[[int, int
     return out
 
 
-def prompt_table(parts: Any, prompts: list[str], what: str, budget: Optional[int] = None
+def prompt_table(codec: Codec, prompts: list[str], what: str, budget: Optional[int] = None
                  ) -> torch.Tensor | ChunkedTable:
-    """The text encoder's embeddings of ``prompts`` (n, L, D): whole, or made on demand in bounded memory."""
-    from o2mcli.models.families.stable_diffusion import encode_prompts
-
+    """The codec's embeddings of ``prompts`` (n, ...): whole, or made on demand in bounded memory."""
     prompts = list(prompts)
     with _plain_precision():
-        row_shape = tuple(encode_prompts(parts, prompts[:1]).shape[1:])
-    return embedding_table(len(prompts), row_shape, lambda lo, hi: encode_prompts(parts, prompts[lo:hi]), what,
+        row_shape = tuple(codec.encode_prompts(prompts[:1]).shape[1:])
+    return embedding_table(len(prompts), row_shape, lambda lo, hi: codec.encode_prompts(prompts[lo:hi]), what,
                            budget)
 
 
@@ -196,22 +195,17 @@ def prompts_flag(prompts: list[str], flag: str = "--prompts") -> str:
     return f"{flag} {path}" if path is not None else "--prompt"
 
 
-def prompt_plan(parts: Any, prompts: list[str], dropout: float, conditioning: dict[str, Any],
+def prompt_plan(codec: Codec, prompts: list[str], dropout: float, conditioning: dict[str, Any],
                 device: torch.device | str = "cpu", budget: Optional[int] = None) -> TextPlan:
-    """A plan over ``prompts``: their embeddings and the empty prompt's (last), from the pipeline's text encoder,
+    """A plan over ``prompts``: their embeddings and the empty prompt's (last), from the codec's text encoder(s),
     held whole when they fit the text-memory budget, else made in chunks as the run uses them (the text encoder
     then stays on ``device``)."""
     rows = list(prompts) + [""]
-    parts.text_encoder.to(device)
-    table = prompt_table(parts, rows, prompts_flag(prompts), budget)
+    codec.prompts_to(device)
+    table = prompt_table(codec, rows, prompts_flag(prompts), budget)
     if not isinstance(table, ChunkedTable):
-        parts.text_encoder.to("cpu")
+        codec.prompts_to("cpu")
     return text_plan_over(list(prompts), table, dropout, conditioning)
-
-
-def vae_factor(vae: Any) -> int:
-    """How many pixels one latent spans per side (SD's VAE: 8)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def default_cache_dir(data: Path, out: Path, resolution: int) -> Path:
@@ -219,7 +213,7 @@ def default_cache_dir(data: Path, out: Path, resolution: int) -> Path:
     return Path(out).resolve().parent / f"{Path(data).resolve().name}.latents-{resolution}"
 
 
-def captioned_latents(data: Path, parts: Any, latent_size: int, dropout: float, conditioning: dict[str, Any],
+def captioned_latents(data: Path, codec: Codec, latent_size: int, dropout: float, conditioning: dict[str, Any],
                       cache: Optional[Path], out: Path, device: torch.device | str = "cpu",
                       budget: Optional[int] = None) -> tuple[LatentSet, TextPlan]:
     """The folder's latents (from the cache, built first if missing or made from other inputs; shared with runs
@@ -228,33 +222,28 @@ def captioned_latents(data: Path, parts: Any, latent_size: int, dropout: float, 
     ``budget``, else read from the cache in chunks as the run uses them."""
     from o2mcli.data.captions import read_captions
     from o2mcli.data.latent_cache import cached, check_apart
-    from o2mcli.models.families.stable_diffusion import encode_images, encode_prompts
-
     data = Path(data)
     if not data.is_dir():
         raise O2MError(f"--data {data}: not a folder; a Stable Diffusion teacher distils on a folder of images with "
                        "captions (metadata.jsonl: file_name and text)")
     items = read_captions(data)
-    resolution = latent_size * vae_factor(parts.vae)
+    resolution = latent_size * codec.factor
     cache = Path(cache) if cache is not None else default_cache_dir(data, out, resolution)
-    record = {"vae": conditioning["hashes"]["vae"], "text_encoder": conditioning["hashes"]["text_encoder"],
-              "tokenizer": conditioning["hashes"]["tokenizer"], "latent": "posterior mean"}
+    record = codec.cache_record()
     budget = text_memory_budget() if budget is None else int(budget)
-    parts.vae.to(device)
-    parts.text_encoder.to(device)
+    codec.to(device)
     with torch.no_grad():
-        null = encode_prompts(parts, [""]).float().cpu()
+        null = codec.encode_prompts([""]).float().cpu()
     # What this run needs of the cache: the UNet's latent size with the VAE's channels, the text encoder's (L, D).
-    shapes = ((int(parts.vae.config.latent_channels), latent_size, latent_size), tuple(null.shape[1:]))
-    inputs = [data, Path(parts.root), Path(out)]
+    shapes = (codec.latent_shape(latent_size), tuple(null.shape[1:]))
+    inputs = [data, Path(codec.root), Path(out)]
     check_apart(cache, inputs)  # before this run announces it
     print(f"latent cache {cache}: {len(items)} captioned images at {resolution}px (built once, then reused)",
           file=sys.stderr)
-    store, latents, text = cached(cache, items, lambda x: encode_images(parts.vae, x.to(device)),
-                                  lambda texts: encode_prompts(parts, texts), record, resolution, shapes, inputs,
+    store, latents, text = cached(cache, items, lambda x: codec.encode_images(x.to(device)),
+                                  codec.encode_prompts, record, resolution, shapes, inputs,
                                   text_budget=max(0, budget - null.numel() * 4))
-    parts.vae.to("cpu")
-    parts.text_encoder.to("cpu")
+    codec.to("cpu")
     captions = [it.text for it in items]
     n = len(items)
     if text is not None:

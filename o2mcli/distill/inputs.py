@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from o2mcli.errors import O2MError
+from o2mcli.models.conditioning import takes_prompts
 
 
 def resolve_teacher(template_path: Path, loaded_template: Any, override: Optional[str]) -> tuple[Path, Any]:
@@ -75,16 +76,18 @@ def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, w
     from o2mcli.models.families import family_for_config
 
     t_fam, s_fam = family_for_config(teacher_cfg, teacher_path), family_for_config(student_cfg, where)
-    t_text = t_fam.condition == "text"
-    s_text = s_fam.condition == "text"
+    t_text = t_fam.condition is not None and t_fam.condition.prompts
+    s_text = s_fam.condition is not None and s_fam.condition.prompts
     if t_text != s_text:
         what = "a text-conditioned" if s_text else f"a {student_cfg.get('_class_name', 'UNet2DModel')} (not text-" \
                                                    "conditioned)"
         raise O2MError(f"{where}: {what} student under the teacher {teacher_path} "
                        f"({teacher_cfg.get('_class_name', 'UNet2DModel')}); students take the teacher's condition")
-    if t_text and _width(student_cfg["cross_attention_dim"]) != _width(teacher_cfg["cross_attention_dim"]):
-        raise O2MError(f"{where}: cross_attention_dim {student_cfg['cross_attention_dim']} but the teacher "
-                       f"{teacher_path} takes text embeddings of width {teacher_cfg['cross_attention_dim']}")
+    t_shape, s_shape = t_fam.condition_shape(teacher_cfg), s_fam.condition_shape(student_cfg)
+    if t_text and t_shape != s_shape:
+        key = next((k for k in t_shape if t_shape.get(k) != (s_shape or {}).get(k)), None)
+        raise O2MError(f"{where}: {key} {(s_shape or {}).get(key)} but the teacher {teacher_path} takes a "
+                       f"condition of width {t_shape.get(key)} there (students take the teacher's condition)")
     t_in, s_in = t_fam.label_input(teacher_cfg), s_fam.label_input(student_cfg)
     t_n = t_in.rows if t_in is not None else None
     if labelled is not None and not labelled:
@@ -110,10 +113,6 @@ def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, w
             theirs = dict(s_in.same).get(key)
             if theirs != value:
                 raise O2MError(f"{where}: {key}={theirs!r} but the teacher {teacher_path} has {value!r}")
-
-
-def _width(d: Any) -> int:
-    return int(d[0] if isinstance(d, (list, tuple)) else d)
 
 
 def load_student_config(path: Path, seed: int) -> torch.nn.Module:
@@ -162,7 +161,7 @@ def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Modu
 
     cond = teacher.conditioning
     check_conditioning(unet_config_of(teacher.unet), teacher_path, unet_config_of(student_unet), where,
-                       labelled=None if (cond or {}).get("type") == "text" else cond is not None)
+                       labelled=None if takes_prompts(cond) else cond is not None)
     return template_path, template, teacher_path, teacher, student_unet, where
 
 

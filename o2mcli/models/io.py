@@ -25,8 +25,9 @@ from o2mcli.fsutil import (atomic_file, atomic_write_json, check_output_free, lo
 from o2mcli.outputs import atomic_dir, check_not_input, is_held, kept_name, note_input
 from o2mcli.manifest import MODEL_KINDS, Manifest, ModelRecord, is_stage_dir, read_manifest, require_kind
 from o2mcli.models.configs import check_scheduler_config, is_learned_variance
-from o2mcli.models.families import family_for_config, family_of
-from o2mcli.models.families.stable_diffusion import check_sd_layout, is_sd_pipeline, text_conditioning
+from o2mcli.models.codec import Codec
+from o2mcli.models.conditioning import class_record, text_record
+from o2mcli.models.families import DenoiserFamily, family_for_config, family_of, pipeline_format
 from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
 from o2mcli.models.guard import Header, build_checked, check_size, tensor_header
@@ -49,7 +50,8 @@ class LoadedModel:
     sha256: str
     manifest: Manifest | None = None
     notes: list[str] = field(default_factory=list)
-    # A class-conditional model: {"type": "class", "classes": [...], "null_class": K or None}; None otherwise.
+    # What the model conditions on (``models.conditioning``: class labels or prompts, and their record); None:
+    # unconditional.
     conditioning: dict[str, Any] | None = None
     # (path, what it is) for every path the model's records point to: a manifest's parents, the teacher, template
     # or theta_0 its provenance names, the pipeline its conditioning or export record names. A run never writes
@@ -59,6 +61,17 @@ class LoadedModel:
     @property
     def is_group(self) -> bool:
         return isinstance(self.unet, StudentGroup)
+
+    @property
+    def family(self) -> DenoiserFamily:
+        """The model family of the denoiser (of its students, for a group)."""
+        return family_of(self.unet.students[0] if self.is_group else self.unet)
+
+    def codec(self, pipeline: Path | None = None, device: torch.device | str = "cpu") -> Codec:
+        """The codec the model owns (``DenoiserFamily.codec``): from ``pipeline`` (``--pipeline``) or the pipeline
+        its conditioning names, checked against its record and its denoiser configs; the identity for pixels."""
+        return self.family.codec(self.conditioning, self.source, pipeline, device,
+                                 models=[(c, self.source) for c in self.unet_configs])
 
     @property
     def kind(self) -> str:
@@ -154,13 +167,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     elif is_stage_dir(path):
         loaded = _load_stage(path)
     elif (path / "unet").is_dir() or (path / "model_index.json").is_file():
-        sd = is_sd_pipeline(path)
-        if sd:  # a Stable Diffusion pipeline: every part there, safetensors only, SDXL refused by name
-            check_sd_layout(path)
+        fmt = pipeline_format(path)
+        if fmt is not None:  # a latent pipeline's format: every part there, safetensors only, the parts fitting
+            fmt.check_layout(path)
         loaded = _load_diffusers_dir(path / "unet", path, form="diffusers-pipeline",
                                      sched_json=path / "scheduler" / "scheduler_config.json")
-        if sd:
-            loaded.conditioning = text_conditioning(path)
+        if fmt is not None:
+            loaded.conditioning = fmt.conditioning(path)
             marker = path / "o2m_export.json"
             if marker.is_file():  # an o2m export: the caption dropout its students were distilled with
                 rec = _read_json(marker)
@@ -312,7 +325,7 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
     family = family_for_config(cfg, where)
     prov = provenance_of(meta, where)
     found = prov.get("conditioning")
-    if family.condition == "text":
+    if family.condition is not None and family.condition.prompts:
         return text_record(found, where)
     table = family.class_table(cfg)
     if table is None:
@@ -329,32 +342,13 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
                             if isinstance(prov.get("config"), dict) else None)
         if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout <= 1):
             dropout = None
-        return {"type": "class", "classes": classes, "null_class": null, "label_dropout": dropout}
+        return class_record(classes, null, dropout)
     # o2m's own record (a stage's provenance, or an export's conditioning, even null) without classes: a model
     # that can run on its null class alone was trained or distilled unconditionally.
     recorded = "stage" in prov or "conditioning" in prov
     if fixed_null is not None and recorded and found is None:
         return None
-    return {"type": "class", "classes": [str(i) for i in range(int(n))], "null_class": fixed_null,
-            "label_dropout": None}
-
-
-def text_record(found: Any, where: Path) -> dict[str, Any]:
-    """A text-conditioned model's ``conditioning``: its pipeline (path, and the VAE's, text encoder's and tokenizer's
-    sha256) and caption dropout from o2m's provenance; for another SD UNet, no known pipeline (``--pipeline``)."""
-    out: dict[str, Any] = {"type": "text", "pipeline": None, "hashes": None, "caption_dropout": None}
-    if not isinstance(found, dict) or found.get("type") != "text":
-        return out
-    pipe, hashes, drop = found.get("pipeline"), found.get("hashes"), found.get("caption_dropout")
-    if pipe is not None and not isinstance(pipe, str):
-        raise O2MError(f"{where}: conditioning metadata names pipeline {pipe!r}; expected a path")
-    if hashes is not None and not (isinstance(hashes, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())):
-        raise O2MError(f"{where}: conditioning metadata hashes {hashes!r}; expected part -> sha256")
-    if not (isinstance(drop, (int, float)) and not isinstance(drop, bool) and 0 <= drop <= 1):
-        drop = None
-    out.update(pipeline=pipe, hashes=hashes, caption_dropout=drop)
-    return out
+    return class_record([str(i) for i in range(int(n))], fixed_null, None)
 
 
 # 3. Writing ---------------------------------------------------------------------------------------
@@ -424,7 +418,7 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pip
     check_not_input(out_dir)
     unet = loaded.unet.to("cpu")
     family = family_of(unet)
-    parts = family.pipeline_parts(loaded.conditioning, loaded.source, pipeline)
+    parts = family.codec(loaded.conditioning, loaded.source, pipeline)
     # The scheduler keeps the class the model's (or else its teacher pipeline's) config names, where diffusers has
     # it and it samples this model: only DDPM draws from a learned variance. Otherwise DDPM, as before.
     config = {k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")}
@@ -448,7 +442,7 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pip
             # without them is unconditional: o2m then always gives it the null class). A text model's
             # record names the teacher pipeline its parts came from (and their hashes) and its caption dropout.
             record["conditioning"] = loaded.conditioning
-        if parts is not None and getattr(parts, "root", None) is not None:
+        if parts.root is not None:
             record["parts_from"] = str(Path(parts.root).resolve())
         atomic_write_json(tmp / "o2m_export.json", record)
     return out_dir

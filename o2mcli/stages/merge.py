@@ -16,6 +16,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from o2mcli.models.conditioning import describe
 from o2mcli.outputs import run_scope
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.parsing import number, number_list
@@ -167,10 +168,7 @@ def check_same_shapes(base: dict[str, torch.Tensor], states: list[dict[str, torc
 
 def _classes(provenance: dict) -> str:
     """A student's conditioning in words, for a refusal."""
-    c = provenance.get("conditioning")
-    if c and c.get("type") == "text":
-        return f"text through {c.get('pipeline')}, caption dropout {c.get('caption_dropout')}"
-    return "unconditional" if not c else f"classes {','.join(map(str, c.get('classes', [])))}"
+    return describe(provenance.get("conditioning"))
 
 
 def check_finite(merged: dict[str, torch.Tensor], cfg: MergeConfig, lam: float, weights: list[float],

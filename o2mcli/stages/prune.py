@@ -30,6 +30,7 @@ from typing import Callable, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from o2mcli.models.conditioning import takes_labels, takes_prompts
 from o2mcli.outputs import run_scope
 from o2mcli.chain import resolve_model_spec
 from o2mcli.errors import O2MError, OptionError
@@ -95,7 +96,7 @@ def run_prune(cfg: PruneConfig) -> Path:
     teacher = loaded.unet
     tcfg = unet_config_of(teacher)
     pruner_for(tcfg, teacher_path).check(tcfg, teacher_path)  # refusals before any work
-    text = _is_text(loaded.conditioning)
+    text = takes_prompts(loaded.conditioning)
     slim = not removes or cfg.ratio is not None or cfg.target_macs is not None
     if text and slim and cfg.importance == "taylor":
         raise O2MError(f"{teacher_path}: --importance taylor is not supported for Stable Diffusion UNets yet (its "
@@ -128,7 +129,7 @@ def run_prune(cfg: PruneConfig) -> Path:
                   "ratio": config["ratio"], "importance": cfg.importance, "seed": cfg.seed}
     if "block_removal" in summary:
         provenance["blocks"] = summary["block_removal"]  # what went, and student block -> teacher block
-    if text or (loaded.conditioning is not None and loaded.conditioning.get("null_class") is not None):
+    if text or (takes_labels(loaded.conditioning) and loaded.conditioning.get("null_class") is not None):
         # The template asks for the teacher's classes, or names the teacher's pipeline (VAE, text encoder,
         # tokenizer by path and sha256) instead of copying it.
         provenance["conditioning"] = loaded.conditioning
@@ -183,10 +184,6 @@ def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, dro
 
 
 # 5. Helpers ---------------------------------------------------------------------------------------
-
-def _is_text(conditioning: Optional[dict]) -> bool:
-    return isinstance(conditioning, dict) and conditioning.get("type") == "text"
-
 
 def blocks_summary(teacher, shallow, template, removal, slim: Optional[dict]) -> dict:
     """The summary of a block removal (and of the slimming after it, if any): totals against the teacher, one row

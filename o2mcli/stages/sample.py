@@ -16,8 +16,8 @@ DeepCache (``deepcache`` N, ``cache_branch`` B; Ma et al. 2024): every N-th step
 of the UNet's deep features, the steps between recompute only the shallow branch B; with a student group a step
 served by another student than the cache's owner is full. N=1 is plain sampling.
 
-A Stable Diffusion UNet samples latents, guided by classifier-free guidance against the negative prompt (default
-"", weight 7.5), decoded to pixels by its pipeline's VAE batch by batch.
+A prompt-conditioned latent model (Stable Diffusion) samples latents, guided by classifier-free guidance against the
+negative prompt (default "", weight 7.5), decoded to pixels by its codec (the pipeline's VAE) batch by batch.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from o2mcli.errors import O2MError, OptionError
 from o2mcli.fsutil import atomic_write_bytes
 from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
 from o2mcli.manifest import parent_ref, write_manifest
+from o2mcli.models.codec import PIXELS, Codec
+from o2mcli.models.conditioning import takes_prompts
 from o2mcli.parsing import int_list
 from o2mcli.viz import grid_image, save_png, to_uint8
 
@@ -49,7 +51,6 @@ GRID_MIN_CELL = 64  # an 8x8 digit becomes 64x64 pixels in grid.png
 TEXT_GUIDANCE = 7.5  # Stable Diffusion's usual classifier-free guidance weight
 CLASS_GUIDANCE = 1.0  # plain conditional sampling: class models were guided only when asked
 MAX_GUIDANCE = 100.0  # far beyond any weight in use; above it eps_u + w (eps_c - eps_u) only overflows or saturates
-DECODE_BATCH = 8  # latents the VAE decodes at once
 
 
 class SampleConfig(BaseModel):
@@ -98,13 +99,17 @@ class SampleConfig(BaseModel):
 
 @dataclass
 class Condition:
-    """What the sampler is asked for beyond noise: each image's condition, the guidance, and the decoder."""
+    """What the sampler is asked for beyond noise: each image's condition, the guidance, and the model's codec."""
 
     cond: Any = None  # (N,) class labels or indices into ``table``
-    table: Any = None  # (P, L, D) text embeddings of the P prompts
-    uncond: Any = None  # the null class or the negative prompt's embeddings (1, L, D)
+    table: Any = None  # (P, ...) the codec's embeddings of the P prompts
+    uncond: Any = None  # the null class or the negative prompt's embeddings (1, ...)
     guidance: float = 1.0
-    decode: Optional[Callable] = None  # latents -> images in [0, 1]
+    codec: Codec = PIXELS  # a latent codec decodes the final samples to images in [0, 1]
+
+    @property
+    def decode(self) -> Optional[Callable]:
+        return self.codec.decode if self.codec.latent else None
     npz: dict = field(default_factory=dict)  # arrays saved beside ``images``
     summary: dict = field(default_factory=dict)
 
@@ -157,8 +162,8 @@ def run_sample(cfg: SampleConfig) -> Path:
         counts = DeepCacheCounts()
 
     conditioning = loaded.conditioning
-    if conditioning is not None and conditioning.get("type") == "text":
-        condition = text_condition(conditioning, cfg, prompts, model_path, device, loaded.unet_configs)
+    if takes_prompts(conditioning):
+        condition = text_condition(loaded, cfg, prompts, model_path, device)
     else:
         for name, value in (("prompt", cfg.prompt), ("prompts", cfg.prompts), ("pipeline", cfg.pipeline),
                             ("negative_prompt", cfg.negative_prompt or None)):
@@ -167,10 +172,9 @@ def run_sample(cfg: SampleConfig) -> Path:
                                   f"{model_path} is not text-conditioned (prompts are for Stable Diffusion models)")
         condition = class_condition(conditioning, cfg, model_path)
 
-    # 3. Sample, once the output's file system has room for the images (a decoded latent is 8x larger a side,
-    #    3 channels; the PNGs roughly double the bytes).
-    c_in, h_in, w_in = input_shape(unet)
-    pixels = 3 * (8 * h_in) * (8 * w_in) if condition.decode is not None else c_in * h_in * w_in
+    # 3. Sample, once the output's file system has room for the images (a latent codec decodes to larger images;
+    #    the PNGs roughly double the bytes).
+    pixels = int(np.prod(condition.codec.image_shape(input_shape(unet))))
     ensure_space(out, cfg.n * pixels * (2 if cfg.png else 1))
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
@@ -289,15 +293,14 @@ def class_labels(conditioning: dict | None, cfg: SampleConfig, model_path: Path,
     return labels, null
 
 
-def text_condition(conditioning: dict, cfg: SampleConfig, prompts: list[str] | None, model_path: Path,
-                   device, unet_configs: list | None = None) -> Condition:
-    """A text-conditioned (latent) model's prompts in turn, embedded by its pipeline's text encoder (once, or in
+def text_condition(loaded: Any, cfg: SampleConfig, prompts: list[str] | None, model_path: Path,
+                   device) -> Condition:
+    """A prompt-conditioned (latent) model's prompts in turn, embedded by its codec's text encoder(s) (once, or in
     fixed chunks as the images use them where they exceed the text-memory budget), the negative prompt's embedding
-    for guidance (default 7.5), and its VAE's decoder."""
+    for guidance (default 7.5), and its codec's decoder."""
     import torch
 
     from o2mcli.data.text import prompt_table, prompts_flag
-    from o2mcli.models.families.stable_diffusion import decode_latents, encode_prompts, resolve_parts
 
     if cfg.classes is not None:
         raise OptionError("classes", cfg.classes, f"{model_path} is text-conditioned; give --prompt or --prompts")
@@ -305,27 +308,17 @@ def text_condition(conditioning: dict, cfg: SampleConfig, prompts: list[str] | N
         raise O2MError(f"{model_path}: a text-conditioned model samples from prompts; give --prompt TEXT or "
                        "--prompts FILE")
     guidance = TEXT_GUIDANCE if cfg.guidance is None else cfg.guidance
-    parts = resolve_parts(conditioning, model_path, cfg.pipeline, device,
-                          models=[(c, model_path) for c in unet_configs or []])  # the model fits the parts
+    codec = loaded.codec(cfg.pipeline, device)  # checked: the parts are the recorded ones and fit the model
     # Each distinct prompt the n images use is encoded once; the images index their prompt's row.
     assigned = [prompts[i % len(prompts)] for i in range(cfg.n)]
     row = {p: i for i, p in enumerate(dict.fromkeys(assigned))}
     distinct = list(row)
-    table = prompt_table(parts, distinct, prompts_flag(prompts))  # `table[rows]`: a tensor, or chunks within budget
-    negative = encode_prompts(parts, [cfg.negative_prompt])
+    table = prompt_table(codec, distinct, prompts_flag(prompts))  # `table[rows]`: a tensor, or chunks within budget
+    negative = codec.encode_prompts([cfg.negative_prompt])
     index = torch.tensor([row[p] for p in assigned], dtype=torch.int64)
-    vae = parts.vae
-
-    def decode(latents):
-        # A few images at a time: SD's decoder at 512 px holds gigabytes of activations per handful of images.
-        z = latents.to(next(vae.parameters()).dtype)
-        return torch.cat([decode_latents(vae, z[i:i + DECODE_BATCH]) for i in range(0, len(z), DECODE_BATCH)])
-
     summary = {"prompts": len(prompts), "distinct_prompts": len(distinct), "guidance": guidance,
-               "negative_prompt": cfg.negative_prompt,
-               "pipeline": {"path": str(Path(parts.root).resolve()),
-                            "hashes": {k: v for k, v in parts.hashes.items() if k != "unet"}}}
-    return Condition(cond=index, table=table, uncond=negative, guidance=guidance, decode=decode, summary=summary,
+               "negative_prompt": cfg.negative_prompt, "pipeline": codec.summary()}
+    return Condition(cond=index, table=table, uncond=negative, guidance=guidance, codec=codec, summary=summary,
                      npz={"prompts": np.array(assigned, dtype=str)})
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from o2mcli.models.conditioning import takes_prompts
 from o2mcli.data.samples import model_unavailable
 from o2mcli.outputs import run_scope
 from o2mcli.errors import O2MError
@@ -81,8 +82,8 @@ def _to_float01(images_nhwc_u8: np.ndarray) -> torch.Tensor:
 
 
 def is_text_conditioned(loaded) -> bool:
-    """Whether a loaded model takes text embeddings (a Stable Diffusion UNet or a group of them)."""
-    return (loaded.conditioning or {}).get("type") == "text"
+    """Whether a loaded model takes prompts (a text-to-image UNet or a group of them)."""
+    return takes_prompts(loaded.conditioning)
 
 
 # 2. The model that made the samples ---------------------------------------------------------------
@@ -103,7 +104,6 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     that is gone or unreadable gives a row without them (see :func:`model_unavailable`)."""
     from o2mcli.diffusion.sampler import measure_throughput
     from o2mcli.models.denoise import input_shape
-    from o2mcli.models.families.unet2d_condition import SHAPE_TOKENS
     from o2mcli.models.io import load_model
     from o2mcli.models.stats import count_deepcache_macs, count_macs, count_params
 
@@ -147,7 +147,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
         # Guidance at or below 1 runs the conditional branch alone (o2m sample, as diffusers): one call per step.
         w = man.summary.get("guidance", man.config.get("guidance"))
         calls = 1 if isinstance(w, (int, float)) and not isinstance(w, bool) and w <= 1.0 else 2
-        macs_what = (f"UNet only, one call on a {shape} latent with a {SHAPE_TOKENS}-token text embedding: "
+        macs_what = (f"UNet only, one call on a {shape} latent with {loaded.family.stand_in()}: "
                      f"{_g(macs)} GMACs per UNet call, {_g(calls * macs)} GMACs per sampling step "
                      + ("with classifier-free guidance (x2: conditional and unconditional branch)" if calls == 2 else
                         f"at guidance {float(w):g} (at most 1: no guidance, one call)")

@@ -15,6 +15,7 @@ from o2mcli.errors import O2MError
 from o2mcli.parsing import int_list
 from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
 from o2mcli.manifest import write_manifest
+from o2mcli.models.conditioning import class_record
 from o2mcli.models.configs import scheduler_config, unet_config
 from o2mcli.models.parametrization import prediction_name
 from o2mcli.models.io import build_unet, model_record, save_model_file
@@ -100,7 +101,7 @@ def run_train(cfg: TrainConfig) -> Path:
         raise O2MError(f"{data.source}: size {h} is not divisible by 2^{len(cfg.block_out_channels) - 1} "
                        f"(the downsamplings of {len(cfg.block_out_channels)} blocks)")
     classes: tuple[str, ...] = ()
-    if cfg.cond == "class":
+    if cfg.cond != "none":
         if data.labels is None:
             raise O2MError(f"{data.source}: --cond class needs labelled images (the bundled digits, or a folder with "
                            "one subfolder per class)")
@@ -154,9 +155,8 @@ def _write(cfg: TrainConfig, out: Path, work: Path, engine, scfg: dict, data) ->
         config["denoiser_config"] = str(Path(cfg.denoiser_config).resolve())
     provenance = {"stage": "train", "config": config, "data": {"name": data.name, "source": data.source,
                                                                 "sha256": data.sha256, "n": len(data)}}
-    if cfg.cond == "class":  # what sample and score need to ask for a class and to guide
-        provenance["conditioning"] = {"type": "class", "classes": list(data.classes), "null_class": len(data.classes),
-                                      "label_dropout": cfg.label_dropout}
+    if cfg.cond != "none":  # what sample and score need to ask for a class and to guide
+        provenance["conditioning"] = class_record(list(data.classes), len(data.classes), cfg.label_dropout)
     if out.suffix == ".safetensors":
         save_model_file(out, model, scfg, kind="teacher", provenance=provenance, force=cfg.force)
     else:

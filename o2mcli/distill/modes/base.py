@@ -24,6 +24,7 @@ class DistillMode:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.labels: Any = None  # the run's LabelPlan (class-conditional teacher), set by check_inputs
+        self.codec: Any = None  # a prompt-conditioned teacher's codec (its VAE and text encoders), set by check_inputs
 
     # 1. Options and inputs
     def check_options(self) -> None:
@@ -31,10 +32,10 @@ class DistillMode:
 
     def data_spec(self) -> Optional[str]:
         """The data the run reads (``--data``, a default), or None for a data-free mode."""
-        if self.parts is not None and self.cfg.data is None:
+        if self.codec is not None and self.cfg.data is None:
             from o2mcli.errors import O2MError
 
-            raise O2MError(f"--data: the Stable Diffusion teacher {self.teacher_path} distils on a folder of images "
+            raise O2MError(f"--data: the text-to-image teacher {self.teacher_path} distils on a folder of images "
                            "with captions (metadata.jsonl: file_name and text); give --data, or --mode dkdm "
                            "--prompts FILE to distil without data")
         return self.cfg.data or "digits"
@@ -43,15 +44,12 @@ class DistillMode:
         """Refuse a teacher / student pair this mode cannot distil (after loading, before building); a
         class-conditional teacher's label plan (its classes, null class and dropout) is settled here."""
         from o2mcli.data.labels import label_plan
+        from o2mcli.models.conditioning import takes_prompts
 
         self.teacher_path = teacher_path
-        self.parts = None  # a text-conditioned teacher: its pipeline's VAE, text encoder and tokenizer
         cond = teacher.conditioning
-        if cond is not None and cond.get("type") == "text":
-            from o2mcli.models.families.stable_diffusion import resolve_parts
-
-            self.parts = resolve_parts(cond, teacher_path, self.cfg.pipeline,
-                                       models=[(c, teacher_path) for c in teacher.unet_configs])
+        if takes_prompts(cond):
+            self.codec = teacher.codec(self.cfg.pipeline)
         else:
             for opt, v in (("prompts", self.cfg.prompts), ("pipeline", self.cfg.pipeline),
                            ("latent_cache", self.cfg.latent_cache)):
@@ -64,7 +62,7 @@ class DistillMode:
     def load_data(self, spec: str, teacher: Any) -> Any:
         """The run's data: images (``data.load_dataset``), or for a text-conditioned teacher a captioned folder's
         cached latents, whose captions make the run's text plan."""
-        if self.parts is None:
+        if self.codec is None:
             from o2mcli.data import load_dataset
 
             return load_dataset(spec)
@@ -72,7 +70,7 @@ class DistillMode:
         from o2mcli.devices import resolve_device
 
         dropout = caption_dropout(teacher.conditioning, self.cfg.label_dropout)
-        data, self.labels = captioned_latents(Path(spec), self.parts, int(teacher.unet.config.sample_size), dropout,
+        data, self.labels = captioned_latents(Path(spec), self.codec, int(teacher.unet.config.sample_size), dropout,
                                               teacher.conditioning, self.cfg.latent_cache, self.cfg.out,
                                               resolve_device(self.cfg.device))
         return data
@@ -91,7 +89,7 @@ class DistillMode:
 
         # Each batch's labels go to teacher and students alike, dropped to the null class as the teacher was trained
         # (a text plan's labels index the captions, and their embeddings are what the models see).
-        labels = data.labels if self.parts is not None else check_data_classes(lp, data, self.teacher_path)
+        labels = data.labels if self.codec is not None else check_data_classes(lp, data, self.teacher_path)
         return lambda terms, dev: ImageSource(images, terms, dev, labels, lp.null_class, lp.dropout, lp.cond)
 
     @classmethod

@@ -37,7 +37,7 @@ class DKDM(DistillMode):
 
     def check_inputs(self, teacher: Any, teacher_path: Path, student_config: Any, where: Path) -> None:
         super().check_inputs(teacher, teacher_path, student_config, where)
-        if self.parts is not None:
+        if self.codec is not None:
             # A text-conditioned teacher: every buffer slot keeps a prompt of --prompts (or the empty one, with the
             # caption dropout), embedded once here.
             if self.cfg.prompts is None:
@@ -48,7 +48,7 @@ class DKDM(DistillMode):
             from o2mcli.devices import resolve_device
 
             prompts = read_prompts(self.cfg.prompts)
-            self.labels = prompt_plan(self.parts, prompts, caption_dropout(teacher.conditioning,
+            self.labels = prompt_plan(self.codec, prompts, caption_dropout(teacher.conditioning,
                                                                            self.cfg.label_dropout),
                                       teacher.conditioning, resolve_device(self.cfg.device))
         self._check_guidance(teacher_path)

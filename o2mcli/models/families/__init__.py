@@ -10,6 +10,7 @@ from torch import nn
 from o2mcli.errors import O2MError
 from o2mcli.models.families.base import DenoiserFamily
 from o2mcli.models.families.dit import DiT
+from o2mcli.models.families.stable_diffusion import SDPipelineFormat
 from o2mcli.models.families.unet2d import UNet2D
 from o2mcli.models.families.unet2d_condition import UNet2DCondition
 from o2mcli.registry import Registry
@@ -21,7 +22,12 @@ FAMILIES.register(DiT.name, DiT())
 
 DEFAULT_FAMILY = UNet2D.name  # a config without _class_name (o2m's own, older files)
 
-__all__ = ["FAMILIES", "DenoiserFamily", "family_for_config", "family_of"]
+# Pipeline directories whose denoiser comes with a codec's parts (VAE, text encoders), keyed by the pipeline class
+# their model_index.json names; each claims its directories, checks their layout and makes the model's record.
+PIPELINES: Registry[Any] = Registry("model_index.json _class_name", "pipeline format")
+PIPELINES.register(SDPipelineFormat.name, SDPipelineFormat())
+
+__all__ = ["FAMILIES", "PIPELINES", "DenoiserFamily", "family_for_config", "family_of", "pipeline_format"]
 
 
 def family_for_config(cfg: Any, where: Path, served: bool = False) -> DenoiserFamily:
@@ -49,3 +55,9 @@ def family_of(model: nn.Module) -> DenoiserFamily:
     if name not in FAMILIES:
         raise O2MError(f"a {name} is not a model family o2m supports ({', '.join(FAMILIES)})")
     return FAMILIES[name]
+
+
+def pipeline_format(root: Path) -> Any:
+    """The registered pipeline format that claims the directory ``root``, or None (a plain pipeline such as
+    DDPMPipeline's, whose ``unet/`` is all there is)."""
+    return next((fmt for fmt in PIPELINES.values() if fmt.claims(root)), None)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
+
+from o2mcli.models.codec import PIXELS, Codec
+from o2mcli.models.conditioning import ConditionKind
 
 
 def clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -91,9 +94,9 @@ class DenoiserFamily:
     # None: the stages take this family. Else why they do not yet (a family built ahead of its stages is
     # refused by name when a model is loaded, so no stage runs it half-supported).
     not_yet: ClassVar[Optional[str]] = None
-    # What the family's ``cond`` is when it needs one of its own kind ("text": text embeddings, the model's
-    # ``conditioning`` record then names the pipeline that encodes them); None: none, or class labels by config.
-    condition: ClassVar[Optional[str]] = None
+    # The condition kind the family always takes (``models.conditioning``: TEXT, prompts its codec encodes, the
+    # model's ``conditioning`` record naming the pipeline); None: none, or class labels where its config has a table.
+    condition: ClassVar[Optional[ConditionKind]] = None
 
     def check_config(self, cfg: Any, where: Path) -> None:
         """Refuse a config that is not this family's or would not build (sizes bounded), with a one-line error."""
@@ -146,6 +149,15 @@ class DenoiserFamily:
         li = self.label_input(cfg)
         return None if li is None or not li.value else li.rows - 1
 
+    def stand_in(self) -> str:
+        """What :meth:`predict` feeds in place of a condition it is not given (MACs and shapes only), in words."""
+        return "no condition"
+
+    def condition_shape(self, cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The sizes of the condition a config takes beyond class labels (a text family: its embedding widths), by
+        config key, so a student whose condition does not fit its teacher's is refused by name; None: none."""
+        return None
+
     def label_input(self, cfg: dict[str, Any]) -> Optional[LabelInput]:
         """How ``cfg`` takes class labels (distillation's conditioning checks); None: this family takes none."""
         return None
@@ -163,22 +175,23 @@ class DenoiserFamily:
         (a UNet's block outputs already are)."""
         return tensor
 
-    def pipeline_parts(self, conditioning: Optional[dict[str, Any]], where: Path,
-                       pipeline: Optional[Path] = None) -> Any:
-        """What :meth:`pipeline` needs beside the model and scheduler (a latent model: its VAE, text encoder and
-        tokenizer), from ``pipeline`` (``--pipeline``) or where ``conditioning`` says; None when nothing is needed.
-        A family that needs nothing refuses ``pipeline``. Anything returned that has a ``scheduler_config`` names the
-        scheduler class the exported pipeline keeps, unless the model's own scheduler config names one."""
+    def codec(self, conditioning: Optional[dict[str, Any]], where: Path, pipeline: Optional[Path] = None,
+              device: torch.device | str = "cpu", models: Sequence[tuple[Any, Path | str]] = ()) -> Codec:
+        """The codec a model of this family owns (``models.codec``): a latent family's VAE and text encoder(s), from
+        ``pipeline`` (``--pipeline``) or the pipeline ``conditioning`` names, checked against its record and against
+        ``models`` (the (config, where) of the denoisers they will serve); a pixel family's identity, which refuses
+        ``pipeline``. A codec with a ``scheduler_config`` names the scheduler class an exported pipeline keeps, unless
+        the model's own scheduler config names one."""
         from o2mcli.errors import O2MError
 
         if pipeline is not None:
             raise O2MError(f"{where}: a {self.name} samples without a VAE or text encoder; --pipeline {pipeline} "
-                           "is for Stable Diffusion models")
-        return None
+                           "is for Stable Diffusion (latent text-to-image) models")
+        return PIXELS
 
     def pipeline(self, model: nn.Module, scheduler: Any, parts: Any = None) -> Any:
         """The diffusers pipeline that plain diffusers samples this model with (``o2m export``), from the model, its
-        scheduler and :meth:`pipeline_parts`."""
+        scheduler and its :meth:`codec` (``parts``; the identity for a pixel family)."""
         raise NotImplementedError
 
     def save_pipeline(self, pipe: Any, folder: Path, parts: Any = None) -> None:

@@ -17,6 +17,8 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import loads_bounded, sha256_file
+from o2mcli.models.codec import Codec
+from o2mcli.models.conditioning import pipeline_record
 from o2mcli.models.configs import check_int_in
 from o2mcli.models.families.base import build_from_config
 
@@ -37,10 +39,14 @@ EXTRA_INPUTS = (("addition_embed_type", "added embeddings (SDXL: pooled text and
                 ("encoder_hid_dim_type", "projected image or text embeddings"))
 
 
+# Decoded a few latents at a time: SD's decoder at 512 px holds gigabytes of activations per handful of images.
+DECODE_BATCH = 8
+
+
 @dataclass
-class SDParts:
+class SDParts(Codec):
     """The pipeline's parts on one device, and each weight file's sha256 (stages refer to the unchanged VAE and
-    text encoder by path and hash rather than copying them)."""
+    text encoder by path and hash rather than copying them): the codec of a Stable Diffusion UNet."""
 
     root: Path
     unet: nn.Module | None
@@ -49,6 +55,44 @@ class SDParts:
     tokenizer: Any
     scheduler_config: dict[str, Any]
     hashes: dict[str, str] = field(default_factory=dict)
+    latent = True
+
+    @property
+    def factor(self) -> int:
+        """How many pixels one latent spans per side (SD's VAE: 8)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def image_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        _, h, w = shape
+        return int(self.vae.config.out_channels), self.factor * h, self.factor * w
+
+    def latent_shape(self, size: int) -> tuple[int, int, int]:
+        """(C, H, W) of the latent of a ``size`` x ``size`` denoiser input."""
+        return int(self.vae.config.latent_channels), size, size
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        z = samples.to(next(self.vae.parameters()).dtype)
+        return torch.cat([decode_latents(self.vae, z[i:i + DECODE_BATCH]) for i in range(0, len(z), DECODE_BATCH)])
+
+    def encode_images(self, images01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return encode_images(self.vae, images01, generator)
+
+    def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Text embeddings (N, L, D), see :func:`encode_prompts`."""
+        return encode_prompts(self, prompts, batch_size)
+
+    def to(self, device: torch.device | str) -> "SDParts":
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        return self
+
+    def prompts_to(self, device: torch.device | str) -> "SDParts":
+        self.text_encoder.to(device)
+        return self
+
+    def cache_record(self) -> dict[str, Any]:
+        return {"vae": self.hashes["vae"], "text_encoder": self.hashes["text_encoder"],
+                "tokenizer": self.hashes["tokenizer"], "latent": "posterior mean"}
 
 
 def _json(path: Path) -> Any:
@@ -310,8 +354,7 @@ def aux_hashes(root: Path) -> dict[str, str]:
 
 def text_conditioning(root: Path) -> dict[str, Any]:
     """The ``conditioning`` record of a model from the pipeline at ``root``: the pipeline by path and hashes."""
-    return {"type": "text", "pipeline": str(Path(root).resolve()), "hashes": aux_hashes(root),
-            "caption_dropout": None}
+    return pipeline_record(root, aux_hashes(root))
 
 
 def _load_vae(root: Path) -> tuple[nn.Module, str]:
@@ -428,3 +471,20 @@ def encode_images(vae: nn.Module, images01: torch.Tensor, generator: torch.Gener
 def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1], (N, 3, H, W), from scaled latents."""
     return (vae.decode(latents / latent_scale(vae)).sample / 2 + 0.5).clamp(0, 1)
+
+
+class SDPipelineFormat:
+    """A ``StableDiffusionPipeline`` directory as a model input (``models.io.load_model``): the UNet in ``unet/`` is
+    the denoiser, its codec's parts (VAE, text encoder, tokenizer) stay in the directory, named by path and hash."""
+
+    name = PIPELINE
+
+    def claims(self, root: Path) -> bool:
+        """Whether ``root``'s index names a Stable Diffusion class (one this format serves, or refuses by name)."""
+        return is_sd_pipeline(root)
+
+    def check_layout(self, root: Path) -> None:
+        check_sd_layout(root)
+
+    def conditioning(self, root: Path) -> dict[str, Any]:
+        return text_conditioning(root)

@@ -9,12 +9,14 @@ teacher's pipeline directory, named by path and sha256 in the ``conditioning`` p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.models.codec import Codec
+from o2mcli.models.conditioning import TEXT
 from o2mcli.models.families.base import DenoiserFamily, build_from_config
 from o2mcli.models.families.unet_cache import UNetDeepCache, unet2d_condition_partial
 from o2mcli.models.families.unet2d import TEXT_BOUNDS, check_unet_sizes, unet_block_outputs, unet_input_shape
@@ -26,7 +28,7 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
     """``UNet2DConditionModel``: eps from ``model(x_t, t, encoder_hidden_states=text).sample``."""
 
     name = "UNet2DConditionModel"
-    condition = "text"
+    condition = TEXT
 
     def check_config(self, cfg: Any, where: Path) -> None:
         from o2mcli.models.families.stable_diffusion import check_text_only
@@ -50,6 +52,13 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
                           branch: int, cache: Any) -> torch.Tensor:
         return unet2d_condition_partial(model, x_t, t, _text(model, x_t, cond), branch, cache)
 
+    def stand_in(self) -> str:
+        return f"a {SHAPE_TOKENS}-token text embedding"
+
+    def condition_shape(self, cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The text embeddings' width the cross-attention reads."""
+        return {"cross_attention_dim": _width(cfg.get("cross_attention_dim", 1280))}
+
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         return unet_input_shape(model)  # latent channels and size
 
@@ -68,12 +77,13 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
         h, w = (side, side) if side * side == n else (1, n)
         return tensor.transpose(1, 2).reshape(b, c, h, w)
 
-    def pipeline_parts(self, conditioning: Optional[dict[str, Any]], where: Path,
-                       pipeline: Optional[Path] = None) -> Any:
-        """The teacher pipeline's VAE, text encoder and tokenizer (on the CPU), checked against the model's record."""
+    def codec(self, conditioning: Optional[dict[str, Any]], where: Path, pipeline: Optional[Path] = None,
+              device: torch.device | str = "cpu", models: Sequence[tuple[Any, Path | str]] = ()) -> Codec:
+        """The teacher pipeline's VAE, text encoder and tokenizer, checked against the model's record and ``models``
+        (``stable_diffusion.resolve_parts``)."""
         from o2mcli.models.families.stable_diffusion import resolve_parts
 
-        return resolve_parts(conditioning or {}, where, pipeline, "cpu")
+        return resolve_parts(conditioning or {}, where, pipeline, device, models)
 
     def pipeline(self, model: nn.Module, scheduler: Any, parts: Any = None) -> Any:
         """A ``StableDiffusionPipeline`` of this UNet and the teacher's VAE, text encoder and tokenizer (no safety
@@ -83,8 +93,7 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
         from o2mcli.models.families.stable_diffusion import check_unets_fit
 
         if parts is None:
-            raise O2MError("a UNet2DConditionModel's pipeline needs its VAE, text encoder and tokenizer "
-                           "(pipeline_parts)")
+            raise O2MError("a UNet2DConditionModel's pipeline needs its VAE, text encoder and tokenizer (codec)")
         # The UNet against the parts (a foreign UNet given --pipeline records no hashes): else a broken pipeline
         check_unets_fit(Path(parts.root), [({**model.config, "_class_name": type(model).__name__},
                                             "the UNet to export")])
@@ -126,6 +135,10 @@ def _text(model: nn.Module, x_t: torch.Tensor, cond: Optional[torch.Tensor]) -> 
 
 
 def _cross_dim(cfg: Any) -> int:
-    """The text embedding width a config expects (diffusers allows one per block; SD 1.x/2.x use one)."""
-    d = cfg.cross_attention_dim
+    """The text embedding width a built model's config expects."""
+    return _width(cfg.cross_attention_dim)
+
+
+def _width(d: Any) -> int:
+    """A ``cross_attention_dim`` setting's width (diffusers allows one per block; SD 1.x/2.x use one)."""
     return int(d[0] if isinstance(d, (list, tuple)) else d)

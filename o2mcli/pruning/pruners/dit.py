@@ -1,5 +1,5 @@
 """``DiTTransformer2DModel`` pruning (issue #14): whole attention heads and, with them, the model width; whole
-transformer blocks (``--drop-blocks``) are ``pruning/depth.py``'s.
+transformer blocks (``--drop-blocks``) are ``pruning/pruners/dit_depth.py``'s.
 
 A plain diffusers DiT config has one width: ``num_attention_heads * attention_head_dim`` is at once the token
 (residual) width, every block's attention width, its adaLN-Zero embedding width, and a quarter of its MLP width
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.pruning.depth import DepthRemoval, drop_blocks
+from o2mcli.pruning.pruners.dit_depth import DepthRemoval, drop_blocks
 from o2mcli.pruning.pruners.base import Pruner
 
 FAMILY = "DiTTransformer2DModel"
