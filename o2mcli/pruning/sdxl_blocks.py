@@ -347,7 +347,9 @@ def remove_sdxl_blocks(teacher: nn.Module, variant: str, where: Path | str) -> t
     plan = sdxl_removal_config(cfg, variant, where)
     state = teacher.state_dict()
     p = next(teacher.parameters())
-    student = _build(plan.config, "meta").to_empty(device=p.device).to(p.dtype)
+    student = _build(plan.config, "meta").to_empty(device=p.device)
+    if p.dtype != torch.float32:  # diffusers warns on any dtype cast, so only cast when it changes something
+        student = student.to(p.dtype)
     if dict(student.named_buffers()).keys() - student.state_dict().keys():
         raise RuntimeError(f"--blocks {variant}: the student has non-persistent buffers, which to_empty leaves unset")
     own = student.state_dict()
