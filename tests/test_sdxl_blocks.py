@@ -221,5 +221,14 @@ def test_real_sdxl_config_on_meta_matches_published_params() -> None:
     assert plans["vega"].config["reverse_transformer_layers_per_block"] is None
     assert plans["koala-700m"].config["mid_block_type"] is None and plans["koala-700m"].config["layers_per_block"] == 1
     assert plans["koala-1b"].config["transformer_layers_per_block"] == [1, 2, 6]
+    # Segmind's Vega write-up gives the blocks too: down 247M, mid 31M, up 460M.
+    from o2mcli.models.stats import count_block_params
+
+    with torch.device("meta"):
+        vega = UNet2DConditionModel.from_config({k: v for k, v in plans["vega"].config.items() if k[0] != "_"})
+    blocks = count_block_params(vega)
+    part = {p: sum(n for k, n in blocks.items() if k.startswith(p)) for p in ("down_blocks", "mid_block", "up_blocks")}
+    assert all(abs(part[p] - pub) < 1_000_000 for p, pub in
+               (("down_blocks", 247e6), ("mid_block", 31e6), ("up_blocks", 460e6))), part
     assert plans["koala-1b"].feature_pairs["mid_block.attentions.0.transformer_blocks.5.attn1"] == \
         "mid_block.attentions.0.transformer_blocks.9.attn1"

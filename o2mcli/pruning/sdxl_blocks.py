@@ -22,7 +22,7 @@ Segmind_Vega, KOALA_700M and KOALA_1B entries, ``num_res_blocks``, ``transformer
 cards (etri-vilab/koala-700m README: "Tx blocks [0, 2, 10] / [0, 2, 6] / [0, 2, 5]", params 2,567M / 1,161M / 782M);
 the SSD-1B model card ("1.3B") and diffusers' SSD-1B-style config (``reverse_transformer_layers_per_block``
 ``[[4, 4, 10], [2, 1, 1], 1]``); Segmind's Vega write-up (blog.segmind.com/segmind-vega-2: down 247M, mid 31M,
-up 460M, i.e. ~745M with the embeddings).
+up 460M; this pattern gives 246.8M, 31.1M and 459.9M, 745.2M in all).
 
 Initialization (the student is built by plain diffusers from its config and every tensor copied from a same-shaped
 teacher tensor; a gap is a RuntimeError):
