@@ -37,3 +37,21 @@ def test_sampling_benchmark_times_every_sampler() -> None:
     cached = json.loads(res.stdout)["deepcache"]
     assert cached and all(r["full_calls"] == 1 and r["partial_calls"] == 1 and r["interval"] == 3 for r in cached)
     assert all(r["partial_MACs_G"] < r["avg_MACs_G"] < r["full_MACs_G"] and r["speedup"] > 0 for r in cached)
+
+
+def test_sdxl_benchmark_runs_tiny() -> None:
+    import os
+
+    # this checkout's o2mcli first (an installed one may be another checkout's)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, str(BENCH / "bench_sdxl.py"), "--tiny", "--no-throughput", "--json"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["model"]: r for r in json.loads(res.stdout)["rows"]}
+    assert list(rows) == ["sdxl", "koala-1b", "koala-700m", "ssd-1b", "vega"]
+    for r in rows.values():
+        assert {"params", "params_M", "published_params_M", "params_vs_published", "MACs_G", "MACs_cfg_G",
+                "teacher_MACs_ratio"} <= set(r)
+        assert r["MACs_cfg_G"] == pytest.approx(2 * r["MACs_G"])  # guidance: two samples' worth per step
+    teacher = rows.pop("sdxl")
+    assert all(r["params"] < teacher["params"] and r["MACs_G"] < teacher["MACs_G"] for r in rows.values())
