@@ -1,6 +1,6 @@
 """SDXL block-removal templates (KOALA-1B/700M, SSD-1B, Segmind-Vega) against the SDXL U-Net: params, MACs, CPU speed.
 
-The teacher is SDXL base 1.0's U-Net config (``o2mcli.pruning.sdxl_blocks.SDXL_BASE_CONFIG``) with random weights
+The teacher is SDXL base 1.0's U-Net config (``o2mcli.pruning.pruners.sdxl_blocks.SDXL_BASE_CONFIG``) with random weights
 (no download: cost and speed do not depend on the weights); each template is ``remove_sdxl_blocks``' student of it.
 Parameters and MACs are counted on the meta device (no memory): MACs are those of the convolutions and linear layers
 of one forward at ``--size`` latents (128: 1024 px), text of 77 tokens, as ``o2mcli.models.stats`` counts them
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from o2mcli.models.stats import _count_blocks
-from o2mcli.pruning.sdxl_blocks import (PUBLISHED_PARAMS, SDXL_BASE_CONFIG, SDXL_VARIANTS, remove_sdxl_blocks,
+from o2mcli.pruning.pruners.sdxl_blocks import (PUBLISHED_PARAMS, SDXL_BASE_CONFIG, SDXL_VARIANTS, remove_sdxl_blocks,
                                         sdxl_removal_config)
 
 TOKENS = 77  # CLIP's context length

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from o2mcli.errors import O2MError
-from o2mcli.pruning.sdxl_blocks import (PUBLISHED_PARAMS, SDXL_BASE_CONFIG, SDXL_VARIANTS, keep_layers,
+from o2mcli.pruning.pruners.sdxl_blocks import (PUBLISHED_PARAMS, SDXL_BASE_CONFIG, SDXL_VARIANTS, keep_layers,
                                         remove_sdxl_blocks, sdxl_removal_config)
 
 WHERE = "teacher-unet"
@@ -189,7 +189,7 @@ def test_refusals_are_one_line_and_name_the_problem() -> None:
     assert "addition_embed_type" in _refusal(sd, "koala-1b")
 
 
-# Published U-Net parameter counts (see o2mcli/pruning/sdxl_blocks.py for the sources) and the absolute tolerance
+# Published U-Net parameter counts (see o2mcli/pruning/pruners/sdxl_blocks.py for the sources) and the absolute tolerance
 # each gets from its precision: the KOALA card gives whole millions (2,567M, 1,161M, 782M: under 1M off either way,
 # rounded or cut), Segmind "745M" for Vega (the same) and "1.3B" for SSD-1B (a tenth of a billion: under 50M off).
 TOLERANCE = {"sdxl": 1_000_000, "koala-1b": 1_000_000, "koala-700m": 1_000_000, "vega": 1_000_000,

@@ -142,3 +142,11 @@ def _cross_dim(cfg: Any) -> int:
 def _width(d: Any) -> int:
     """A ``cross_attention_dim`` setting's width (diffusers allows one per block; SD 1.x/2.x use one)."""
     return int(d[0] if isinstance(d, (list, tuple)) else d)
+
+
+def build_plain(cfg: dict[str, Any]) -> nn.Module:
+    """A plain diffusers ``UNet2DConditionModel`` of ``cfg`` with fresh weights, in eval mode; the caller has checked
+    the config (block-removal plans build their teacher and student shapes this way, on the meta device)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")}).eval()

@@ -276,11 +276,10 @@ def _natural(name: str) -> list[Any]:
 
 def _build(cfg: dict[str, Any], device: Union[str, torch.device] = "meta") -> nn.Module:
     """A plain diffusers UNet2DConditionModel of ``cfg`` (on the meta device by default: shapes only)."""
-    from diffusers import UNet2DConditionModel
+    from o2mcli.models.families.unet2d_condition import build_plain
 
-    clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
     with torch.device(device):
-        return UNet2DConditionModel.from_config(clean).eval()
+        return build_plain(cfg)
 
 
 def sdxl_removal_config(cfg: dict[str, Any], variant: str, where: Path | str) -> BlockRemoval:
