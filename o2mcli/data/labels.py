@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from o2mcli.errors import O2MError, OptionError
+from o2mcli.models.condition import Condition, tokens_condition
 from o2mcli.models.conditioning import TEXT, class_record, takes_prompts
 
 DEFAULT_DROPOUT = 0.1  # o2m train's default, for teachers that did not record theirs
@@ -39,9 +40,9 @@ class LabelPlan:
             labels[torch.rand(n, generator=generator) < self.dropout] = self.null_class
         return labels
 
-    def cond(self, idx: torch.Tensor) -> torch.Tensor:
+    def cond(self, idx: torch.Tensor) -> Condition:
         """What the model is called with for label indices ``idx``: the labels themselves."""
-        return idx
+        return Condition(labels=idx)
 
     def record(self) -> dict[str, Any]:
         """The ``conditioning`` provenance the students carry (what sample and score read)."""
@@ -51,36 +52,40 @@ class LabelPlan:
 @dataclass(frozen=True)
 class TextPlan(LabelPlan):
     """Text conditions as labels: index ``i < n`` is prompt (or caption) ``i``, index ``n`` the empty prompt (the
-    null condition, what caption dropout gives); ``table[idx] -> (B, L, D)`` gives their text embeddings: a tensor
-    (n + 1, L, D) computed once, or, when that would exceed the text-memory budget, a ``data.text.ChunkedTable``
-    that makes fixed chunks of rows on demand (the same values whatever the order rows are asked in)."""
+    null condition, what caption dropout gives); ``table[idx]`` gives their packed embeddings (the codec's rows,
+    ``Codec.pack``), which ``unpack`` turns into the models' Condition: a tensor (n + 1, ...) computed once, or, when
+    that would exceed the text-memory budget, a ``data.text.ChunkedTable`` that makes fixed chunks of rows on demand
+    (the same values whatever the order rows are asked in)."""
 
     table: Any = None
     source: Optional[dict[str, Any]] = None  # the pipeline record: path and the VAE/text encoder/tokenizer sha256
+    unpack: Callable[[torch.Tensor], Condition] = tokens_condition
 
-    def cond(self, idx: torch.Tensor) -> torch.Tensor:
-        """Text embeddings (B, L, D) for indices ``idx``, on ``idx``'s device."""
-        return self.table[idx.cpu()].to(idx.device)
+    def cond(self, idx: torch.Tensor) -> Condition:
+        """The text condition (tokens, and where the family takes them pooled text and ids) for indices ``idx``, on
+        ``idx``'s device."""
+        return self.unpack(self.table[idx.cpu()]).to(idx.device)
 
     def record(self) -> dict[str, Any]:
         return {**(self.source or {}), "type": TEXT.name, "caption_dropout": self.dropout}
 
 
 def text_plan(texts: list[str], embeddings: torch.Tensor, null_embedding: torch.Tensor, dropout: float,
-              source: dict[str, Any]) -> TextPlan:
+              source: dict[str, Any], unpack: Callable[[torch.Tensor], Condition] = tokens_condition) -> TextPlan:
     """A plan over ``texts`` with their embeddings (N, L, D) and the empty prompt's (1, L, D) as the null condition."""
     if embeddings.shape[0] != len(texts):
         raise ValueError(f"{len(texts)} texts but {embeddings.shape[0]} embeddings")
     table = torch.cat([embeddings.float(), null_embedding.float().reshape(1, *embeddings.shape[1:])]).contiguous()
-    return text_plan_over(texts, table, dropout, source)
+    return text_plan_over(texts, table, dropout, source, unpack)
 
 
-def text_plan_over(texts: list[str], table: Any, dropout: float, source: dict[str, Any]) -> TextPlan:
+def text_plan_over(texts: list[str], table: Any, dropout: float, source: dict[str, Any],
+                   unpack: Callable[[torch.Tensor], Condition] = tokens_condition) -> TextPlan:
     """A plan over ``texts`` whose ``table`` (n + 1 rows, the null condition last) is already made."""
     if len(table) != len(texts) + 1:
         raise ValueError(f"{len(texts)} texts and the null condition, but a table of {len(table)} rows")
     source = {k: v for k, v in source.items() if k in ("pipeline", "hashes")}
-    return TextPlan(tuple(texts), len(texts), float(dropout), table=table, source=source)
+    return TextPlan(tuple(texts), len(texts), float(dropout), table=table, source=source, unpack=unpack)
 
 
 def label_plan(conditioning: Optional[dict[str, Any]], dropout: Optional[float], teacher_path: Path

@@ -205,7 +205,7 @@ def prompt_plan(codec: Codec, prompts: list[str], dropout: float, conditioning: 
     table = prompt_table(codec, rows, prompts_flag(prompts), budget)
     if not isinstance(table, ChunkedTable):
         codec.prompts_to("cpu")
-    return text_plan_over(list(prompts), table, dropout, conditioning)
+    return text_plan_over(list(prompts), table, dropout, conditioning, codec.unpack)
 
 
 def default_cache_dir(data: Path, out: Path, resolution: int) -> Path:
@@ -257,4 +257,4 @@ def captioned_latents(data: Path, codec: Codec, latent_size: int, dropout: float
         table = embedding_table(n + 1, tuple(null.shape[1:]), rows, f"--data {data}", budget)
     latent_set = LatentSet(images=latents, name=data.name, source=str(data.resolve()), sha256=store.index_sha256,
                            labels=torch.arange(n), classes=tuple(captions))
-    return latent_set, text_plan_over(captions, table, dropout, conditioning)
+    return latent_set, text_plan_over(captions, table, dropout, conditioning, codec.unpack)

@@ -12,14 +12,15 @@ from torch import nn
 from o2mcli.devices import autocast, synchronize
 from o2mcli.diffusion.schedulers import make_scheduler, set_steps, uses_learned_variance
 from o2mcli.errors import O2MError
+from o2mcli.models.condition import Condition, rows, stack
 from o2mcli.models.denoise import input_shape, predict
 from o2mcli.runtime.run import progress
 
 if TYPE_CHECKING:
     from o2mcli.diffusion.deepcache import DeepCacheCounts, DeepCacheSpec
 
-# The unconditional branch's condition: a tensor, a null class index, or None (no guidance).
-Uncond = Union[torch.Tensor, int, None]
+# The unconditional branch's condition: a Condition or tensor, a null class index, or None (no guidance).
+Uncond = Union[Condition, torch.Tensor, int, None]
 
 
 def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance: float,
@@ -29,21 +30,28 @@ def guided(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
     conditional branch. At or below 1 there is no guidance, as in diffusers (``do_classifier_free_guidance =
     guidance_scale > 1``): one forward on ``cond`` alone, no unconditional branch.
 
-    ``cond`` is any condition the model's family takes, one row per sample: class labels (B,) or text embeddings
-    (B, L, D). ``uncond`` is the unconditional branch's: a tensor of one row (broadcast over the batch) or of
-    ``cond``'s batch (the null class's labels, the negative prompt's embeddings), or a class index (the null class).
-    Both branches go through one ``call`` (``predict``, or a DeepCache state whose cache then holds both halves).
+    ``cond`` is any condition the model's family takes, one row per sample: a ``Condition`` (class labels; text
+    tokens, pooled text, time ids) or a bare tensor the family reads as its primary field. ``uncond`` is the
+    unconditional branch's, of the same form: one row (broadcast over the batch) or ``cond``'s batch (the null class's
+    labels, the negative prompt's embeddings), or a class index (the null class). Both branches go through one
+    ``call`` (``predict``, or a DeepCache state whose cache then holds both halves).
     """
     if cond is None or guidance <= 1.0:
         return call(unet, x, t, cond)
     if uncond is None:
         raise O2MError(f"guidance {guidance} needs the unconditional branch's condition (a null class or prompt)")
-    if not torch.is_tensor(uncond):
-        uncond = torch.full_like(cond, int(uncond))
-    uncond = uncond.to(device=cond.device, dtype=cond.dtype)
-    if uncond.shape[0] != cond.shape[0]:
-        uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])  # one row (e.g. the negative prompt) for all
-    both = call(unet, torch.cat([x, x]), t, torch.cat([cond, uncond]))
+    if not torch.is_tensor(uncond) and not isinstance(uncond, Condition):  # the null class for every sample
+        labels = cond.labels if isinstance(cond, Condition) else cond
+        uncond = torch.full_like(labels, int(uncond))
+        uncond = Condition(labels=uncond) if isinstance(cond, Condition) else uncond
+    if isinstance(uncond, Condition):
+        uncond = uncond.to(device=cond.device)
+    else:
+        uncond = uncond.to(device=cond.device, dtype=cond.dtype)
+    if rows(uncond) != rows(cond):  # one row (e.g. the negative prompt) for all
+        uncond = uncond.expand(rows(cond)) if isinstance(uncond, Condition) else uncond.expand(
+            cond.shape[0], *uncond.shape[1:])
+    both = call(unet, torch.cat([x, x]), t, stack(cond, uncond))
     c, u = both.chunk(2)
     eps = u[:, :channels] + guidance * (c[:, :channels] - u[:, :channels])
     return torch.cat([eps, c[:, channels:]], 1)
@@ -93,6 +101,7 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
                   batch_size: int, seed: int, device: torch.device, show_progress: bool = True,
                   cond: torch.Tensor | None = None, guidance: float = 1.0, uncond: Uncond = None,
                   cond_table: torch.Tensor | None = None,
+                  unpack: Callable[[torch.Tensor], Any] | None = None,
                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   deepcache: Optional["DeepCacheSpec"] = None,
                   counts: Optional["DeepCacheCounts"] = None) -> np.ndarray:
@@ -101,7 +110,8 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
     so the same seed gives the same images whatever else ran before, on CPU bit-for-bit.
 
     ``cond`` (N, ...) is each image's condition (class labels), or with ``cond_table`` (P, ...) each image's row of
-    it (the embeddings of P distinct prompts, so N images need not hold N copies); guided with weight ``guidance``
+    it (the packed embeddings of P distinct prompts, so N images need not hold N copies), each batch's rows made the
+    models' Condition by ``unpack`` (class labels too, where given); guided with weight ``guidance``
     against ``uncond`` (see :func:`guided`). ``decode`` maps a batch of final samples to images in [0, 1] (a latent
     model's VAE decoder); the samples are then left unclamped. Without it they are pixels in [-1, 1].
     ``deepcache``: sample with DeepCache, one fresh cache per batch, its calls counted into ``counts``.
@@ -128,6 +138,8 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
         c = None if cond is None else cond[start:start + b]
         if c is not None and cond_table is not None:
             c = cond_table[c.to(cond_table.device)]
+        if c is not None and unpack is not None:
+            c = unpack(c)
         c = None if c is None else c.to(device)
         x = denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, cond=c, guidance=guidance,
                     uncond=uncond, clamp=decode is None, deepcache=deepcache, counts=counts, on_step=tick)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from o2mcli.errors import O2MError
+from o2mcli.models.condition import Condition, tokens_condition
 
 
 class Codec:
@@ -42,8 +43,14 @@ class Codec:
         raise O2MError("a pixel model takes images as they are; there is nothing to encode")
 
     def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """One condition row per prompt (a prompt-conditioned family only)."""
+        """One packed condition row per prompt (a prompt-conditioned family only; :meth:`unpack` reads them), so a
+        table of prompts is one tensor whatever the family."""
         raise O2MError("this model takes no prompts")
+
+    def unpack(self, rows: torch.Tensor) -> Condition:
+        """The models' Condition of packed rows (:meth:`encode_prompts`'s): text tokens alone, unless a family's
+        codec packs more (SDXL: pooled text and time ids)."""
+        return tokens_condition(rows)
 
     def to(self, device: torch.device | str) -> "Codec":
         """Every part on ``device``."""

@@ -40,6 +40,7 @@ from o2mcli.fsutil import atomic_write_bytes
 from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.models.codec import PIXELS, Codec
+from o2mcli.models.condition import Condition as ModelCondition
 from o2mcli.models.conditioning import takes_prompts
 from o2mcli.parsing import int_list
 from o2mcli.viz import grid_image, save_png, to_uint8
@@ -103,13 +104,18 @@ class Condition:
 
     cond: Any = None  # (N,) class labels or indices into ``table``
     table: Any = None  # (P, ...) the codec's embeddings of the P prompts
-    uncond: Any = None  # the null class or the negative prompt's embeddings (1, ...)
+    uncond: Any = None  # the null class, or the negative prompt's Condition (one row)
     guidance: float = 1.0
     codec: Codec = PIXELS  # a latent codec decodes the final samples to images in [0, 1]
 
     @property
     def decode(self) -> Optional[Callable]:
         return self.codec.decode if self.codec.latent else None
+
+    @property
+    def unpack(self) -> Callable:
+        """Each batch's rows (labels, or rows of ``table``) as the models' Condition."""
+        return self.codec.unpack if self.table is not None else (lambda labels: ModelCondition(labels=labels))
     npz: dict = field(default_factory=dict)  # arrays saved beside ``images``
     summary: dict = field(default_factory=dict)
 
@@ -179,7 +185,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
                              cfg.seed, device, cond=condition.cond, guidance=condition.guidance,
-                             uncond=condition.uncond, cond_table=condition.table, decode=condition.decode,
+                             uncond=condition.uncond, cond_table=condition.table, unpack=condition.unpack,
+                             decode=condition.decode,
                              deepcache=spec, counts=counts)
     seconds = time.perf_counter() - t0
     if not np.isfinite(images01).all():
@@ -314,7 +321,7 @@ def text_condition(loaded: Any, cfg: SampleConfig, prompts: list[str] | None, mo
     row = {p: i for i, p in enumerate(dict.fromkeys(assigned))}
     distinct = list(row)
     table = prompt_table(codec, distinct, prompts_flag(prompts))  # `table[rows]`: a tensor, or chunks within budget
-    negative = codec.encode_prompts([cfg.negative_prompt])
+    negative = codec.unpack(codec.encode_prompts([cfg.negative_prompt]))
     index = torch.tensor([row[p] for p in assigned], dtype=torch.int64)
     summary = {"prompts": len(prompts), "distinct_prompts": len(distinct), "guidance": guidance,
                "negative_prompt": cfg.negative_prompt, "pipeline": codec.summary()}

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from o2mcli.models.condition import as_condition
 from o2mcli.errors import O2MError
 from o2mcli.models.configs import check_int_in
 from o2mcli.models.families.base import DenoiserFamily, LabelInput, build_from_config
@@ -79,9 +80,11 @@ class DiT(DenoiserFamily):
         t = torch.as_tensor(t, device=x_t.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(b)  # a sampler's one timestep for the batch: DiT embeds one per sample
-        if cond is None:
-            cond = torch.full((b,), null_class(model), dtype=torch.long, device=x_t.device)
-        return model(x_t, t, class_labels=cond).sample
+        cond = as_condition(cond, "labels")
+        labels = None if cond is None else cond.labels
+        if labels is None:
+            labels = torch.full((b,), null_class(model), dtype=torch.long, device=x_t.device)
+        return model(x_t, t, class_labels=labels).sample
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         cfg = model.config

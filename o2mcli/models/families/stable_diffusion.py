@@ -190,10 +190,13 @@ def _text_config(root: Path) -> Any:
     return config
 
 
-def check_text_only(cfg: dict[str, Any], where: Path | str) -> None:
+def check_text_only(cfg: dict[str, Any], where: Path | str, allow_text_time: bool = False) -> None:
     """A UNet a StableDiffusionPipeline can drive: one that takes the text embeddings and nothing else (SDXL's
-    UNet, with added text and time embeddings, needs inputs this pipeline never passes)."""
+    UNet, with added text and time embeddings, needs inputs this pipeline never passes). ``allow_text_time``: SDXL's
+    added pooled text and time ids are taken too (the family feeds them; an SDXL pipeline passes them)."""
     for key, what in EXTRA_INPUTS:
+        if allow_text_time and key == "addition_embed_type" and cfg.get(key) == "text_time":
+            continue
         if cfg.get(key) is not None:
             raise O2MError(f"{where}: {key} {cfg[key]!r} needs {what}, which a StableDiffusionPipeline does not "
                            "pass (text embeddings only); SDXL UNets are not supported")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.models.condition import as_condition
 from o2mcli.models.configs import check_int_in
 from o2mcli.models.families.base import DenoiserFamily, LabelInput, build_from_config
 from o2mcli.models.families.unet_cache import UNetDeepCache, unet2d_partial
@@ -60,14 +61,16 @@ def unet_block_outputs(model: nn.Module) -> list[str]:
     return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
 
 
-def _labels(model: nn.Module, x_t: torch.Tensor, cond: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The class labels to pass: ``cond``, or for a class-conditional model asked without labels (MACs, feature
-    shapes) the last embedding, which is the null class of o2m's conditional models (classifier-free guidance's
-    unconditional branch)."""
+def _labels(model: nn.Module, x_t: torch.Tensor, cond: Any) -> Optional[torch.Tensor]:
+    """The class labels to pass: ``cond``'s (a Condition, or bare labels), or for a class-conditional model asked
+    without labels (MACs, feature shapes) the last embedding, which is the null class of o2m's conditional models
+    (classifier-free guidance's unconditional branch)."""
+    cond = as_condition(cond, "labels")
+    labels = None if cond is None else cond.labels
     n_embeds = getattr(getattr(model, "module", model).config, "num_class_embeds", None)
-    if cond is None and n_embeds:
+    if labels is None and n_embeds:
         return torch.full((x_t.shape[0],), n_embeds - 1, dtype=torch.long, device=x_t.device)
-    return cond
+    return labels
 
 
 class UNet2D(UNetDeepCache, DenoiserFamily):
@@ -86,10 +89,10 @@ class UNet2D(UNetDeepCache, DenoiserFamily):
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        cond = _labels(model, x_t, cond)
-        if cond is None:
+        labels = _labels(model, x_t, cond)
+        if labels is None:
             return model(x_t, t).sample
-        return model(x_t, t, class_labels=cond).sample
+        return model(x_t, t, class_labels=labels).sample
 
     def deepcache_partial(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor],
                           branch: int, cache: Any) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""diffusers' ``UNet2DConditionModel``: Stable Diffusion's latent, text-conditioned UNet (issue #13).
+"""diffusers' ``UNet2DConditionModel``: Stable Diffusion's latent, text-conditioned UNet (issue #13), SD 1.x/2.x and
+SDXL (issue #24).
 
-The condition is the text encoder's last hidden state, ``(B, L, cross_attention_dim)``, passed as
-``encoder_hidden_states``. Its VAE, text encoder and tokenizer stay in the
-teacher's pipeline directory, named by path and sha256 in the ``conditioning`` provenance
-(``families/stable_diffusion.py``).
+The condition (``models.condition.Condition``) holds the text tokens, ``(B, L, cross_attention_dim)``, passed as
+``encoder_hidden_states``; an SDXL UNet (``addition_embed_type`` "text_time") also takes the pooled text embeddings
+``(B, P)`` and six time ids ``(B, 6)`` (original size, crop top-left, target size), passed as ``added_cond_kwargs``.
+Its VAE, text encoder(s) and tokenizer(s) stay in the teacher's pipeline directory, named by path and sha256 in the
+``conditioning`` provenance (``families/stable_diffusion.py``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.codec import Codec
+from o2mcli.models.condition import as_condition
 from o2mcli.models.conditioning import TEXT
 from o2mcli.models.families.base import DenoiserFamily, build_from_config
 from o2mcli.models.families.unet_cache import UNetDeepCache, unet2d_condition_partial
 from o2mcli.models.families.unet2d import TEXT_BOUNDS, check_unet_sizes, unet_block_outputs, unet_input_shape
 
 SHAPE_TOKENS = 77  # CLIP's context length: the stand-in condition's length when only shapes matter
+TIME_IDS = 6  # SDXL's added time ids: original (H, W), crop (top, left), target (H, W)
+VAE_FACTOR = 8  # pixels per latent a side (SD/SDXL VAE): the stand-in time ids' size from a latent's
+# SDXL's added sizes, bounded like every other size before a model is built
+XL_BOUNDS = (("addition_time_embed_dim", 16384), ("projection_class_embeddings_input_dim", 1 << 20))
 
 
 class UNet2DCondition(UNetDeepCache, DenoiserFamily):
@@ -33,8 +40,16 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
     def check_config(self, cfg: Any, where: Path) -> None:
         from o2mcli.models.families.stable_diffusion import check_text_only
 
-        check_unet_sizes(cfg, where, extra=TEXT_BOUNDS)
-        check_text_only(cfg, where)  # o2m passes text embeddings alone: an SDXL UNet would fail mid-run
+        check_unet_sizes(cfg, where, extra=TEXT_BOUNDS + XL_BOUNDS)
+        # o2m passes text tokens, and for SDXL pooled text and time ids: any other input would fail mid-run
+        check_text_only(cfg, where, allow_text_time=True)
+        if is_text_time(cfg):
+            pooled = pooled_width(cfg)
+            if pooled < 1:
+                raise O2MError(f"{where}: projection_class_embeddings_input_dim "
+                               f"{cfg.get('projection_class_embeddings_input_dim')} leaves no room for the pooled "
+                               f"text embeddings beside {TIME_IDS} time ids of addition_time_embed_dim "
+                               f"{cfg.get('addition_time_embed_dim')} (SDXL: 2816 = 1280 + 6 x 256)")
 
     def build(self, cfg: dict[str, Any], state: Optional[dict[str, torch.Tensor]], where: Path) -> nn.Module:
         from diffusers import UNet2DConditionModel
@@ -44,20 +59,28 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``cond``: text embeddings (B, L, D). Without one, zeros of CLIP's length stand in: enough for MACs and
-        feature shapes; sampling and training always pass real embeddings (the empty prompt's for guidance)."""
-        return model(x_t, t, encoder_hidden_states=_text(model, x_t, cond)).sample
+        """``cond``: a Condition (text tokens (B, L, D); for SDXL also pooled (B, P) and time ids (B, 6)) or bare
+        tokens. What is missing stands in as zeros of CLIP's length (and the target size's time ids): enough for MACs
+        and feature shapes; sampling and training always pass real embeddings (the empty prompt's for guidance)."""
+        text, added = _inputs(model, x_t, cond)
+        return model(x_t, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
 
-    def deepcache_partial(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor],
+    def deepcache_partial(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
                           branch: int, cache: Any) -> torch.Tensor:
-        return unet2d_condition_partial(model, x_t, t, _text(model, x_t, cond), branch, cache)
+        text, added = _inputs(model, x_t, cond)
+        return unet2d_condition_partial(model, x_t, t, text, branch, cache, added)
 
     def stand_in(self) -> str:
-        return f"a {SHAPE_TOKENS}-token text embedding"
+        return f"a {SHAPE_TOKENS}-token text embedding (SDXL: and zero pooled text, the target size's time ids)"
 
     def condition_shape(self, cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """The text embeddings' width the cross-attention reads."""
-        return {"cross_attention_dim": _width(cfg.get("cross_attention_dim", 1280))}
+        """The text tokens' width the cross-attention reads; for SDXL also the pooled text's width and the time
+        ids' embedding width."""
+        out = {"cross_attention_dim": _width(cfg.get("cross_attention_dim", 1280))}
+        if is_text_time(cfg):
+            out.update({"pooled text width": pooled_width(cfg),
+                        "addition_time_embed_dim": cfg.get("addition_time_embed_dim")})
+        return out
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         return unet_input_shape(model)  # latent channels and size
@@ -123,15 +146,47 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
             shutil.copyfile(f, folder / "tokenizer" / f.name)
 
 
-def _text(model: nn.Module, x_t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-    """The text embeddings to pass: ``cond`` (checked to be (B, L, D)), or zeros of CLIP's length standing in."""
-    if cond is None:
-        dim = _cross_dim(getattr(model, "module", model).config)
-        cond = torch.zeros(x_t.shape[0], SHAPE_TOKENS, dim, device=x_t.device, dtype=x_t.dtype)
-    if cond.ndim != 3:
+def is_text_time(cfg: Any) -> bool:
+    """Whether a config (a map or a built model's config) takes SDXL's pooled text and time ids."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return get("addition_embed_type") == "text_time"
+
+
+def pooled_width(cfg: Any) -> int:
+    """The pooled text embedding's width an SDXL config expects: its projection's input less the time ids'."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return int(get("projection_class_embeddings_input_dim") or 0) - TIME_IDS * int(get("addition_time_embed_dim")
+                                                                                   or 0)
+
+
+def target_time_ids(height: int, width: int, n: int, device: Any = "cpu", dtype: Any = torch.float32
+                    ) -> torch.Tensor:
+    """SDXL's time ids of ``n`` images generated at ``height`` x ``width`` pixels, uncropped: (H, W, 0, 0, H, W)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(n, TIME_IDS)
+
+
+def _inputs(model: nn.Module, x_t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, Optional[dict[str, Any]]]:
+    """The text tokens to pass (checked to be (B, L, D); zeros of CLIP's length standing in) and, for SDXL, the
+    ``added_cond_kwargs`` (pooled text and time ids; zeros and the target size's ids standing in)."""
+    cfg = getattr(model, "module", model).config
+    cond = as_condition(cond, "tokens")
+    text = None if cond is None else cond.tokens
+    b = x_t.shape[0]
+    if text is None:
+        text = torch.zeros(b, SHAPE_TOKENS, _cross_dim(cfg), device=x_t.device, dtype=x_t.dtype)
+    if text.ndim != 3:
         raise O2MError(f"a UNet2DConditionModel takes text embeddings (batch, tokens, dim), got shape "
-                       f"{tuple(cond.shape)}")
-    return cond
+                       f"{tuple(text.shape)}")
+    if not is_text_time(cfg):
+        return text, None
+    pooled = None if cond is None else cond.pooled
+    ids = None if cond is None else cond.ids
+    if pooled is None:
+        pooled = torch.zeros(b, pooled_width(cfg), device=x_t.device, dtype=x_t.dtype)
+    if ids is None:
+        h, w = x_t.shape[-2:]
+        ids = target_time_ids(VAE_FACTOR * h, VAE_FACTOR * w, b, x_t.device, x_t.dtype)
+    return text, {"text_embeds": pooled, "time_ids": ids}
 
 
 def _cross_dim(cfg: Any) -> int:

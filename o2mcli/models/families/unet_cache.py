@@ -147,23 +147,27 @@ def unet2d_partial(model: nn.Module, x: torch.Tensor, t: Any, class_labels: Opti
 
 
 def unet2d_condition_partial(model: nn.Module, x: torch.Tensor, t: Any, text: torch.Tensor, branch: int,
-                             cache: UpInput) -> torch.Tensor:
+                             cache: UpInput, added: Optional[dict[str, Any]] = None) -> torch.Tensor:
     """The partial DeepCache forward of a ``UNet2DConditionModel`` (the skeleton of its ``forward``, text
-    embeddings as ``encoder_hidden_states``; no class labels, masks or added conditions)."""
+    embeddings as ``encoder_hidden_states``, SDXL's pooled text and time ids as ``added``; no class labels or
+    masks)."""
     m = _unwrap(model)
     _check_cache(cache, x.shape[0])
     cfg = m.config
-    if cfg.addition_embed_type is not None or m.class_embedding is not None:
+    if cfg.addition_embed_type not in (None, "text_time") or m.class_embedding is not None:
         raise O2MError(f"DeepCache: a UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} "
-                       "or class embeddings is not supported (o2m samples text-only Stable Diffusion UNets)")
+                       "or class embeddings is not supported (o2m samples Stable Diffusion and SDXL UNets)")
     up_factor = 2 ** m.num_upsamplers
     pass_size = any(d % up_factor != 0 for d in x.shape[-2:])
     if cfg.center_input_sample:
         x = 2 * x - 1.0
     emb = m.time_embedding(m.get_time_embed(sample=x, timestep=t), None)
+    if added is not None:  # SDXL: the pooled text and time ids' embedding joins the time embedding, as in forward
+        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=added)
+        emb = emb if aug is None else emb + aug
     if m.time_embed_act is not None:
         emb = m.time_embed_act(emb)
-    text = m.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=None)
+    text = m.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=added)
     h = m.conv_in(x)
     skips: tuple = (h,)
     for block in m.down_blocks[:branch + 1]:
