@@ -135,8 +135,8 @@ def test_parts_refusals(tmp_path: Path) -> None:
     xl = tmp_path / "xl"
     shutil.copytree(folder, xl)
     (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(O2MError, match="StableDiffusionXLPipeline: SDXL"):
-        load_sd_parts(xl)
+    with pytest.raises(O2MError, match="names 'StableDiffusionXLPipeline'; expected StableDiffusionPipeline"):
+        load_sd_parts(xl)  # SD's loader; an SDXL directory is stable_diffusion_xl's
     pickled = tmp_path / "pickled"
     shutil.copytree(folder, pickled)
     w = pickled / "vae" / "diffusion_pytorch_model.safetensors"

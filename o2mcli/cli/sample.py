@@ -90,6 +90,10 @@ def sample(
                                                help="DeepCache's branch: partial steps recompute down blocks 0..B "
                                                "and their paired up blocks around the cached deeper features "
                                                "(default 0: the first block only, the cheapest)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Latent text-to-image models: the images' height "
+                                         "in pixels, a multiple of the VAE's factor (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Latent text-to-image models: the images' width in "
+                                        "pixels (default: the model's)."),
 ) -> None:
     """Sample images from a model (one UNet or a group of students) into a samples directory.
 
@@ -115,7 +119,7 @@ def sample(
                            classes=class_ if class_ is not None else classes,
                            prompt=tuple(prompt) if prompt else None, prompts=prompts,
                            negative_prompt=negative_prompt, pipeline=pipeline, deepcache=deepcache,
-                           cache_branch=cache_branch)
+                           cache_branch=cache_branch, height=height, width=width)
         path = run_sample(cfg)
     s = read_manifest(path, verify=False).summary
     extra = f", served {json.dumps(s['served'])}" if "served" in s else ""

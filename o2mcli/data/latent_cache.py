@@ -99,7 +99,7 @@ class LatentCache:
     root: Path
     n: int
     latent_shape: tuple[int, ...]  # (C, h, w)
-    text_shape: tuple[int, ...]  # (L, D)
+    text_shape: tuple[int, ...]  # (L, D) text tokens, or (R,) a codec's packed rows (SDXL: tokens, pooled text)
     shards: tuple[Shard, ...]
     index_sha256: str
 
@@ -177,9 +177,11 @@ def _check_index(path: Path, index: dict[str, Any]) -> None:
     n = index.get("n")
     if type(n) is not int or n < 1:
         raise O2MError(f"{path}: n is {n!r}, not a positive count")
-    if not _positive_ints(index.get("latent_shape"), 3) or not _positive_ints(index.get("text_shape"), 2):
+    text = index.get("text_shape")
+    text_ok = any(_positive_ints(text, k) for k in (1, 2))  # (L, D) tokens, or a codec's packed rows (R,)
+    if not _positive_ints(index.get("latent_shape"), 3) or not text_ok:
         raise O2MError(f"{path}: latent_shape {index.get('latent_shape')!r} / text_shape {index.get('text_shape')!r} "
-                       "are not (C, h, w) / (L, D)")
+                       "are not (C, h, w) / (L, D) or (R,)")
     shards = index.get("shards")
     if not isinstance(shards, list) or not 1 <= len(shards) <= n:
         raise O2MError(f"{path}: shards is not a list of 1 to {n} shards")
@@ -336,7 +338,9 @@ def _build(out: Path, items: list[Captioned], encode_images: Callable[[torch.Ten
                 x = encode_images(torch.stack([load_rgb(it.path, resolution) for it in batch])).float().cpu()
                 _checked_batch(out, batch[0].path, "VAE", x, len(batch), lat_row, 4)
                 e = encode_texts([it.text for it in batch]).float().cpu()
-                _checked_batch(out, batch[0].path, "text encoder", e, len(batch), txt_row, 3)
+                # (N, L, D) text tokens, or a codec's packed rows (N, R): the run's own row when it names one
+                _checked_batch(out, batch[0].path, "text encoder", e, len(batch), txt_row,
+                               1 + len(txt_row) if txt_row else e.ndim)
                 lat_row, txt_row = list(x.shape[1:]), list(e.shape[1:])
                 lat.append(x)
                 txt.append(e)

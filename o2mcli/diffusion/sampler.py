@@ -104,7 +104,8 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
                   unpack: Callable[[torch.Tensor], Any] | None = None,
                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   deepcache: Optional["DeepCacheSpec"] = None,
-                  counts: Optional["DeepCacheCounts"] = None) -> np.ndarray:
+                  counts: Optional["DeepCacheCounts"] = None,
+                  shape: Optional[tuple[int, int, int]] = None) -> np.ndarray:
     """``n`` images as float32 in [0, 1], (N, C, H, W); batch ``i`` draws from a generator seeded ``seed + i``,
 
     so the same seed gives the same images whatever else ran before, on CPU bit-for-bit.
@@ -114,9 +115,10 @@ def sample_images(unet: nn.Module, scheduler_name: str, scheduler_config: dict[s
     models' Condition by ``unpack`` (class labels too, where given); guided with weight ``guidance``
     against ``uncond`` (see :func:`guided`). ``decode`` maps a batch of final samples to images in [0, 1] (a latent
     model's VAE decoder); the samples are then left unclamped. Without it they are pixels in [-1, 1].
-    ``deepcache``: sample with DeepCache, one fresh cache per batch, its calls counted into ``counts``.
+    ``deepcache``: sample with DeepCache, one fresh cache per batch, its calls counted into ``counts``. ``shape``:
+    (C, H, W) of one sample (default: the model's input shape; a UNet also takes other sizes).
     """
-    shape = input_shape(unet)
+    shape = tuple(shape) if shape is not None else input_shape(unet)
     out = []
     batches = range(0, n, batch_size)
     # The bar counts denoising steps over all batches: a batch of 256 images under 1000 DDPM steps is one

@@ -46,10 +46,20 @@ class PruneConfig(BaseModel):
 
     teacher: str
     ratio: Optional[float] = None  # checked by plan_widths, with the message users need
-    blocks: Optional[Literal["bk-base", "bk-small", "bk-tiny"]] = None  # BK-SDM block removal, before any ratio
+    blocks: Optional[str] = None  # a family's block-removal pattern (BK-SDM's, KOALA's, ...), before any ratio
     drop_blocks: Optional[int] = Field(None, ge=1)  # DiT: whole transformer blocks removed, before any ratio
     target_macs: Optional[float] = None  # "3.4G" accepted
     _parse_macs = field_validator("target_macs", mode="before")(classmethod(lambda cls, v: macs(v)))
+
+    @field_validator("blocks")
+    @classmethod
+    def _known_pattern(cls, v: Optional[str]) -> Optional[str]:
+        from o2mcli.pruning.pruners import block_variants
+
+        if v is not None and v not in block_variants():
+            raise ValueError(f"Input should be one of {', '.join(block_variants())}")
+        return v
+
     round_to: Optional[int] = Field(None, ge=1)
     importance: Literal["magnitude", "random", "taylor"] = "magnitude"
     data: Optional[str] = None

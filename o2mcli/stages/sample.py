@@ -82,6 +82,9 @@ class SampleConfig(BaseModel):
     pipeline: Optional[Path] = None  # text models: where the VAE, text encoder and tokenizer come from
     deepcache: Optional[int] = Field(None, ge=1)  # DeepCache interval N: every N-th step full (1: no caching)
     cache_branch: Optional[int] = Field(None, ge=0)  # DeepCache's branch B (down block B's pair); None: 0
+    # latent models: the images' size in pixels (a multiple of the VAE's factor); None: the model's sample size
+    height: Optional[int] = Field(None, ge=1, le=16384)
+    width: Optional[int] = Field(None, ge=1, le=16384)
     _parse_classes = field_validator("classes", mode="before")(classmethod(lambda cls, v: _classes_value(v)))
 
     @field_validator("guidance")
@@ -180,13 +183,14 @@ def run_sample(cfg: SampleConfig) -> Path:
 
     # 3. Sample, once the output's file system has room for the images (a latent codec decodes to larger images;
     #    the PNGs roughly double the bytes).
-    pixels = int(np.prod(condition.codec.image_shape(input_shape(unet))))
+    shape = sample_shape(input_shape(unet), condition.codec, cfg, model_path)
+    pixels = int(np.prod(condition.codec.image_shape(shape)))
     ensure_space(out, cfg.n * pixels * (2 if cfg.png else 1))
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
                              cfg.seed, device, cond=condition.cond, guidance=condition.guidance,
                              uncond=condition.uncond, cond_table=condition.table, unpack=condition.unpack,
-                             decode=condition.decode,
+                             decode=condition.decode, shape=shape,
                              deepcache=spec, counts=counts)
     seconds = time.perf_counter() - t0
     if not np.isfinite(images01).all():
@@ -232,6 +236,25 @@ def run_sample(cfg: SampleConfig) -> Path:
         save_png(grid_image(images[:GRID_IMAGES], min_cell=GRID_MIN_CELL), tmp / "grid.png")
         write_manifest(tmp, "samples", config, parents=[parent], summary=summary)
     return out
+
+
+def sample_shape(model_shape: tuple[int, int, int], codec: Codec, cfg: SampleConfig, model_path: Path
+                 ) -> tuple[int, int, int]:
+    """(C, H, W) of the denoiser's samples: the model's, or for a latent model asked for ``height``/``width`` pixels
+    the latents that decode to them (each a multiple of the codec's factor, as diffusers requires)."""
+    if cfg.height is None and cfg.width is None:
+        return model_shape
+    if not codec.latent:
+        name, value = ("height", cfg.height) if cfg.height is not None else ("width", cfg.width)
+        raise OptionError(name, value, f"{model_path} is a pixel model: it samples at its own size "
+                          f"{model_shape[1]}x{model_shape[2]}")
+    c, h, w = model_shape
+    f = codec.factor
+    size = {"height": cfg.height or h * f, "width": cfg.width or w * f}
+    for name, value in size.items():
+        if value % f:
+            raise OptionError(name, value, f"must be a multiple of {f} (the VAE's factor)")
+    return c, size["height"] // f, size["width"] // f
 
 
 def _classes_value(v: Any) -> Any:

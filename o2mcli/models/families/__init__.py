@@ -11,6 +11,7 @@ from o2mcli.errors import O2MError
 from o2mcli.models.families.base import DenoiserFamily
 from o2mcli.models.families.dit import DiT
 from o2mcli.models.families.stable_diffusion import SDPipelineFormat
+from o2mcli.models.families.stable_diffusion_xl import SDXLPipelineFormat
 from o2mcli.models.families.unet2d import UNet2D
 from o2mcli.models.families.unet2d_condition import UNet2DCondition
 from o2mcli.registry import Registry
@@ -26,6 +27,7 @@ DEFAULT_FAMILY = UNet2D.name  # a config without _class_name (o2m's own, older f
 # their model_index.json names; each claims its directories, checks their layout and makes the model's record.
 PIPELINES: Registry[Any] = Registry("model_index.json _class_name", "pipeline format")
 PIPELINES.register(SDPipelineFormat.name, SDPipelineFormat())
+PIPELINES.register(SDXLPipelineFormat.name, SDXLPipelineFormat())
 
 __all__ = ["FAMILIES", "PIPELINES", "DenoiserFamily", "family_for_config", "family_of", "pipeline_format"]
 

@@ -23,10 +23,9 @@ from o2mcli.models.configs import check_int_in
 from o2mcli.models.families.base import build_from_config
 
 PIPELINE = "StableDiffusionPipeline"
-REFUSED = {"StableDiffusionXLPipeline": "SDXL (two text encoders and added time ids) is not supported yet"}
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-           "text_encoder": "model.safetensors"}
+           "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 # A tokenizer whose vocabulary is smaller than a byte-level BPE's alphabet cannot spell prompts (CLIP's has 49408)
 MIN_VOCAB = 256
 # Words of one length with distinct first letters: any working tokenizer encodes them apart, even when it keeps a
@@ -94,6 +93,34 @@ class SDParts(Codec):
         return {"vae": self.hashes["vae"], "text_encoder": self.hashes["text_encoder"],
                 "tokenizer": self.hashes["tokenizer"], "latent": "posterior mean"}
 
+    def make_pipeline(self, unet: nn.Module, scheduler: Any) -> Any:
+        """A ``StableDiffusionPipeline`` of ``unet`` and these parts (no safety checker: o2m's students are research
+        models, and diffusers would otherwise ask for one), once ``unet`` is checked to fit them."""
+        from diffusers import StableDiffusionPipeline
+
+        # (a foreign UNet given --pipeline records no hashes: else a broken pipeline)
+        check_unets_fit(Path(self.root), [({**unet.config, "_class_name": type(unet).__name__},
+                                           "the UNet to export")])
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    def copy_parts(self, folder: Path) -> None:
+        """The VAE, text encoder and tokenizer files copied byte for byte into an export: they are unchanged, and
+        transformers re-serialises a tokenizer with its load arguments (``local_files_only``), which would change
+        its sha256. So the export's parts hash as the teacher's, and it serves as ``--pipeline`` for any other
+        student of that teacher."""
+        import shutil
+
+        src = Path(self.root)
+        for part in ("vae", "text_encoder"):
+            for name in ("config.json", WEIGHTS[part]):
+                shutil.copyfile(src / part / name, folder / part / name)
+        shutil.rmtree(folder / "tokenizer")
+        (folder / "tokenizer").mkdir()
+        for f in sorted(p for p in (src / "tokenizer").iterdir() if p.is_file()):
+            shutil.copyfile(f, folder / "tokenizer" / f.name)
+
 
 def _json(path: Path) -> Any:
     try:
@@ -103,12 +130,14 @@ def _json(path: Path) -> Any:
 
 
 def is_sd_pipeline(path: Path) -> bool:
-    """Whether ``path`` is a diffusers pipeline directory whose index names a Stable Diffusion class."""
+    """Whether ``path`` is a diffusers pipeline directory whose index names a Stable Diffusion class (SDXL's are
+    ``stable_diffusion_xl``'s)."""
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return False
     found = _json(index)
-    return isinstance(found, dict) and str(found.get("_class_name", "")).startswith("StableDiffusion")
+    name = str(found.get("_class_name", "")) if isinstance(found, dict) else ""
+    return name.startswith("StableDiffusion") and not name.startswith("StableDiffusionXL")
 
 
 def _weights_path(folder: Path, name: str) -> Path:
@@ -145,8 +174,6 @@ def _check_files(root: Path) -> None:
     """The index names a pipeline class this module serves, every part is there, and weights are safetensors."""
     index = _json(root / "model_index.json")
     cls = index.get("_class_name") if isinstance(index, dict) else None
-    if cls in REFUSED:
-        raise O2MError(f"{root}: a {cls}: {REFUSED[cls]}")
     if cls != PIPELINE:
         raise O2MError(f"{root}: model_index.json names {cls!r}; expected {PIPELINE}")
     for part in PARTS:
@@ -172,11 +199,11 @@ def _config(folder: Path, cls: Any) -> dict[str, Any]:
     return {**_defaults(cls), **found}
 
 
-def _text_config(root: Path) -> Any:
-    """The text encoder's ``CLIPTextConfig`` (bounded JSON; transformers' defaults for what it leaves out)."""
+def _text_config(root: Path, part: str = "text_encoder") -> Any:
+    """A text encoder's ``CLIPTextConfig`` (bounded JSON; transformers' defaults for what it leaves out)."""
     from transformers import CLIPTextConfig
 
-    folder = root / "text_encoder"
+    folder = root / part
     found = _json(folder / "config.json")
     if not isinstance(found, dict):
         raise O2MError(f"{folder / 'config.json'}: a JSON {type(found).__name__}, expected an object")
@@ -199,7 +226,7 @@ def check_text_only(cfg: dict[str, Any], where: Path | str, allow_text_time: boo
             continue
         if cfg.get(key) is not None:
             raise O2MError(f"{where}: {key} {cfg[key]!r} needs {what}, which a StableDiffusionPipeline does not "
-                           "pass (text embeddings only); SDXL UNets are not supported")
+                           "pass (text embeddings only); an SDXL UNet needs its StableDiffusionXLPipeline")
 
 
 def _cross_dims(cfg: dict[str, Any]) -> list[Any]:
@@ -208,11 +235,12 @@ def _cross_dims(cfg: dict[str, Any]) -> list[Any]:
     return list(d) if isinstance(d, (list, tuple)) else [d]
 
 
-def load_tokenizer(root: Path) -> Any:
-    """The pipeline's CLIP tokenizer, offline; files it cannot read, or its vocabulary missing, are one line."""
+def load_tokenizer(root: Path, part: str = "tokenizer") -> Any:
+    """The pipeline's CLIP tokenizer (``part``), offline; files it cannot read, or its vocabulary missing, are one
+    line."""
     from transformers import CLIPTokenizer
 
-    folder = root / "tokenizer"
+    folder = root / part
     files = {p.name for p in folder.iterdir() if p.is_file()}
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
         have = ", ".join(sorted(files)) or "nothing"
@@ -367,16 +395,18 @@ def _load_vae(root: Path) -> tuple[nn.Module, str]:
     return _checked(root / "vae", "vae", lambda state: build_from_config(AutoencoderKL, cfg, state, root / "vae"))
 
 
-def _load_text(root: Path) -> tuple[nn.Module, str]:
+def _load_text(root: Path, part: str = "text_encoder", model_cls: Any = None) -> tuple[nn.Module, str]:
+    """A text encoder (``model_cls``, default ``CLIPTextModel``) from ``root/part``, and its weights' sha256."""
     from transformers import CLIPTextModel
 
-    config = _text_config(root)
+    model_cls = model_cls or CLIPTextModel
+    config = _text_config(root, part)
 
     def build(state: dict[str, torch.Tensor] | None) -> nn.Module:
         try:
-            text = CLIPTextModel(config)
+            text = model_cls(config)
         except (TypeError, ValueError, KeyError) as e:
-            raise O2MError(f"{root / 'text_encoder'}: invalid CLIP text config ({e})") from e
+            raise O2MError(f"{root / part}: invalid CLIP text config ({e})") from e
         if state is not None:
             state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
             text.load_state_dict(state, strict=False)  # names and shapes matched by the guard, position_ids aside
@@ -384,7 +414,7 @@ def _load_text(root: Path) -> tuple[nn.Module, str]:
 
     # position_ids: an integer buffer older exports carry (newer transformers rebuild it); the only non-float tensor
     position_ids = lambda k: k.endswith("position_ids")  # noqa: E731
-    text, digest = _checked(root / "text_encoder", "text_encoder", build, allow_int=position_ids, ignore=position_ids)
+    text, digest = _checked(root / part, part, build, allow_int=position_ids, ignore=position_ids)
     return text, digest
 
 

@@ -102,48 +102,31 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
 
     def codec(self, conditioning: Optional[dict[str, Any]], where: Path, pipeline: Optional[Path] = None,
               device: torch.device | str = "cpu", models: Sequence[tuple[Any, Path | str]] = ()) -> Codec:
-        """The teacher pipeline's VAE, text encoder and tokenizer, checked against the model's record and ``models``
-        (``stable_diffusion.resolve_parts``)."""
+        """The teacher pipeline's VAE, text encoder(s) and tokenizer(s), checked against the model's record and
+        ``models``: an SDXL pipeline's where the directory is one (``stable_diffusion_xl.resolve_xl_parts``), else
+        Stable Diffusion's (``stable_diffusion.resolve_parts``)."""
         from o2mcli.models.families.stable_diffusion import resolve_parts
+        from o2mcli.models.families.stable_diffusion_xl import is_xl_pipeline, resolve_xl_parts
 
-        return resolve_parts(conditioning or {}, where, pipeline, device, models)
+        cond = conditioning or {}
+        root = pipeline if pipeline is not None else cond.get("pipeline")
+        if root is not None and is_xl_pipeline(Path(root)):
+            return resolve_xl_parts(cond, where, pipeline, device, models)
+        return resolve_parts(cond, where, pipeline, device, models)
 
     def pipeline(self, model: nn.Module, scheduler: Any, parts: Any = None) -> Any:
-        """A ``StableDiffusionPipeline`` of this UNet and the teacher's VAE, text encoder and tokenizer (no safety
-        checker: o2m's students are research models, and diffusers would otherwise ask for one)."""
-        from diffusers import StableDiffusionPipeline
-
-        from o2mcli.models.families.stable_diffusion import check_unets_fit
-
-        if parts is None:
+        """The pipeline of this UNet and its codec's parts: a ``StableDiffusionPipeline``, or for an SDXL UNet a
+        ``StableDiffusionXLPipeline`` (the codec builds it, checking the UNet fits its parts)."""
+        if parts is None or not parts.latent:
             raise O2MError("a UNet2DConditionModel's pipeline needs its VAE, text encoder and tokenizer (codec)")
-        # The UNet against the parts (a foreign UNet given --pipeline records no hashes): else a broken pipeline
-        check_unets_fit(Path(parts.root), [({**model.config, "_class_name": type(model).__name__},
-                                            "the UNet to export")])
-        return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                       unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return parts.make_pipeline(model, scheduler)
 
     def save_pipeline(self, pipe: Any, folder: Path, parts: Any = None) -> None:
-        """The pipeline, with the teacher's VAE, text encoder and tokenizer files copied byte for byte: they are
-        unchanged, and transformers re-serialises a tokenizer with its load arguments (``local_files_only``), which
-        would change its sha256. So the export's parts hash as the teacher's, and it serves as ``--pipeline`` for
-        any other student of that teacher."""
-        import shutil
-
-        from o2mcli.models.families.stable_diffusion import WEIGHTS
-
+        """The pipeline, with the teacher's VAE, text encoder(s) and tokenizer(s) files copied byte for byte
+        (``SDParts.copy_parts``), so the export's parts hash as the teacher's."""
         pipe.save_pretrained(folder, safe_serialization=True)
-        if parts is None:
-            return
-        src = Path(parts.root)
-        for part in ("vae", "text_encoder"):
-            for name in ("config.json", WEIGHTS[part]):
-                shutil.copyfile(src / part / name, folder / part / name)
-        shutil.rmtree(folder / "tokenizer")
-        (folder / "tokenizer").mkdir()
-        for f in sorted(p for p in (src / "tokenizer").iterdir() if p.is_file()):
-            shutil.copyfile(f, folder / "tokenizer" / f.name)
+        if parts is not None:
+            parts.copy_parts(folder)
 
 
 def is_text_time(cfg: Any) -> bool:

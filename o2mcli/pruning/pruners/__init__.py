@@ -17,7 +17,7 @@ PRUNERS.register(UNet2DPruner.family, UNet2DPruner())
 PRUNERS.register(UNet2DConditionPruner.family, UNet2DConditionPruner())
 PRUNERS.register(DiTPruner.family, DiTPruner())
 
-__all__ = ["PRUNERS", "Pruner", "pruner_for"]
+__all__ = ["PRUNERS", "Pruner", "block_variants", "pruner_for"]
 
 
 def pruner_for(cfg: dict[str, Any], where: Path) -> Pruner:
@@ -26,3 +26,8 @@ def pruner_for(cfg: dict[str, Any], where: Path) -> Pruner:
     if name not in PRUNERS:
         raise O2MError(f"{where}: found a {name}; o2m prune supports {', '.join(PRUNERS)}")
     return PRUNERS[name]
+
+
+def block_variants() -> list[str]:
+    """Every block-removal pattern a registered family offers (``--blocks``), in registration order."""
+    return [v for p in PRUNERS.values() for v in p.block_variants]

@@ -17,7 +17,10 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
+from o2mcli.models.condition import Condition
+from o2mcli.models.families.unet2d_condition import VAE_FACTOR, is_text_time, pooled_width, target_time_ids
 from o2mcli.pruning.blocks import VARIANTS, BlockRemoval, remove_blocks
+from o2mcli.pruning.pruners.sdxl_blocks import SDXL_VARIANTS, remove_sdxl_blocks
 from o2mcli.pruning.pruners.unet2d import UNet2DPruner
 
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -49,8 +52,16 @@ UNHANDLED = (
 )
 
 
+# What an SDXL UNet ("text_time") adds, which the slimming handles: the pooled text and time ids' embedding (its
+# output narrows with the time embedding, its input stays) and per-stage transformer depths.
+SDXL_KEYS = ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+             "reverse_transformer_layers_per_block", "transformer_layers_per_block")
+
+
 def check_sd_unet(cfg: dict[str, Any], where: Path) -> None:
-    """Refuse, by name, a ``UNet2DConditionModel`` config outside SD 1.x/2.x that o2m prune does not handle."""
+    """Refuse, by name, a ``UNet2DConditionModel`` config outside SD 1.x/2.x and SDXL that o2m prune does not
+    handle."""
+    xl = is_text_time(cfg)
     for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
         for b in cfg.get(key, ()):
             if b not in allowed:
@@ -59,6 +70,8 @@ def check_sd_unet(cfg: dict[str, Any], where: Path) -> None:
         raise O2MError(f"{where}: mid_block_type {cfg['mid_block_type']} is not supported by o2m prune "
                        "(UNetMidBlock2DCrossAttn or none)")
     for key, want, what in UNHANDLED:
+        if xl and key in SDXL_KEYS:
+            continue
         if cfg.get(key, want) not in (want, False if want is None else want):
             raise O2MError(f"{where}: {key}={cfg[key]!r} ({what}) is not supported by o2m prune; it handles SD "
                            "1.x/2.x UNets")
@@ -67,7 +80,7 @@ def check_sd_unet(cfg: dict[str, Any], where: Path) -> None:
         raise O2MError(f"{where}: only_cross_attention={only!r} is not supported by o2m prune; it handles SD "
                        "1.x/2.x UNets")
     for key in ("transformer_layers_per_block", "cross_attention_dim"):
-        if isinstance(cfg.get(key), (list, tuple)):
+        if isinstance(cfg.get(key), (list, tuple)) and not (xl and key in SDXL_KEYS):
             raise O2MError(f"{where}: a per-stage {key} ({cfg[key]!r}, as in SDXL) is not supported by o2m prune; "
                            "it handles SD 1.x/2.x UNets")
 
@@ -77,16 +90,29 @@ class UNet2DConditionPruner(UNet2DPruner):
     and BK-SDM's block-removal variants."""
 
     family = "UNet2DConditionModel"
-    block_variants = VARIANTS
+    block_variants = VARIANTS + SDXL_VARIANTS
 
     def check(self, cfg: dict[str, Any], where: Path) -> None:
         check_sd_unet(cfg, where)
 
-    def probe_condition(self, cfg: dict[str, Any], n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
-        """Random text embeddings (7 tokens): the check covers the cross-attention keys and values too."""
-        return torch.randn(n, 7, int(cfg["cross_attention_dim"]), generator=generator)
+    def probe_condition(self, cfg: dict[str, Any], n: int, generator: torch.Generator) -> Optional[Condition]:
+        """Random text embeddings (7 tokens; SDXL: and random pooled text, the target size's time ids): the check
+        covers the cross-attention keys and values, and the added embedding, too."""
+        width = cfg["cross_attention_dim"]
+        tokens = torch.randn(n, 7, int(width[0] if isinstance(width, (list, tuple)) else width), generator=generator)
+        if not is_text_time(cfg):
+            return Condition(tokens=tokens)
+        size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
+        return Condition(tokens=tokens, pooled=torch.randn(n, pooled_width(cfg), generator=generator),
+                         ids=target_time_ids(VAE_FACTOR * size, VAE_FACTOR * size, n))
 
     def remove_blocks(self, model: nn.Module, variant: str, where: Path) -> tuple[nn.Module, BlockRemoval]:
+        """BK-SDM's variants (SD 1.x/2.x), or the SDXL literature's patterns (KOALA, SSD-1B, Vega)."""
+        if variant in SDXL_VARIANTS:
+            return remove_sdxl_blocks(model, variant, where)
+        if is_text_time(model.config):
+            raise O2MError(f"{where}: --blocks {variant} is BK-SDM's, for SD 1.x/2.x UNets; an SDXL UNet takes "
+                           f"{', '.join(SDXL_VARIANTS)}")
         return remove_blocks(model, variant, where)
 
     def summary(self, teacher: nn.Module, template: nn.Module, plan: Any, outcome: Any) -> dict:
