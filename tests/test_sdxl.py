@@ -225,3 +225,18 @@ def test_refusals_are_one_line_and_write_nothing(chain: Path, in_tmp: Path) -> N
     assert_refused(cli("sample", str(chain / "merged.safetensors"), "--prompt", "a cat", "--height", "21", "-n", "1",
                        "--steps", "2", "-o", "out"), "--height", "multiple of 2")  # the tiny VAE's factor
     assert not (in_tmp / "out").exists()
+
+
+def test_captioned_images_carry_their_own_size_and_crop_as_time_ids(chain: Path, tmp_path: Path) -> None:
+    """SDXL's size and crop conditioning: a caption's condition carries its image's original (H, W), the crop's
+    top-left in the resized image and the target size (the 20x24 images resized to 16 on the short side are cropped
+    1 pixel from the left); the empty caption's row, what dropout gives, the target size's."""
+    from o2mcli.data.text import captioned_latents
+    from o2mcli.models.io import load_model
+
+    teacher = load_model(chain / "sdxl")
+    _, plan = captioned_latents(chain / "caps", teacher.codec(), 8, 0.1, teacher.conditioning, None,
+                                tmp_path / "out")
+    cond = plan.cond(torch.tensor([0, plan.n]))
+    assert cond.ids.tolist() == [[20, 24, 0, 1, 16, 16], [16, 16, 0, 0, 16, 16]]
+    assert cond.tokens.shape == (2, 77, 64) and cond.pooled.shape == (2, 32)

@@ -8,7 +8,7 @@ classifier-free guidance works on them (Ho & Salimans 2022).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -60,11 +60,15 @@ class TextPlan(LabelPlan):
     table: Any = None
     source: Optional[dict[str, Any]] = None  # the pipeline record: path and the VAE/text encoder/tokenizer sha256
     unpack: Callable[[torch.Tensor], Condition] = tokens_condition
+    ids: Optional[torch.Tensor] = None  # (n + 1, K) added ids per row (SDXL: each image's size and crop), or None
 
     def cond(self, idx: torch.Tensor) -> Condition:
         """The text condition (tokens, and where the family takes them pooled text and ids) for indices ``idx``, on
         ``idx``'s device."""
-        return self.unpack(self.table[idx.cpu()]).to(idx.device)
+        cond = self.unpack(self.table[idx.cpu()])
+        if self.ids is not None:
+            cond = replace(cond, ids=self.ids[idx.cpu()])
+        return cond.to(idx.device)
 
     def record(self) -> dict[str, Any]:
         return {**(self.source or {}), "type": TEXT.name, "caption_dropout": self.dropout}
@@ -80,12 +84,15 @@ def text_plan(texts: list[str], embeddings: torch.Tensor, null_embedding: torch.
 
 
 def text_plan_over(texts: list[str], table: Any, dropout: float, source: dict[str, Any],
-                   unpack: Callable[[torch.Tensor], Condition] = tokens_condition) -> TextPlan:
+                   unpack: Callable[[torch.Tensor], Condition] = tokens_condition,
+                   ids: Optional[torch.Tensor] = None) -> TextPlan:
     """A plan over ``texts`` whose ``table`` (n + 1 rows, the null condition last) is already made."""
     if len(table) != len(texts) + 1:
         raise ValueError(f"{len(texts)} texts and the null condition, but a table of {len(table)} rows")
     source = {k: v for k, v in source.items() if k in ("pipeline", "hashes")}
-    return TextPlan(tuple(texts), len(texts), float(dropout), table=table, source=source, unpack=unpack)
+    if ids is not None and len(ids) != len(table):
+        raise ValueError(f"{len(table)} condition rows but {len(ids)} rows of ids")
+    return TextPlan(tuple(texts), len(texts), float(dropout), table=table, source=source, unpack=unpack, ids=ids)
 
 
 def label_plan(conditioning: Optional[dict[str, Any]], dropout: Optional[float], teacher_path: Path

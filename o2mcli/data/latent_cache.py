@@ -65,6 +65,21 @@ def load_rgb(path: Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def crop_geometry(path: Path, resolution: int) -> tuple[int, int, int, int]:
+    """(height, width, crop top, crop left) of :func:`load_rgb`'s centre crop of ``path``: the image's own size and
+    where the crop starts in the resized image (SDXL's original-size and crop time ids). Reads the header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError) as e:
+        raise O2MError(f"{path}: unreadable image ({e})") from e
+    s = resolution / min(w, h)
+    size = (max(resolution, round(w * s)), max(resolution, round(h * s)))
+    return h, w, (size[1] - resolution) // 2, (size[0] - resolution) // 2
+
+
 def source_digest(items: list[Captioned]) -> str:
     """sha256 over every image file's bytes and every caption, in order."""
     h = hashlib.sha256()

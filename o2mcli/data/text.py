@@ -221,7 +221,7 @@ def captioned_latents(data: Path, codec: Codec, latent_size: int, dropout: float
     ``latent_size`` times the VAE's factor. The captions' embeddings are held whole when they fit the text-memory
     ``budget``, else read from the cache in chunks as the run uses them."""
     from o2mcli.data.captions import read_captions
-    from o2mcli.data.latent_cache import cached, check_apart
+    from o2mcli.data.latent_cache import cached, check_apart, crop_geometry
     data = Path(data)
     if not data.is_dir():
         raise O2MError(f"--data {data}: not a folder; a Stable Diffusion teacher distils on a folder of images with "
@@ -257,4 +257,7 @@ def captioned_latents(data: Path, codec: Codec, latent_size: int, dropout: float
         table = embedding_table(n + 1, tuple(null.shape[1:]), rows, f"--data {data}", budget)
     latent_set = LatentSet(images=latents, name=data.name, source=str(data.resolve()), sha256=store.index_sha256,
                            labels=torch.arange(n), classes=tuple(captions))
-    return latent_set, text_plan_over(captions, table, dropout, conditioning, codec.unpack)
+    # Added ids from each image's own size and crop (SDXL); the empty caption's row (dropout) takes the target size's
+    geometry = torch.tensor([crop_geometry(it.path, resolution) for it in items] + [(resolution, resolution, 0, 0)])
+    ids = codec.time_ids(geometry, resolution)
+    return latent_set, text_plan_over(captions, table, dropout, conditioning, codec.unpack, ids)

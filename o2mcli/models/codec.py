@@ -52,6 +52,11 @@ class Codec:
         codec packs more (SDXL: pooled text and time ids)."""
         return tokens_condition(rows)
 
+    def time_ids(self, geometry: torch.Tensor, resolution: int) -> Optional[torch.Tensor]:
+        """Added ids of training images from their (height, width, crop top, crop left), (N, 4), resized and cropped
+        to ``resolution``; None for a family without (SDXL: its six time ids)."""
+        return None
+
     def to(self, device: torch.device | str) -> "Codec":
         """Every part on ``device``."""
         return self

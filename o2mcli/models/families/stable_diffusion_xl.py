@@ -174,6 +174,12 @@ class SDXLParts(SDParts):
         return Condition(tokens=rows[:, :length * width].reshape(len(rows), length, width),
                          pooled=rows[:, length * width:])
 
+    def time_ids(self, geometry: torch.Tensor, resolution: int) -> torch.Tensor:
+        """SDXL's time ids of training images: each image's own size and crop, then the target size (Podell et al.
+        2023, size and crop conditioning; as diffusers' SDXL training script computes them)."""
+        target = torch.tensor([[resolution, resolution]], dtype=torch.float32).expand(len(geometry), 2)
+        return torch.cat([geometry.float(), target], 1)
+
     def to(self, device: torch.device | str) -> "SDXLParts":
         super().to(device)
         self.text_encoder_2.to(device)
