@@ -124,7 +124,7 @@ def test_teacher_and_students_see_the_same_labels(in_tmp: Path, cond_template: P
     real_draw = eng.source.draw
     eng.source.draw = lambda *a: draws.append(real_draw(*a)) or draws[-1]
     eng.step()
-    batches = [d.cond.cpu() for d in draws]
+    batches = [d.cond.labels.cpu() for d in draws]  # a class-conditional batch: a Condition of labels
     seen_t = [torch.cat(seen_t)]  # the teacher runs once per distinct batch, in draw order
     assert torch.equal(seen_t[0], torch.cat(batches))
     for saw in seen_s:  # each student trained on one of the step's batches, with that batch's labels
@@ -132,7 +132,7 @@ def test_teacher_and_students_see_the_same_labels(in_tmp: Path, cond_template: P
     null = (seen_t[0] == 10).float().mean()
     assert 0.3 < null < 0.7 and seen_t[0].max() == 10 and seen_t[0].min() >= 0
     if mode == "dkdm":
-        assert eng.source.y is not None and torch.equal(draws[0].cond.cpu(), eng.source.y[draws[0].slots])
+        assert eng.source.y is not None and torch.equal(draws[0].cond.labels.cpu(), eng.source.y[draws[0].slots])
 
 
 def test_buffer_build_and_restarts_use_each_slots_label(cond_template: Path, in_tmp: Path) -> None:

@@ -106,8 +106,8 @@ def test_caption_dropout_replaces_captions_with_the_empty_prompt_at_its_rate() -
     src = ImageSource(torch.zeros(n, 4, 2, 2), schedule_terms(scheduler_config("fixed")), torch.device("cpu"),
                       torch.arange(n), plan.null_class, plan.dropout, plan.cond)
     b = src.draw(0, 1000, 4000, torch.Generator().manual_seed(0))
-    assert b.cond.shape == (4000, 3, 2)
-    dropped = (b.cond[:, 0, 0] == -1).float().mean()
+    assert b.cond.tokens.shape == (4000, 3, 2)  # the text condition: tokens of the drawn captions
+    dropped = (b.cond.tokens[:, 0, 0] == -1).float().mean()
     assert 0.22 < float(dropped) < 0.28
     assert plan.record() == {"pipeline": "p", "type": "text", "caption_dropout": 0.25}
 

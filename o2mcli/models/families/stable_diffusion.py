@@ -179,7 +179,7 @@ def _check_files(root: Path) -> None:
     for part in PARTS:
         if not (root / part).is_dir():
             raise O2MError(f"{root}: no {part}/ folder (a Stable Diffusion pipeline has {', '.join(PARTS)})")
-    for part in WEIGHTS:
+    for part in ("unet", "vae", "text_encoder"):
         _weights_path(root / part, part)
 
 
