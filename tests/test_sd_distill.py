@@ -52,7 +52,7 @@ def test_o2mkd_trains_on_cached_latents_with_their_captions(sd_tmp: Path, monkey
     real_predict = UNet2DCondition.predict
 
     def spy(self, model, x_t, t, cond=None):
-        seen.append(None if cond is None else cond.detach().clone())
+        seen.append(None if cond is None else cond.tokens.detach().clone())  # the Condition's text tokens
         return real_predict(self, model, x_t, t, cond)
 
     monkeypatch.setattr(UNet2DCondition, "predict", spy)
