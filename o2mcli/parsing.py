@@ -56,3 +56,19 @@ def macs(v: Any) -> Any:
     if not m:
         raise ValueError("expected a number with an optional K, M or G suffix (e.g. 3.4G)")
     return float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+
+
+def cli(*flags: str, metavar: str | None = None, text: bool = False, unset: bool = False, negate: bool = False,
+        argument: bool = False, internal: bool = False) -> dict:
+    """How a config field appears on the command line, for pydantic's ``json_schema_extra`` (the field's default and
+    ``description`` are the option's default and help; ``o2mcli.cli.options`` builds the option from them).
+
+    ``flags``: the option's names (default ``--`` + the field name with dashes); ``metavar``: its value's name in
+    ``--help``; ``text``: it takes the text as typed, which the field's validator parses (``1/4``, ``3.4G``);
+    ``unset``: it defaults to None on the command line, and the field is left to its default, or to the command,
+    unless given; ``negate``: the flag turns the field off (``--no-png``); ``argument``: a positional argument;
+    ``internal``: no option (a library setting).
+    """
+    spec = {"flags": list(flags), "metavar": metavar, "text": text, "unset": unset, "negate": negate,
+            "argument": argument, "internal": internal}
+    return {"cli": {k: v for k, v in spec.items() if v}}

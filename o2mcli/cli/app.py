@@ -8,8 +8,9 @@ import sys
 from typing import Any, Callable
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from o2mcli.cli.options import options
 from o2mcli.errors import O2MError, OptionError, flag_name
 
 def _flag_type_label() -> None:
@@ -102,11 +103,17 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class RootOptions(BaseModel):
+    """``o2m``'s own options, before the command."""
+
+    debug: bool = Field(False, description="Show Python tracebacks on errors.")
+    version: bool = Field(False, description="Print o2m's version and exit.")
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
-          version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                       help="Print o2m's version and exit.")) -> None:
-    if debug:
+@options(RootOptions, typer_kwargs={"version": {"is_eager": True, "callback": _version}})
+def _root(**given: Any) -> None:
+    if given["debug"]:
         _state["debug"] = True
 
 

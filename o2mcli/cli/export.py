@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any, Optional
 
 import typer
+from pydantic import BaseModel, Field
 
 from o2mcli.cli.app import app, handles_errors
-from o2mcli.cli.options import Force, out_option
+from o2mcli.cli.options import options
+from o2mcli.parsing import cli
+from o2mcli.stages import fields
+
+
+class ExportOptions(BaseModel):
+    model: str = Field(json_schema_extra=cli(argument=True),
+                       description="Model file or directory (one UNet), or digits-teacher.")
+    out: Path = Field(json_schema_extra=cli("-o", "--out"), description="Diffusers pipeline directory to write.")
+    force: bool = fields.force()
+    pipeline: Optional[Path] = Field(None, description="Stable Diffusion models: the pipeline whose VAE, text encoder "
+                                     "and tokenizer go with the UNet (default: the one the model records; checked by "
+                                     "sha256).")
 
 
 @app.command()
 @handles_errors
-def export(
-    model: Annotated[str, typer.Argument(help="Model file or directory (one UNet), or digits-teacher.")],
-    out: Annotated[Path, out_option("Diffusers pipeline directory to write.")],
-    force: Force = False,
-    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Stable Diffusion models: the pipeline whose "
-                                            "VAE, text encoder and tokenizer go with the UNet (default: the one the "
-                                            "model records; checked by sha256)."),
-) -> None:
+@options(ExportOptions)
+def export(**given: Any) -> None:
     """Write a diffusers pipeline directory that plain diffusers loads offline: a DDPMPipeline (unet/ + scheduler/),
     for a Stable Diffusion UNet a StableDiffusionPipeline with its teacher's VAE, text encoder and tokenizer, or for a
     DiT (no pixel-space pipeline in diffusers) a model directory that DiTTransformer2DModel.from_pretrained loads."""
@@ -30,6 +37,8 @@ def export(
     from o2mcli.outputs import reserve_output
     from o2mcli.models.io import export_pipeline, load_model
 
+    o = ExportOptions(**given)
+    model, out, force, pipeline = o.model, o.out, o.force, o.pipeline
     reserve_output(out, force, inputs=[model, pipeline])
     loaded = load_model(resolve_model_spec(model), "cpu")
     lo, hi = loaded.ranges[0]

@@ -1,58 +1,36 @@
-"""``o2m prune``."""
+"""``o2m prune``: its options are PruneConfig's fields."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any
 
 import typer
 
 from o2mcli.cli.app import app, handles_errors
-from o2mcli.cli.options import Device, Force, seed_option, stage_out
+from o2mcli.cli.options import config_values, options
+from o2mcli.stages.prune import PruneConfig
+
+ORDER = ("teacher", "ratio", "target_macs")  # --help's order; the rest follow in field order
+
 
 @app.command()
 @handles_errors
-def prune(
-    teacher: Optional[str] = typer.Argument(None, help="Teacher model file or directory, or digits-teacher; "
-                                                      "default: the newest teacher in the current directory."),
-    ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed from every block, in (0, 1); "
-                                                     "MACs fall about as (1-R)^2. Default 0.3 (none with --blocks)."),
-    target_macs: Optional[str] = typer.Option(None, "--target-macs", help="Instead of --ratio: the least pruning "
-                                              "whose template costs at most this many MACs per forward (e.g. 3.4G)."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Stable Diffusion UNets: remove blocks as BK-SDM does "
-                                         "(bk-base: second resnet+attention pair of each stage; bk-small: also the "
-                                         "mid block; bk-tiny: also the innermost stage); with --ratio, then slim."),
-    drop_blocks: Optional[int] = typer.Option(None, "--drop-blocks", help="DiT: remove N evenly spaced middle "
-                                              "transformer blocks (the first and last stay); with --ratio, then "
-                                              "remove heads."),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help="Channel counts become multiples of N; default "
-                                           "the GroupNorm group count (times the attention head size if fixed)."),
-    importance: str = typer.Option("magnitude", help="magnitude, random or taylor (needs --data)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Images for Taylor importance: 'digits' or a folder."),
-    taylor_batches: int = typer.Option(8, "--taylor-batches", help="Batches of denoising loss for Taylor."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Batch size of the Taylor batches."),
-    students: Optional[int] = typer.Option(None, "--students", help="K students to come: they all start from this "
-                                           "one template, so nothing extra is written."),
-    seed: Annotated[int, seed_option("Seeds the Taylor batches and random importance.")] = 0,
-    device: Device = "auto",
-    no_throughput: bool = typer.Option(False, "--no-throughput", help="Skip the throughput measurement."),
-    out: Annotated[Optional[Path], stage_out("template")] = None,
-    force: Force = False,
-) -> None:
+@options(PruneConfig, order=ORDER)
+def prune(**given: Any) -> None:
     """Channel-slim a teacher (or remove blocks of a Stable Diffusion UNet) into a student template that plain
     diffusers loads."""
     from o2mcli.chain import find_newest_model
     from o2mcli.outputs import default_output
     from o2mcli.manifest import read_manifest
-    from o2mcli.stages.prune import PruneConfig, run_prune
+    from o2mcli.stages.prune import run_prune
 
-    teacher = teacher if teacher is not None else str(find_newest_model(Path("."), kinds=("teacher",)))
-    out = out if out is not None else default_output(Path("."), "template")
-    cfg = PruneConfig(teacher=teacher, ratio=ratio, blocks=blocks, drop_blocks=drop_blocks, target_macs=target_macs,
-                      round_to=round_to, importance=importance, data=data, taylor_batches=taylor_batches,
-                      batch_size=batch_size, students=students, seed=seed, device=device,
-                      throughput=not no_throughput, out=out, force=force)
-    path = run_prune(cfg)
+    values = config_values(PruneConfig, given)
+    if "teacher" not in values:
+        values["teacher"] = str(find_newest_model(Path("."), kinds=("teacher",)))
+    if "out" not in values:
+        values["out"] = default_output(Path("."), "template")
+    path = run_prune(PruneConfig(**values))
     typer.echo(report_text(read_manifest(path, verify=False).summary, path))
 
 

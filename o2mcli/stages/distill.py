@@ -25,55 +25,73 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from o2mcli.outputs import run_scope
 from o2mcli.distill.modes import MODES
 from o2mcli.errors import O2MError, OptionError
-from o2mcli.parsing import int_list
+from o2mcli.parsing import cli, int_list
+from o2mcli.stages import fields
 from o2mcli.models.parametrization import PARAMETRIZATIONS, parametrization_of, prediction_name
 
 
-class DistillConfig(BaseModel):
-    """Every setting of a distillation run (recorded in full in the manifest)."""
+# Every mode's own options (o2mcli.distill.modes: DKDM's buffer, O2MKD's data) are fields of the config, flat.
+_MODE_OPTIONS = tuple(dict.fromkeys(m.options for m in MODES.values() if m.options is not None))
+
+
+class DistillConfig(*_MODE_OPTIONS, BaseModel):  # type: ignore[misc]
+    """Every setting of a distillation run (recorded in full in the manifest); its fields are o2m distill's options."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    template: Optional[str] = None
-    teacher: Optional[str] = None
-    student_config: Optional[Path] = None
-    mode: str = "o2mkd"  # a name in o2mcli.distill.modes.MODES
-    students: Optional[int] = Field(None, ge=1)  # None: the mode's default (O2MKD 4, DKDM's single student 1)
-    boundaries: Optional[tuple[int, ...]] = None  # "0,250,500,750,1000" accepted
-    p_own: float = Field(0.5, ge=0, le=1)
-    kd: str = "output"
-    alpha: float = Field(1.0, ge=0)
-    init: Literal["template", "teacher"] = "template"
-    data: Optional[str] = None  # o2mkd: default digits; dkdm: refused
-    rho: float = 0.4
-    init_steps: Optional[int] = Field(None, ge=1)
-    init_batch: int = Field(1024, ge=1)
-    kl_weight: float = Field(1.0, ge=0)
+    template: Optional[str] = Field(None, json_schema_extra=cli(argument=True, unset=True), description="Template (o2m "
+                                    "prune's output) or any student-shaped model; default: the newest template in the "
+                                    "current directory.")
+    teacher: Optional[str] = Field(None, description="Teacher; default: the one the template was pruned from.")
+    student_config: Optional[Path] = Field(None, description="A diffusers model config JSON (UNet2DModel, or another "
+                                           "family by _class_name, e.g. DiTTransformer2DModel): fresh students of any "
+                                           "shape, random init (needs --teacher; for a class-conditional teacher, a "
+                                           "label table of its classes: num_class_embeds K+1, num_embeds_ada_norm K).")
+    mode: str = Field("o2mkd", description="o2mkd (real data; K=1 or --p-own 0 is O2OKD) or dkdm (data-free).")
+    students: Optional[int] = Field(None, ge=1, json_schema_extra=cli("--students", "-k"), description="K students, "
+                                    "each owning a contiguous timestep range. Default: 4 with --mode o2mkd; 1 with "
+                                    "--mode dkdm (DKDM's single student; -k 4 there is data-free O2MKD).")
+    boundaries: Optional[tuple[int, ...]] = Field(None, description="Custom ranges, e.g. 0,200,450,700,1000 (default "
+                                                  "uniform).")  # "0,250,500,750,1000" accepted
+    p_own: float = Field(0.5, ge=0, le=1, description="Per step, probability a student trains on its own range (else "
+                         "on all timesteps).")
+    kd: str = Field("output", description="KD loss: output (Hinton), at (attention transfer), sp (similarity-preserving)"
+                    ", crd (contrastive), feat (BK-SDM: output + block-output features), none (no KD: plain training on "
+                    "the data, the teacher never runs).")
+    alpha: float = Field(1.0, ge=0, description="Weight of the KD loss against the plain diffusion loss.")
+    init: Literal["template", "teacher"] = Field("template", description="Start the students from the template or "
+                                                 "from the teacher.")
     # The students' parametrization (epsilon, v_prediction); None: the template's (the teacher's, as pruned). KD and
     # L_simple compare in it, the teacher's output converted exactly.
-    prediction_type: Optional[str] = None
-    # dkdm: classifier-free guidance weight W of the teacher steps that move buffer slots (build and training);
-    # <= 1: none (one forward, the paper's and o2m's results). The KD target stays the conditional prediction.
-    buffer_guidance: float = Field(1.0, ge=0, le=100)
-    label_dropout: Optional[float] = Field(None, ge=0, le=1)  # class or caption dropout; None = the teacher's own
-    prompts: Optional[Path] = None  # dkdm under a text-conditioned teacher: one prompt per line
-    pipeline: Optional[str] = None  # a text-conditioned teacher's VAE/text encoder; default: the one it records
-    latent_cache: Optional[Path] = None  # where the captioned data's latents are cached; default: beside the run
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    lr_warmup: int = Field(100, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
-    vlb_weight: float = Field(0.001, ge=0)
-    seed: int = Field(0, ge=0, lt=2**63)
-    device: str = "auto"
-    save_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
-    resume: bool = False
-    force: bool = False
-    out: Path = Path("students")
+    prediction_type: Optional[str] = Field(None, description="What the students output: epsilon (eps) or v_prediction "
+                                           "(v). Default: what the template (or --init teacher) outputs. KD and the "
+                                           "diffusion loss compare in the students' parametrization, the teacher's "
+                                           "output converted exactly (an eps student of a v teacher).")
+    label_dropout: Optional[float] = Field(None, ge=0, le=1, description="Conditional teacher: probability a batch "
+                                           "label or caption (o2mkd) or buffer slot's label or prompt (dkdm) is the "
+                                           "null class or empty prompt, so students learn both guidance branches. "
+                                           "Default: the teacher's own training dropout (Stable Diffusion: 0.1).")
+    pipeline: Optional[str] = Field(None, description="Stable Diffusion teacher: the pipeline whose VAE and text "
+                                    "encoder to use (default: the one the teacher records; sha256-checked).")
+    latent_cache: Optional[Path] = Field(None, description="Stable Diffusion teacher: where the captioned --data's "
+                                         "latents and text embeddings are cached (default: beside the output, "
+                                         "DATA.latents-RES; reused when it matches).")
+    steps: int = Field(1000, ge=1, description="Optimizer steps (every student takes one per step).")
+    batch_size: int = Field(64, ge=1, json_schema_extra=cli("--batch-size", "-b"),
+                            description="Batch per student per step (per process).")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (linear warm-up).")
+    lr_warmup: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up.")
+    weight_decay: float = fields.internal(0.0, ge=0)
+    ema_decay: float = fields.ema_decay()
+    grad_clip: float = fields.internal(1.0, gt=0)
+    vlb_weight: float = fields.internal(0.001, ge=0)
+    seed: int = fields.seed()
+    device: str = fields.device()
+    save_every: int = fields.save_every()
+    log_every: int = fields.log_every()
+    resume: bool = fields.resume()
+    force: bool = fields.force()
+    out: Path = fields.stage_out("students")
 
     _parse_boundaries = field_validator("boundaries", mode="before")(classmethod(lambda cls, v: int_list(v)))
 
@@ -88,13 +106,6 @@ class DistillConfig(BaseModel):
     @classmethod
     def _prediction(cls, v: Optional[str]) -> Optional[str]:
         return None if v is None else prediction_name(v)
-
-    @field_validator("rho")
-    @classmethod
-    def _rho(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be positive (the buffer holds rho*T*b samples)")
-        return v
 
     @model_validator(mode="after")
     def _students_by_mode(self) -> "DistillConfig":

@@ -14,30 +14,39 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from o2mcli.models.conditioning import describe
 from o2mcli.outputs import run_scope
 from o2mcli.errors import O2MError, OptionError
-from o2mcli.parsing import number, number_list
+from o2mcli.merge import MERGE_METHODS
+from o2mcli.parsing import cli, number_list
+from o2mcli.stages import fields
 
 ARTIFACT = "merged.safetensors"
 MAX_T = 100_000  # the most training timesteps a scheduler config may have (models.configs.check_scheduler_config)
 
 
-class MergeConfig(BaseModel):
-    """Every setting of a merge (recorded in the output's provenance and manifest)."""
+# Every method's own options (o2mcli.merge: task arithmetic's lambda) are fields of the config, flat.
+_METHOD_OPTIONS = tuple(dict.fromkeys(o for o in (getattr(f, "options", None) for f in MERGE_METHODS.values()) if o))
+
+
+class MergeConfig(*_METHOD_OPTIONS, BaseModel):  # type: ignore[misc]
+    """Every setting of a merge (recorded in the output's provenance and manifest); its fields are o2m merge's
+    options."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    inputs: tuple[str, ...]
-    out: Path = Path("merged.safetensors")
-    method: Literal["task-arithmetic", "average"] = "task-arithmetic"
-    lam: Optional[float] = None  # "0.25" and "1/4" accepted
-    weights: Optional[tuple[float, ...]] = None  # "1,1,2,1" accepted
-    _parse_lam = field_validator("lam", mode="before")(classmethod(lambda cls, v: number(v)))
+    inputs: tuple[str, ...] = Field(json_schema_extra=cli(argument=True, unset=True), description="A students "
+                                    "directory (o2m distill's output), or student files; default: the newest students "
+                                    "directory here.")
+    out: Path = Field(Path("merged.safetensors"), json_schema_extra=cli("-o", "--out", unset=True), description="A "
+                      ".safetensors file (default merged.safetensors, or merged-2.safetensors...) or a directory.")
+    method: Literal["task-arithmetic", "average"] = Field("task-arithmetic", description="task-arithmetic (theta_0 + "
+                                                          "lambda sum w_k task vectors) or average (weighted mean).")
+    weights: Optional[tuple[float, ...]] = Field(None, description="Per-student weights w_k, e.g. 1,1,2,1.")
     _parse_weights = field_validator("weights", mode="before")(classmethod(lambda cls, v: number_list(v)))
-    force: bool = False
+    force: bool = fields.force()
 
 
 @dataclass

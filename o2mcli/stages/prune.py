@@ -34,7 +34,8 @@ from o2mcli.models.conditioning import takes_labels, takes_prompts
 from o2mcli.outputs import run_scope
 from o2mcli.chain import resolve_model_spec
 from o2mcli.errors import O2MError, OptionError
-from o2mcli.parsing import macs
+from o2mcli.parsing import cli, macs
+from o2mcli.stages import fields
 
 ARTIFACT = "template.safetensors"
 
@@ -44,11 +45,22 @@ class PruneConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    teacher: str
-    ratio: Optional[float] = None  # checked by plan_widths, with the message users need
-    blocks: Optional[str] = None  # a family's block-removal pattern (BK-SDM's, KOALA's, ...), before any ratio
-    drop_blocks: Optional[int] = Field(None, ge=1)  # DiT: whole transformer blocks removed, before any ratio
-    target_macs: Optional[float] = None  # "3.4G" accepted
+    teacher: str = Field(json_schema_extra=cli(argument=True, unset=True), description="Teacher model file or "
+                         "directory, or digits-teacher; default: the newest teacher in the current directory.")
+    # checked by plan_widths, with the message users need
+    ratio: Optional[float] = Field(None, description="Fraction of channels removed from every block, in (0, 1); MACs "
+                                   "fall about as (1-R)^2. Default 0.3 (none with --blocks).")
+    # BK-SDM block removal, before any ratio
+    blocks: Optional[str] = Field(
+        None, description="Stable Diffusion UNets: remove blocks as BK-SDM does (bk-base: second resnet+attention pair "
+        "of each stage; bk-small: also the mid block; bk-tiny: also the innermost stage); SDXL UNets: KOALA's, SSD-1B's "
+        "or Vega's pattern (koala-1b, koala-700m, ssd-1b, vega); with --ratio, then slim.")
+    # DiT: whole transformer blocks removed, before any ratio
+    drop_blocks: Optional[int] = Field(None, ge=1, description="DiT: remove N evenly spaced middle transformer blocks "
+                                       "(the first and last stay); with --ratio, then remove heads.")
+    target_macs: Optional[float] = Field(None, json_schema_extra=cli(text=True), description="Instead of --ratio: the "
+                                         "least pruning whose template costs at most this many MACs per forward (e.g. "
+                                         "3.4G).")  # "3.4G" accepted
     _parse_macs = field_validator("target_macs", mode="before")(classmethod(lambda cls, v: macs(v)))
 
     @field_validator("blocks")
@@ -60,19 +72,25 @@ class PruneConfig(BaseModel):
             raise ValueError(f"Input should be one of {', '.join(block_variants())}")
         return v
 
-    round_to: Optional[int] = Field(None, ge=1)
-    importance: Literal["magnitude", "random", "taylor"] = "magnitude"
-    data: Optional[str] = None
-    taylor_batches: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
-    students: Optional[int] = Field(None, ge=1)
-    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
-    device: str = "auto"
-    throughput: bool = True
-    throughput_steps: int = Field(5, ge=1)
-    throughput_batch: Optional[int] = Field(None, ge=1)  # None: 16 images, or 1 latent for a Stable Diffusion UNet
-    out: Path = Path("template")
-    force: bool = False
+    round_to: Optional[int] = Field(None, ge=1, description="Channel counts become multiples of N; default the "
+                                    "GroupNorm group count (times the attention head size if fixed).")
+    importance: Literal["magnitude", "random", "taylor"] = Field("magnitude", description="magnitude, random or "
+                                                                 "taylor (needs --data).")
+    data: Optional[str] = Field(None, description="Images for Taylor importance: 'digits' or a folder.")
+    taylor_batches: int = Field(8, ge=1, description="Batches of denoising loss for Taylor.")
+    batch_size: int = Field(32, ge=1, json_schema_extra=cli("--batch-size", "-b"),
+                            description="Batch size of the Taylor batches.")
+    students: Optional[int] = Field(None, ge=1, description="K students to come: they all start from this one "
+                                    "template, so nothing extra is written.")
+    seed: int = fields.seed("Seeds the Taylor batches and random importance.")
+    device: str = fields.device()
+    throughput: bool = Field(True, json_schema_extra=cli("--no-throughput", negate=True),
+                             description="Skip the throughput measurement.")
+    throughput_steps: int = fields.internal(5, ge=1)
+    # None: 16 images, or 1 latent for a Stable Diffusion UNet
+    throughput_batch: Optional[int] = fields.internal(None, ge=1)
+    out: Path = fields.stage_out("template")
+    force: bool = fields.force()
 
 
 @run_scope

@@ -42,7 +42,8 @@ from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.models.codec import PIXELS, Codec
 from o2mcli.models.condition import Condition as ModelCondition
 from o2mcli.models.conditioning import takes_prompts
-from o2mcli.parsing import int_list
+from o2mcli.parsing import cli, int_list
+from o2mcli.stages import fields
 from o2mcli.viz import grid_image, save_png, to_uint8
 
 GRID_IMAGES = 64
@@ -59,32 +60,58 @@ class SampleConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    model: str
-    scheduler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
-    steps: int = Field(50, ge=1)
-    n: int = Field(500, ge=1)
-    batch_size: int = Field(256, ge=1)
-    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
-    device: str = "auto"
-    out: Path = Path("samples")
-    force: bool = False
-    png: bool = True
+    model: str = Field(json_schema_extra=cli(argument=True, unset=True), description="Model file or directory, or "
+                       "digits-teacher; default: the newest model in the current directory.")
+    scheduler: Literal["ddpm", "ddim", "dpm++"] = Field("ddim", description="ddpm, ddim or dpm++.")
+    steps: int = Field(50, ge=1, description="Sampler steps (1..T).")
+    n: int = Field(500, ge=1, json_schema_extra=cli("-n", "--n"), description="Number of images.")
+    batch_size: int = Field(256, ge=1, json_schema_extra=cli("--batch-size", "-b"))
+    seed: int = fields.seed("Batch i draws its noise from a generator seeded seed+i.")
+    device: str = fields.device()
+    out: Path = fields.stage_out("samples")
+    force: bool = fields.force()
+    png: bool = Field(True, json_schema_extra=cli("--no-png", negate=True),
+                      description="Skip the individual PNGs (samples.npz and grid.png only).")
     # class-conditional models: the classes asked for, in turn ("0,1,2"), or "null": the null class (the
-    # unconditional branch) for every image
-    classes: Optional[Union[Literal["null"], tuple[int, ...]]] = None
+    # unconditional branch) for every image (`o2m sample --class K` is one class)
+    classes: Optional[Union[Literal["null"], tuple[int, ...]]] = Field(
+        None, description="Class-conditional models: these classes in turn, e.g. 0,1,2 (default: every class, "
+        "balanced).")
     # Classifier-free guidance weight w (at or below 1: none, the conditional prediction alone, as diffusers).
     # None: the model's default, 7.5 for a text model (Stable Diffusion's), 1 otherwise; the weight used is
     # recorded in the manifest summary.
-    guidance: Optional[float] = Field(None, ge=0)
-    prompt: Optional[tuple[str, ...]] = None  # text models: the prompts, given to the images in turn
-    prompts: Optional[Path] = None  # text models: a file of prompts, one a line (instead of ``prompt``)
-    negative_prompt: str = ""  # text models: the unconditional branch's prompt
-    pipeline: Optional[Path] = None  # text models: where the VAE, text encoder and tokenizer come from
-    deepcache: Optional[int] = Field(None, ge=1)  # DeepCache interval N: every N-th step full (1: no caching)
-    cache_branch: Optional[int] = Field(None, ge=0)  # DeepCache's branch B (down block B's pair); None: 0
+    guidance: Optional[float] = Field(None, ge=0, description="Classifier-free guidance weight w (at most 1: no "
+                                      "guidance, one forward on the condition alone, as diffusers; larger: more "
+                                      "typical of the class or prompt; at most 100). Default: 7.5 for a text model, 1 "
+                                      "for a class model.")
+    # text models: the prompts, given to the images in turn
+    prompt: Optional[tuple[str, ...]] = Field(None, json_schema_extra=cli(metavar="TEXT"), description="Text models: "
+                                              "a prompt (repeat for several; the images take them in turn).")
+    # text models: a file of prompts, one a line (instead of ``prompt``)
+    prompts: Optional[Path] = Field(None, description="Text models: a file of prompts, one a line (blank lines "
+                                    "ignored), taken in turn.")
+    negative_prompt: str = Field("", description="Text models: the prompt of guidance's unconditional branch "
+                                 "(default: the empty prompt).")
+    # text models: where the VAE, text encoder and tokenizer come from
+    pipeline: Optional[Path] = Field(None, description="Text models: the Stable Diffusion pipeline whose VAE, text "
+                                     "encoder and tokenizer to use (default: the one the model records; checked by "
+                                     "sha256).")
+    # DeepCache interval N: every N-th step full (1: no caching)
+    deepcache: Optional[int] = Field(None, ge=1, json_schema_extra=cli(metavar="N"), description="DeepCache: every "
+                                     "N-th step (step 0 included) is a full forward that refreshes the cache of the "
+                                     "UNet's deep features; the steps between recompute only the shallow branch. With "
+                                     "a group of students, a step served by a different student than the one that "
+                                     "filled the cache is a full step. N=1: no caching. UNets only.")
+    # DeepCache's branch B (down block B's pair); None: 0
+    cache_branch: Optional[int] = Field(None, ge=0, json_schema_extra=cli(metavar="B"), description="DeepCache's "
+                                        "branch: partial steps recompute down blocks 0..B and their paired up blocks "
+                                        "around the cached deeper features (default 0: the first block only, the "
+                                        "cheapest).")
     # latent models: the images' size in pixels (a multiple of the VAE's factor); None: the model's sample size
-    height: Optional[int] = Field(None, ge=1, le=16384)
-    width: Optional[int] = Field(None, ge=1, le=16384)
+    height: Optional[int] = Field(None, ge=1, le=16384, description="Latent text-to-image models: the images' height "
+                                  "in pixels, a multiple of the VAE's factor (default: the model's).")
+    width: Optional[int] = Field(None, ge=1, le=16384, description="Latent text-to-image models: the images' width "
+                                 "in pixels (default: the model's).")
     _parse_classes = field_validator("classes", mode="before")(classmethod(lambda cls, v: _classes_value(v)))
 
     @field_validator("guidance")

@@ -38,6 +38,8 @@ from o2mcli.models.conditioning import takes_prompts
 from o2mcli.data.samples import model_unavailable
 from o2mcli.outputs import run_scope
 from o2mcli.errors import O2MError
+from o2mcli.parsing import cli
+from o2mcli.stages import fields
 
 
 class ScoreConfig(BaseModel):
@@ -45,20 +47,27 @@ class ScoreConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    samples: list[Path] = Field(min_length=1)
-    ref: str = "digits"
-    features: str = "auto"
-    inception_weights: Optional[Path] = None
-    clip_weights: Optional[Path] = None
-    throughput_batch: int = Field(64, ge=1)
-    throughput_steps: Optional[int] = Field(None, ge=1)
-    throughput_repeats: int = Field(2, ge=1)
-    kid_subsets: int = Field(100, ge=1)
-    kid_subset_size: int = Field(1000, ge=2)
-    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
-    device: str = "auto"
-    out: Path = Path("scores")
-    force: bool = False
+    samples: list[Path] = Field(min_length=1, json_schema_extra=cli(argument=True, unset=True),
+                                description="Samples directories (o2m sample outputs); default: the newest one here.")
+    ref: str = Field("digits", description="Reference images: 'digits' (bundled) or a folder of images.")
+    features: str = Field("auto", description="digits (shipped classifier, 1x8x8), inception (clean-fid), or auto.")
+    inception_weights: Optional[Path] = Field(None, description="Local inception-2015-12-05.pt (clean-fid's file; "
+                                              "never downloaded).")
+    clip_weights: Optional[Path] = Field(
+        None, description="Local CLIP directory, never downloaded: a transformers CLIPModel (config.json, "
+        "model.safetensors) or an OpenCLIP one (open_clip_config.json, open_clip_model.safetensors), with tokenizer "
+        "files. Adds the CLIP score (torchmetrics: max(100 x mean cos, 0)) and the raw mean cosine of each image "
+        "against its prompt (text-conditioned samples).")
+    throughput_batch: int = Field(64, ge=1, description="Batch size of the timed sampling runs.")
+    throughput_steps: Optional[int] = Field(None, ge=1, description="Sampler steps of the timed runs; default: the "
+                                            "samples' steps.")
+    throughput_repeats: int = Field(2, ge=1, description="Timed runs after one warm-up.")
+    kid_subsets: int = Field(100, ge=1, description="KID subsets (mean and std are over these).")
+    kid_subset_size: int = Field(1000, ge=2, description="Largest KID subset.")
+    seed: int = fields.seed("Seed of the KID subsets and the throughput noise.")
+    device: str = fields.device()
+    out: Path = fields.stage_out("scores")
+    force: bool = fields.force()
 
     @field_validator("features")
     @classmethod

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from o2mcli.data import load_dataset
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError
-from o2mcli.parsing import int_list
+from o2mcli.parsing import cli, int_list
+from o2mcli.stages import fields
 from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
 from o2mcli.manifest import write_manifest
 from o2mcli.models.conditioning import class_record
@@ -29,34 +30,51 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    data: str = "digits"
-    out: Path = Path("teacher")
-    steps: int = Field(4000, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    lr_warmup: int = Field(200, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
-    variance: Literal["fixed", "learned"] = "fixed"
-    prediction_type: str = "epsilon"  # what the model learns to output: epsilon or v_prediction (or eps, v)
-    vlb_weight: float = Field(0.001, ge=0)
-    cond: Literal["none", "class"] = "none"  # class: a class-conditional model (the data's labels)
-    label_dropout: float = Field(0.1, ge=0, le=1)  # P(label -> the null class): classifier-free guidance
+    data: str = Field("digits", description="'digits' (bundled) or a folder of same-size images.")
+    out: Path = Field(Path("teacher"), description="Stage directory, or a .safetensors file.",
+                      json_schema_extra=cli("-o", "--out"))
+    steps: int = Field(4000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(128, ge=1, json_schema_extra=cli("--batch-size", "-b"))
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (linear warm-up).")
+    lr_warmup: int = fields.internal(200, ge=0)
+    weight_decay: float = fields.internal(0.0, ge=0)
+    ema_decay: float = fields.ema_decay()
+    grad_clip: float = fields.internal(1.0, gt=0)
+    variance: Literal["fixed", "learned"] = Field("fixed", json_schema_extra=cli(unset=True), description="fixed (C "
+                                                  "outputs; the default) or learned (2C outputs, hybrid loss). With "
+                                                  "--model-config, the config's out_channels decide.")
+    # What the model learns to output: epsilon or v_prediction (or eps, v).
+    prediction_type: str = Field("epsilon", description="What the model learns to output: epsilon (eps, the noise) or "
+                                 "v_prediction (v, Salimans & Ho 2022).")
+    vlb_weight: float = fields.internal(0.001, ge=0)
+    cond: Literal["none", "class"] = Field("none", description="none, or class: a class-conditional teacher from the "
+                                           "data's labels (the digits, or a folder with one subfolder per class).")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="--cond class: probability a label is replaced by the "
+                                 "null class, so classifier-free guidance works.")
     # A diffusers config (JSON; its _class_name picks the family, UNet2DModel without one) instead of o2m's built-in
-    # UNet, which the four shape settings below describe (they are refused beside it).
-    denoiser_config: Optional[Path] = None
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = Field(1, ge=1)
-    norm_num_groups: int = Field(8, ge=1)
-    attention_level: Optional[int] = 1
-    num_train_timesteps: int = Field(1000, ge=2)
-    seed: int = Field(0, ge=0, lt=2**63)  # torch.Generator takes 64-bit seeds
-    device: str = "auto"
-    save_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
-    resume: bool = False
-    force: bool = False
+    # UNet, which the four shape settings below describe (they are refused beside it). The command passes only the
+    # ones given, so the stage can tell a default from a choice.
+    denoiser_config: Optional[Path] = Field(None, json_schema_extra=cli("--model-config"), description="A diffusers "
+                                            "model config (JSON) to train instead of the built-in UNet: its "
+                                            "_class_name picks the family (UNet2DModel without one, "
+                                            "DiTTransformer2DModel, ...).")
+    block_out_channels: tuple[int, ...] = Field((32, 64, 64), json_schema_extra=cli("--channels", unset=True),
+                                                description="Built-in UNet: block_out_channels, comma-separated "
+                                                "[default: 32,64,64].")
+    layers_per_block: int = Field(1, ge=1, json_schema_extra=cli(unset=True),
+                                  description="Built-in UNet [default: 1].")
+    norm_num_groups: int = Field(8, ge=1, json_schema_extra=cli("--norm-groups", unset=True),
+                                 description="Built-in UNet: GroupNorm groups [default: 8].")
+    attention_level: Optional[int] = Field(1, json_schema_extra=cli(unset=True), description="Built-in UNet: level "
+                                           "with attention blocks; -1 for none [default: 1].")
+    num_train_timesteps: int = Field(1000, ge=2, json_schema_extra=cli("--timesteps"),
+                                     description="Training timesteps T.")
+    seed: int = fields.seed()
+    device: str = fields.device()
+    save_every: int = fields.save_every()
+    log_every: int = fields.log_every()
+    resume: bool = fields.resume()
+    force: bool = fields.force()
 
     _parse_channels = field_validator("block_out_channels", mode="before")(classmethod(lambda cls, v: int_list(v)))
 

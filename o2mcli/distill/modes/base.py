@@ -20,6 +20,9 @@ class DistillMode:
 
     name: ClassVar[str]
     default_students: ClassVar[int]
+    # The options only this mode reads: a pydantic model whose fields (default, checks, --help) DistillConfig and
+    # `o2m distill` take as their own (the config stays flat: a manifest records the same settings as ever).
+    options: ClassVar[Optional[type]] = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

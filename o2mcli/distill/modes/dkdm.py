@@ -8,12 +8,41 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from pydantic import BaseModel, Field, field_validator
 
 from o2mcli.diffusion.schedulers import teacher_reverse_settings
 from o2mcli.distill.modes.base import DistillMode
 from o2mcli.distill.objective import Objective, dkdm_kl
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.models.configs import is_learned_variance
+from o2mcli.parsing import cli
+
+
+class DKDMOptions(BaseModel):
+    """What only DKDM reads: its buffer, its KL term, its prompts (fields of DistillConfig)."""
+
+    rho: float = Field(0.4, description="dkdm: the buffer holds rho*T*b noisy samples.")
+    init_steps: Optional[int] = Field(None, ge=1, description="dkdm: reach each slot's t with an S-step DDIM jump "
+                                      "instead of exact ancestral shuffle denoise.")
+    init_batch: int = Field(1024, ge=1, description="dkdm: teacher batch while building the buffer.")
+    kl_weight: float = Field(1.0, ge=0, description="dkdm: weight of KL(p_T || p_S) (learned variances).")
+    # <= 1: none (one forward, the paper's and o2m's results). The KD target stays the conditional prediction.
+    buffer_guidance: float = Field(
+        1.0, ge=0, le=100, json_schema_extra=cli(metavar="W"),
+        description="dkdm, conditional teacher: classifier-free guidance weight of the teacher steps that move buffer "
+        "slots (the build and every training step; one more teacher forward each), so the slots follow the guided "
+        "trajectories that sampling at --guidance W visits. The KD target stays the teacher's conditional prediction, "
+        "since sampling guides the students' own branches. Default 1: no guidance (W <= 1 is none), as in DKDM's "
+        "paper (unconditional teachers) and o2m's published results.")
+    prompts: Optional[Path] = Field(None, description="dkdm under a Stable Diffusion teacher: a prompt file (one per "
+                                    "line); every buffer slot is a latent with one prompt.")
+
+    @field_validator("rho")
+    @classmethod
+    def _rho(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be positive (the buffer holds rho*T*b samples)")
+        return v
 
 
 class DKDM(DistillMode):
@@ -21,6 +50,7 @@ class DKDM(DistillMode):
 
     name = "dkdm"
     default_students = 1
+    options = DKDMOptions
     buffer_guidance = True  # takes --buffer-guidance (the buffer's teacher steps); other modes refuse it
 
     def check_options(self) -> None:

@@ -101,7 +101,7 @@ def check_xl_unets_fit(root: Path, models: Sequence[tuple[Any, Path | str]], tex
     ``cross_attention_dim`` is both encoders' widths together, whose pooled width is the second encoder's projection,
     and whose channels are the VAE's ``latent_channels`` (out: twice that with a learned variance)."""
     from o2mcli.models.families.unet2d import TEXT_BOUNDS, check_unet_sizes
-    from o2mcli.models.families.unet2d_condition import XL_BOUNDS, _width, is_text_time, pooled_width
+    from o2mcli.models.families.text_unet import XL_BOUNDS, is_text_time, pooled_width, width as _width
 
     texts = texts or [_text_config(root, enc) for enc, _ in ENCODERS]
     width = sum(int(t.hidden_size) for t in texts)
@@ -225,7 +225,7 @@ def load_xl_parts(path: Path, device: torch.device | str = "cpu", unet: bool = T
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from o2mcli.models.families.unet2d_condition import build_plain
+    from o2mcli.models.families.text_unet import build_plain
 
     root = Path(path)
     _check_files(root)

@@ -19,16 +19,14 @@ from torch import nn
 from o2mcli.errors import O2MError
 from o2mcli.models.codec import Codec
 from o2mcli.models.condition import as_condition
+from o2mcli.models.families.text_unet import (TIME_IDS, VAE_FACTOR, XL_BOUNDS, is_text_time, pooled_width,
+                                               target_time_ids, width as _width)
 from o2mcli.models.conditioning import TEXT
 from o2mcli.models.families.base import DenoiserFamily, build_from_config
 from o2mcli.models.families.unet_cache import UNetDeepCache, unet2d_condition_partial
 from o2mcli.models.families.unet2d import TEXT_BOUNDS, check_unet_sizes, unet_block_outputs, unet_input_shape
 
 SHAPE_TOKENS = 77  # CLIP's context length: the stand-in condition's length when only shapes matter
-TIME_IDS = 6  # SDXL's added time ids: original (H, W), crop (top, left), target (H, W)
-VAE_FACTOR = 8  # pixels per latent a side (SD/SDXL VAE): the stand-in time ids' size from a latent's
-# SDXL's added sizes, bounded like every other size before a model is built
-XL_BOUNDS = (("addition_time_embed_dim", 16384), ("projection_class_embeddings_input_dim", 1 << 20))
 
 
 class UNet2DCondition(UNetDeepCache, DenoiserFamily):
@@ -129,25 +127,6 @@ class UNet2DCondition(UNetDeepCache, DenoiserFamily):
             parts.copy_parts(folder)
 
 
-def is_text_time(cfg: Any) -> bool:
-    """Whether a config (a map or a built model's config) takes SDXL's pooled text and time ids."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    return get("addition_embed_type") == "text_time"
-
-
-def pooled_width(cfg: Any) -> int:
-    """The pooled text embedding's width an SDXL config expects: its projection's input less the time ids'."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    return int(get("projection_class_embeddings_input_dim") or 0) - TIME_IDS * int(get("addition_time_embed_dim")
-                                                                                   or 0)
-
-
-def target_time_ids(height: int, width: int, n: int, device: Any = "cpu", dtype: Any = torch.float32
-                    ) -> torch.Tensor:
-    """SDXL's time ids of ``n`` images generated at ``height`` x ``width`` pixels, uncropped: (H, W, 0, 0, H, W)."""
-    return torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(n, TIME_IDS)
-
-
 def _inputs(model: nn.Module, x_t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, Optional[dict[str, Any]]]:
     """The text tokens to pass (checked to be (B, L, D); zeros of CLIP's length standing in) and, for SDXL, the
     ``added_cond_kwargs`` (pooled text and time ids; zeros and the target size's ids standing in)."""
@@ -175,16 +154,3 @@ def _inputs(model: nn.Module, x_t: torch.Tensor, cond: Any) -> tuple[torch.Tenso
 def _cross_dim(cfg: Any) -> int:
     """The text embedding width a built model's config expects."""
     return _width(cfg.cross_attention_dim)
-
-
-def _width(d: Any) -> int:
-    """A ``cross_attention_dim`` setting's width (diffusers allows one per block; SD 1.x/2.x use one)."""
-    return int(d[0] if isinstance(d, (list, tuple)) else d)
-
-
-def build_plain(cfg: dict[str, Any]) -> nn.Module:
-    """A plain diffusers ``UNet2DConditionModel`` of ``cfg`` with fresh weights, in eval mode; the caller has checked
-    the config (block-removal plans build their teacher and student shapes this way, on the meta device)."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")}).eval()

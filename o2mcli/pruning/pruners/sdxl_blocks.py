@@ -276,7 +276,7 @@ def _natural(name: str) -> list[Any]:
 
 def _build(cfg: dict[str, Any], device: Union[str, torch.device] = "meta") -> nn.Module:
     """A plain diffusers UNet2DConditionModel of ``cfg`` (on the meta device by default: shapes only)."""
-    from o2mcli.models.families.unet2d_condition import build_plain
+    from o2mcli.models.families.text_unet import build_plain
 
     with torch.device(device):
         return build_plain(cfg)

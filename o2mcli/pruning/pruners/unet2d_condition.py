@@ -18,7 +18,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.condition import Condition
-from o2mcli.models.families.unet2d_condition import VAE_FACTOR, is_text_time, pooled_width, target_time_ids
+from o2mcli.models.families.text_unet import VAE_FACTOR, is_text_time, pooled_width, target_time_ids
 from o2mcli.pruning.blocks import VARIANTS, BlockRemoval, remove_blocks
 from o2mcli.pruning.pruners.sdxl_blocks import SDXL_VARIANTS, remove_sdxl_blocks
 from o2mcli.pruning.pruners.unet2d import UNet2DPruner
