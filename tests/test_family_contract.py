@@ -463,10 +463,7 @@ def test_deepcache(case: Case, chain: Chain, monkeypatch: pytest.MonkeyPatch) ->
     assert dc["interval"] == 2 and dc["full_calls"] >= 1 and dc["partial_calls"] >= 1, dc
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "o2m bug: `o2m sample --deepcache N` with N >= --steps prints its advisory `note:` line (o2mcli/cli/sample.py, "
-    "_note_deepcache, called before the config is checked or the model loaded) and then refuses the run, so the "
-    "refusal is two stderr lines; for a DiT the note even advises tuning N for a family that refuses DeepCache"))
+# (The advisory note on N >= --steps comes only once every input is checked: a refusal is one line.)
 @pytest.mark.parametrize("case", [c for c in CASES if not c.deepcache], ids=[c.id for c in CASES if not c.deepcache])
 def test_deepcache_refusal_is_one_line(case: Case, chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
     merged = chain.get(case, "merged")  # SAMPLE has --steps 2

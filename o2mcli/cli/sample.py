@@ -46,22 +46,6 @@ def _named_as_typed(class_: Optional[str]) -> Iterator[None]:
         raise OptionError("class", class_, err["msg"].removeprefix("Value error, ")) from e
 
 
-def _note_deepcache(deepcache: Optional[int], steps: int) -> None:
-    """``--deepcache N`` with N at or above the steps: the 1:N schedule's only full step is step 0 (a group's change
-    of student aside), so the cache is never refreshed; with one step nothing is partial and caching does nothing."""
-    from o2mcli.outputs import notice
-
-    if deepcache is None or deepcache <= 1 or steps < 1 or deepcache < steps:
-        return
-    if steps <= 1:
-        notice(f"--deepcache {deepcache}: with {steps} step no step is partial, so DeepCache does nothing")
-        return
-    notice(f"--deepcache {deepcache} is not below --steps {steps}: step 0 is the only full step of the schedule (a "
-           "student group adds one per change of student) and every later step is partial, reusing the deep "
-           "features of the first, noisiest step (the cache is never refreshed); "
-           "DeepCache's paper uses N of 2 to 10 or so")
-
-
 @app.command()
 @handles_errors
 @options(SampleConfig, ClassOption, order=ORDER)
@@ -84,7 +68,6 @@ def sample(**given: Any) -> None:
         raise O2MError(f"--class {class_} and --classes {values['classes']}: give one")
     if class_ is not None and "," in class_:
         raise OptionError("class", class_, "one class; use --classes for several")
-    _note_deepcache(values["deepcache"], values["steps"])
     with _named_as_typed(class_):
         cfg = SampleConfig(**{**values, "classes": class_ if class_ is not None else values["classes"]})
         path = run_sample(cfg)

@@ -37,7 +37,7 @@ from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.devices import resolve_device
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.fsutil import atomic_write_bytes
-from o2mcli.outputs import atomic_dir, ensure_space, reserve_output, run_scope
+from o2mcli.outputs import atomic_dir, ensure_space, notice, reserve_output, run_scope
 from o2mcli.manifest import parent_ref, write_manifest
 from o2mcli.models.codec import PIXELS, Codec
 from o2mcli.models.condition import Condition as ModelCondition
@@ -213,6 +213,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     shape = sample_shape(input_shape(unet), condition.codec, cfg, model_path)
     pixels = int(np.prod(condition.codec.image_shape(shape)))
     ensure_space(out, cfg.n * pixels * (2 if cfg.png else 1))
+    note_deepcache(cfg.deepcache, cfg.steps)
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
                              cfg.seed, device, cond=condition.cond, guidance=condition.guidance,
@@ -263,6 +264,21 @@ def run_sample(cfg: SampleConfig) -> Path:
         save_png(grid_image(images[:GRID_IMAGES], min_cell=GRID_MIN_CELL), tmp / "grid.png")
         write_manifest(tmp, "samples", config, parents=[parent], summary=summary)
     return out
+
+
+def note_deepcache(deepcache: Optional[int], steps: int) -> None:
+    """``--deepcache N`` with N at or above the steps: the 1:N schedule's only full step is step 0 (a group's change
+    of student aside), so the cache is never refreshed; with one step nothing is partial and caching does nothing.
+    Said once every input is checked, just before sampling (a refused run says only why)."""
+    if deepcache is None or deepcache <= 1 or steps < 1 or deepcache < steps:
+        return
+    if steps <= 1:
+        notice(f"--deepcache {deepcache}: with {steps} step no step is partial, so DeepCache does nothing")
+        return
+    notice(f"--deepcache {deepcache} is not below --steps {steps}: step 0 is the only full step of the schedule (a "
+           "student group adds one per change of student) and every later step is partial, reusing the deep "
+           "features of the first, noisiest step (the cache is never refreshed); "
+           "DeepCache's paper uses N of 2 to 10 or so")
 
 
 def sample_shape(model_shape: tuple[int, int, int], codec: Codec, cfg: SampleConfig, model_path: Path
