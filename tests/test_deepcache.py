@@ -264,3 +264,11 @@ def test_stable_diffusion_cli_guided(tmp_path):
     images = {d: np.load(tmp_path / d / "samples.npz")["images"] for d in ("plain", "n1", "n2")}
     assert np.array_equal(images["plain"], images["n1"])
     assert not np.array_equal(images["plain"], images["n2"])
+
+
+def test_an_interval_past_the_steps_is_noted_once_the_run_is_good(in_tmp: Path, tiny_model_file: Path) -> None:
+    """--deepcache N >= --steps: the cache is never refreshed; said before sampling (and never for a refused run,
+    tests/test_family_contract.py)."""
+    r = cli("sample", str(tiny_model_file), "-n", "2", "--steps", "3", "--deepcache", "5", "--device", "cpu",
+            "--no-png", "-o", "s")
+    assert r.exit_code == 0 and "--deepcache 5 is not below --steps 3" in r.stderr
