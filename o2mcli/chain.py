@@ -36,7 +36,9 @@ def _o2m_file_kind(path: Path) -> str | None:
         meta = read_metadata(path)
     except O2MError:  # anything unreadable is simply not a candidate
         return None
-    return meta.get("o2m.kind", "model") if meta.get("format", "").startswith("o2m-unet/") else None
+    # o2m-denoiser/2, or o2m-unet/1 (files written before manifest schema 2)
+    return meta.get("o2m.kind", "model") if meta.get("format", "").startswith(("o2m-denoiser/", "o2m-unet/")) \
+        else None
 
 
 def find_newest_model(root: Path = Path("."), kinds: tuple[str, ...] = MODEL_KINDS) -> Path:

@@ -17,7 +17,7 @@ from o2mcli.chain import resolve_model_spec
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import human_bytes, loads_bounded
 
-UNET_FIELDS = ("_class_name", "sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+DENOISER_FIELDS = ("_class_name", "sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
                "down_block_types", "up_block_types", "norm_num_groups", "attention_head_dim")
 SCHED_FIELDS = ("_class_name", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "variance_type",
                 "prediction_type", "clip_sample")
@@ -59,7 +59,7 @@ def _describe_stage(path: Path) -> dict[str, Any]:
         "artifacts": [{"path": a["path"], "size": a["size"], "sha256": a["sha256"]} for a in d["artifacts"]],
         "total_size": sum(a.size for a in man.artifacts),
         "models": [{"name": m["name"], "artifact": m["artifact"], "params": m["params"], "macs": m["macs"],
-                    "timestep_range": list(m["timestep_range"]), "unet_config": _pick(m["unet_config"], UNET_FIELDS)}
+                    "timestep_range": list(m["timestep_range"]), "denoiser_config": _pick(m["denoiser_config"], DENOISER_FIELDS)}
                    for m in d["models"]],
         "scheduler_config": d["scheduler_config"],
         "summary": d["summary"],
@@ -72,13 +72,13 @@ def _describe_model(path: Path) -> dict[str, Any]:
     from o2mcli.models.stats import count_macs, count_params
 
     loaded = load_model(path, "cpu")  # O2MError for anything that is not a model
-    unet = loaded.unet
+    unet = loaded.denoiser
     info: dict[str, Any] = {
         "path": str(path.resolve()),
         "type": loaded.form,
         "sha256": loaded.sha256,
         "class": type(unet).__name__,
-        "unet_config": _pick(loaded.unet_configs[0], UNET_FIELDS),
+        "denoiser_config": _pick(loaded.denoiser_configs[0], DENOISER_FIELDS),
         "params": count_params(unet),
         "macs": count_macs(unet),
         "timestep_range": list(loaded.ranges[0]),
@@ -190,7 +190,7 @@ def format_text(info: dict[str, Any]) -> str:
                 lo, hi = m["timestep_range"]
                 out.append(f"  {m['name']:<12} {m['artifact']:<24} {_params(m['params'])}, {_macs(m['macs'])}, "
                            f"t in [{lo}, {hi})")
-                out.append(f"  {'':<12} {_unet_line(m['unet_config'])}")
+                out.append(f"  {'':<12} {_unet_line(m['denoiser_config'])}")
         if info["scheduler_config"]:
             out.append("scheduler:")
             out += _sched_lines(info["scheduler_config"])
@@ -213,8 +213,8 @@ def format_text(info: dict[str, Any]) -> str:
     kind = kind_of(info.get("conditioning"))
     if kind is not None:
         out.append(kind.info_line(info["conditioning"]))
-    out.append("unet config:")
-    out += _compact(info["unet_config"])
+    out.append("denoiser config:")
+    out += _compact(info["denoiser_config"])
     out.append("scheduler:")
     out += _sched_lines(info["scheduler_config"])
     if "provenance" in info:

@@ -14,13 +14,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from o2mcli import __version__
 from o2mcli.errors import O2MError
 from o2mcli.fsutil import atomic_write_json, contained, loads_bounded, sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1: the manifests o2m wrote before the denoiser rename (``unet_config`` per model); still read.
+READ_VERSIONS = (1, SCHEMA_VERSION)
 MANIFEST_NAME = "manifest.json"
 Kind = Literal["teacher", "template", "students", "merged", "samples", "scores"]
 MODEL_KINDS: tuple[str, ...] = ("teacher", "template", "students", "merged")
@@ -58,11 +60,12 @@ class ParentRef(_Frozen):
 
 
 class ModelRecord(_Frozen):
-    """One UNet in the directory."""
+    """One denoiser (a UNet, a DiT) in the directory."""
 
     name: str
     artifact: str
-    unet_config: dict[str, Any]
+    # schema 1 called it ``unet_config``
+    denoiser_config: dict[str, Any] = Field(validation_alias=AliasChoices("denoiser_config", "unet_config"))
     params: int = Field(ge=0)
     macs: int = Field(ge=0)
     timestep_range: tuple[int, int]
@@ -94,8 +97,8 @@ class Manifest(_Frozen):
     @field_validator("schema_version")
     @classmethod
     def _schema(cls, v: int) -> int:
-        if v != SCHEMA_VERSION:
-            raise ValueError(f"unsupported schema_version {v} (this o2m reads {SCHEMA_VERSION})")
+        if v not in READ_VERSIONS:
+            raise ValueError(f"unsupported schema_version {v} (this o2m reads {', '.join(map(str, READ_VERSIONS))})")
         return v
 
     @model_validator(mode="after")

@@ -143,7 +143,7 @@ def test_distill_writes_students_that_route_by_range(in_tmp: Path, template: Pat
     assert {r["student"] for r in rows} == {0, 1, 2, 3} and {r["step"] for r in rows} == {2, 4}
     assert all({"loss", "diff", "kd", "lr", "images_per_s"} <= r.keys() for r in rows)
     assert (in_tmp / "students" / "loss.png").is_file()
-    assert man.models[0].unet_config["block_out_channels"] == [4, 8]
+    assert man.models[0].denoiser_config["block_out_channels"] == [4, 8]
     # Sampling routes every step to the student that owns it.
     res = cli("sample", "students", "-n", "4", "--steps", "20", "--scheduler", "ddim", "--no-png", "-o", "s")
     assert res.exit_code == 0, res.output
@@ -197,8 +197,8 @@ def test_init_from_teacher_and_learned_variance(in_tmp: Path) -> None:
     res = cli("distill", "tpl", "-k", "2", "--steps", "2", "--init", "teacher", "--kd", "at", *FAST)
     assert res.exit_code == 0, res.output
     man = read_manifest(in_tmp / "students")
-    assert man.models[0].unet_config["block_out_channels"] == [8, 16]  # the teacher's own shape
-    assert man.models[0].unet_config["out_channels"] == 2 and "vlb" in man.summary["losses"]
+    assert man.models[0].denoiser_config["block_out_channels"] == [8, 16]  # the teacher's own shape
+    assert man.models[0].denoiser_config["out_channels"] == 2 and "vlb" in man.summary["losses"]
 
 
 def test_seed_makes_runs_identical(in_tmp: Path, template: Path) -> None:

@@ -213,7 +213,7 @@ def test_student_config_any_shape(in_tmp: Path, template: Path) -> None:
               "--steps", "2", *FAST)
     assert res.exit_code == 0, res.output
     man = read_manifest(in_tmp / "students")
-    assert man.models[0].unet_config["down_block_types"] == ["DownBlock2D", "DownBlock2D"]
+    assert man.models[0].denoiser_config["down_block_types"] == ["DownBlock2D", "DownBlock2D"]
     assert [p.kind for p in man.parents] == ["model-file"]
     assert_refused(cli("distill", "--mode", "dkdm", "--student-config", "s.json", "--steps", "1", *FAST, "-o", "y"),
                    "--teacher")

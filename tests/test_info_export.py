@@ -80,7 +80,7 @@ def test_info_model_file(tiny_model_file, tiny_learned_file):
     u = tiny_unet("learned")
     assert j["type"] == "o2m-file" and j["kind"] == "teacher"
     assert j["params"] == count_params(u) and j["macs"] == count_macs(u) > 0
-    assert j["unet_config"]["out_channels"] == 2 and j["scheduler_config"]["variance_type"] == "learned_range"
+    assert j["denoiser_config"]["out_channels"] == 2 and j["scheduler_config"]["variance_type"] == "learned_range"
     assert j["timestep_range"] == [0, 1000] and j["sha256"] == sha256_file(tiny_learned_file)
 
 
@@ -91,7 +91,7 @@ def test_info_diffusers_model_dir(tmp_path):
     assert "diffusers-model" in text and "no scheduler config" in text
     j = info_json(tmp_path / "m")
     assert j["type"] == "diffusers-model" and j["class"] == "UNet2DModel"
-    assert j["params"] == count_params(u) and j["unet_config"]["block_out_channels"] == [4, 8]
+    assert j["params"] == count_params(u) and j["denoiser_config"]["block_out_channels"] == [4, 8]
 
 
 def test_info_pipeline_dir_and_builtin_name(tmp_path, tiny_model_file, monkeypatch):

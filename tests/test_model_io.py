@@ -57,8 +57,8 @@ def test_o2m_file_is_self_describing(tiny_model_file: Path) -> None:
 
     with safe_open(str(tiny_model_file), framework="pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "o2m-unet/1"
-    assert json.loads(meta["o2m.unet_config"])["block_out_channels"] == [4, 8]
+    assert meta["format"] == "o2m-denoiser/2"
+    assert json.loads(meta["o2m.denoiser_config"])["block_out_channels"] == [4, 8]
     assert json.loads(meta["o2m.scheduler_config"])["num_train_timesteps"] == 1000
     assert json.loads(meta["o2m.timestep_range"]) == [0, 1000]
 

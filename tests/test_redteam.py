@@ -133,7 +133,7 @@ def _with_unet(src: Path, **changes) -> str:
     from safetensors import safe_open
 
     with safe_open(str(src), framework="pt") as f:
-        cfg = json.loads(f.metadata()["o2m.unet_config"])
+        cfg = json.loads(f.metadata()["o2m.denoiser_config"])
     cfg.update(changes)
     return json.dumps(cfg)
 
@@ -157,10 +157,10 @@ def _with_sched(src: Path, **changes) -> str:
 ])
 def test_crafted_metadata_is_refused(in_tmp: Path, tiny_model_file: Path, case: str, words) -> None:
     meta = {
-        "unet_list": {"o2m.unet_config": "[1, 2, 3]"},
+        "unet_list": {"o2m.denoiser_config": "[1, 2, 3]"},
         "sched_string": {"o2m.scheduler_config": json.dumps("ddpm")},
         "beta_schedule": {"o2m.scheduler_config": _with_sched(tiny_model_file, beta_schedule="cosmic")},
-        "sample_size": {"o2m.unet_config": _with_unet(tiny_model_file, sample_size=2048,
+        "sample_size": {"o2m.denoiser_config": _with_unet(tiny_model_file, sample_size=2048,
                                                      block_out_channels=[16384, 16384])},
         "inverted_range": {"o2m.timestep_range": "[700, 300]"},
         "empty_range": {"o2m.timestep_range": "[300, 300]"},

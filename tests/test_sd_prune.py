@@ -55,7 +55,7 @@ def _plain(template: Path):
 
     with safe_open(str(template / "template.safetensors"), "pt") as f:
         meta = f.metadata()
-    cfg = {k: v for k, v in json.loads(meta["o2m.unet_config"]).items() if not k.startswith("_")}
+    cfg = {k: v for k, v in json.loads(meta["o2m.denoiser_config"]).items() if not k.startswith("_")}
     unet = UNet2DConditionModel.from_config(cfg)
     unet.load_state_dict(load_file(str(template / "template.safetensors")), strict=True)
     return unet.eval(), json.loads(meta["o2m.provenance"])

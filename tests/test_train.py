@@ -37,7 +37,7 @@ def test_train_digits_writes_teacher_stage(tmp_path: Path, variance: str) -> Non
     assert {a.path for a in man.artifacts} == {"model.safetensors", "metrics.jsonl", "loss.png"}
     rec = man.models[0]
     assert rec.timestep_range == (0, 1000) and rec.params > 0 and rec.macs > 0
-    assert rec.unet_config["out_channels"] == (2 if variance == "learned" else 1)
+    assert rec.denoiser_config["out_channels"] == (2 if variance == "learned" else 1)
     assert man.scheduler_config["variance_type"] == ("learned_range" if variance == "learned" else "fixed_small")
     assert list(load_model(out).unet.config.block_out_channels) == [4, 8]
     assert not (tmp_path / "teacher.partial").exists()

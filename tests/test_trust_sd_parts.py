@@ -213,7 +213,7 @@ def _sched_file(path: Path, T: int = 1000, **changes) -> Path:
 
     unet = tiny_unet()
     state = {k: v.contiguous() for k, v in unet.state_dict().items()}
-    meta = {"format": "o2m-unet/1", "o2m.kind": "teacher", "o2m.unet_config": json.dumps(unet_config_of(unet)),
+    meta = {"format": "o2m-denoiser/2", "o2m.kind": "teacher", "o2m.denoiser_config": json.dumps(unet_config_of(unet)),
             "o2m.scheduler_config": json.dumps({**scheduler_config("fixed", T), **changes}),
             "o2m.timestep_range": json.dumps([0, T]), "o2m.provenance": "{}"}
     save_file(state, str(path), metadata=meta)

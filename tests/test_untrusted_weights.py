@@ -47,7 +47,7 @@ def write_raw(path: Path, tensors: dict[str, tuple[str, list[int], bytes]], meta
 
 def o2m_meta(cfg: dict) -> dict[str, str]:
     """The metadata of an o2m model file holding ``cfg``."""
-    return {"format": FORMAT, "o2m.kind": "teacher", "o2m.unet_config": json.dumps(cfg),
+    return {"format": FORMAT, "o2m.kind": "teacher", "o2m.denoiser_config": json.dumps(cfg),
             "o2m.scheduler_config": json.dumps(tiny_scheduler()), "o2m.timestep_range": json.dumps([0, 1000]),
             "o2m.provenance": "{}"}
 

@@ -47,8 +47,8 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
     gen_plan, gen_data, terms = _run_basics(cfg.seed, teacher.scheduler_config)
     torch.manual_seed(cfg.seed)
     source = make_source(terms, device)
-    init_unet = copy.deepcopy(teacher.unet if cfg.init == "teacher" else student_unet).cpu()
-    tunet = teacher.unet.cpu()
+    init_unet = copy.deepcopy(teacher.denoiser if cfg.init == "teacher" else student_unet).cpu()
+    tunet = teacher.denoiser.cpu()
     s_ch: dict[str, int] = {}
     t_ch: dict[str, int] = {}
     pairs = None
@@ -70,7 +70,7 @@ def make_distiller(cfg: Any, student_unet: torch.nn.Module, teacher: Any, plan: 
                                 placement.group(k), placement.group_size(k)))
     teacher_param = parametrization_of(teacher.scheduler_config)
     student_param = student_param or teacher_param
-    objective = replace(MODES.resolve(cfg.mode).objective(cfg, teacher.unet, init_unet, source), param=student_param)
+    objective = replace(MODES.resolve(cfg.mode).objective(cfg, teacher.denoiser, init_unet, source), param=student_param)
     return Distiller(teacher=tunet, students=students, source=source, plan=plan, objective=objective, terms=terms,
                      hyper=hyper, device=device, dist=dist, gen_plan=gen_plan, gen_data=gen_data,
                      feature_pairs={s: t for s, t in (pairs or {}).items() if s != t}, placement=placement,

@@ -46,7 +46,7 @@ def check_fit(teacher: Any, student_cfg: Any, data_shape: tuple[int, ...] | None
     come from its family, so a DiT and a UNet are compared alike."""
     from o2mcli.models.families import family_of, family_for_config
 
-    c, s, s_w = family_of(teacher.unet).input_shape(teacher.unet)
+    c, s, s_w = family_of(teacher.denoiser).input_shape(teacher.denoiser)
     (sc, sh, sw), s_out = family_for_config(student_cfg, where).config_io(student_cfg)
     if (sc, sh, sw) != (c, s, s_w):
         size = f"{sh}^2" if sh == sw else f"{sh}x{sw}"
@@ -118,11 +118,11 @@ def check_conditioning(teacher_cfg: Any, teacher_path: Path, student_cfg: Any, w
 def load_student_config(path: Path, seed: int) -> torch.nn.Module:
     """A fresh, randomly initialized model from a diffusers config JSON (``--student-config``; its family by
     ``_class_name``, UNet2DModel without one)."""
-    from o2mcli.models.io import build_unet, read_model_config
+    from o2mcli.models.io import build_denoiser, read_model_config
 
     ucfg = read_model_config(Path(path), "student config")
     torch.manual_seed(seed)
-    return build_unet(ucfg, None, Path(path))
+    return build_denoiser(ucfg, None, Path(path))
 
 
 def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Module, Path]:
@@ -151,16 +151,16 @@ def load_inputs(cfg: Any) -> tuple[Optional[Path], Any, Path, Any, torch.nn.Modu
             raise O2MError(f"{template_path}: a group of {len(template.ranges)} students; distill starts from one "
                            "template")
         teacher_path, teacher = resolve_teacher(template_path, template, cfg.teacher)
-        student_unet, where = template.unet, template_path
+        student_unet, where = template.denoiser, template_path
         if template.num_train_timesteps != teacher.num_train_timesteps:
             raise O2MError(f"{template_path}: T={template.num_train_timesteps} but the teacher has "
                            f"T={teacher.num_train_timesteps}")
     if teacher.is_group:
         raise O2MError(f"{teacher_path}: the teacher must be one model, not a group of students")
-    from o2mcli.models.io import unet_config_of
+    from o2mcli.models.io import denoiser_config_of
 
     cond = teacher.conditioning
-    check_conditioning(unet_config_of(teacher.unet), teacher_path, unet_config_of(student_unet), where,
+    check_conditioning(denoiser_config_of(teacher.denoiser), teacher_path, denoiser_config_of(student_unet), where,
                        labelled=None if takes_prompts(cond) else cond is not None)
     return template_path, template, teacher_path, teacher, student_unet, where
 

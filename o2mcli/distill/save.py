@@ -76,7 +76,7 @@ def write_students(cfg: Any, mode: Any, out: Path, work: Path, engine: Any, plan
             "teacher_forwards_per_student_sample": round(engine.teacher_samples / max(1, steps_run * cfg.batch_size
                                                                                          * cfg.students), 4),
             "world_size": engine.dist.world,
-            "losses": mode.losses_text(engine, bool(records) and is_learned_variance(records[0].unet_config)),
+            "losses": mode.losses_text(engine, bool(records) and is_learned_variance(records[0].denoiser_config)),
             **mode.summary(engine, result.init_info),
         }
         parents = ([parent_ref(template_path)] if template_path else []) + [parent_ref(Path(teacher_path))]

@@ -32,20 +32,23 @@ from o2mcli.models.configs import scheduler_config as default_scheduler_config
 from o2mcli.models.group import StudentGroup
 from o2mcli.models.guard import Header, build_checked, check_size, tensor_header
 
-FORMAT = "o2m-unet/1"
+FORMAT = "o2m-denoiser/2"
+# Model file formats o2m reads, and the metadata key of each one's denoiser config (o2m-unet/1: files written before
+# manifest schema 2, when every model was called a UNet).
+CONFIG_KEYS = {"o2m-unet/1": "o2m.unet_config", FORMAT: "o2m.denoiser_config"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
 class LoadedModel:
-    """A denoiser ready to sample: one UNet or a K-student group, plus its scheduler config."""
+    """A denoiser ready to sample: one model (a UNet, a DiT) or a K-student group, plus its scheduler config."""
 
     source: Path
     form: str  # o2m-file | diffusers-model | diffusers-pipeline | stage:<kind>
-    unet: nn.Module
+    denoiser: nn.Module
     scheduler_config: dict[str, Any]
-    unet_configs: list[dict[str, Any]]
+    denoiser_configs: list[dict[str, Any]]
     ranges: list[tuple[int, int]]
     sha256: str
     manifest: Manifest | None = None
@@ -59,19 +62,29 @@ class LoadedModel:
     recorded: list[tuple[str, str]] = field(default_factory=list)
 
     @property
+    def unet(self) -> nn.Module:
+        """The denoiser, by its name before manifest schema 2 (kept for scripts written against it)."""
+        return self.denoiser
+
+    @property
+    def unet_configs(self) -> list[dict[str, Any]]:
+        """The denoiser configs, by their name before manifest schema 2."""
+        return self.denoiser_configs
+
+    @property
     def is_group(self) -> bool:
-        return isinstance(self.unet, StudentGroup)
+        return isinstance(self.denoiser, StudentGroup)
 
     @property
     def family(self) -> DenoiserFamily:
         """The model family of the denoiser (of its students, for a group)."""
-        return family_of(self.unet.students[0] if self.is_group else self.unet)
+        return family_of(self.denoiser.students[0] if self.is_group else self.denoiser)
 
     def codec(self, pipeline: Path | None = None, device: torch.device | str = "cpu") -> Codec:
         """The codec the model owns (``DenoiserFamily.codec``): from ``pipeline`` (``--pipeline``) or the pipeline
         its conditioning names, checked against its record and its denoiser configs; the identity for pixels."""
         return self.family.codec(self.conditioning, self.source, pipeline, device,
-                                 models=[(c, self.source) for c in self.unet_configs])
+                                 models=[(c, self.source) for c in self.denoiser_configs])
 
     @property
     def kind(self) -> str:
@@ -84,7 +97,7 @@ class LoadedModel:
 
 # 1. Building a UNet from a config and a state dict -------------------------------------------
 
-def check_unet_config(cfg: Any, where: Path) -> None:
+def check_denoiser_config(cfg: Any, where: Path) -> None:
     """The model config's family, type, keys and sizes, before anything is built (crafted metadata is refused)."""
     family_for_config(cfg, where, served=True).check_config(cfg, where)
 
@@ -113,7 +126,7 @@ def read_model_config(path: Path, what: str = "model config") -> dict[str, Any]:
     return found
 
 
-def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
+def build_denoiser(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where: Path) -> nn.Module:
     """The model a config describes (its family by ``_class_name``); weights, if given, must match exactly. A fresh
     model (no weights: ``--model-config``, ``--student-config``) is sized on the meta device first, so a config
     implying more than ``guard.MAX_MODEL_BYTES`` is refused before anything is allocated."""
@@ -124,7 +137,7 @@ def build_unet(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, where
     return family.build(cfg, state, where)
 
 
-def load_unet(cfg: dict[str, Any], weights: Path, where: Path, header: Header | None = None) -> nn.Module:
+def load_denoiser(cfg: dict[str, Any], weights: Path, where: Path, header: Header | None = None) -> nn.Module:
     """The model ``cfg`` describes with the weights of the safetensors file ``weights``: the config is built on the
     meta device and checked against the file's header (dtypes, bytes, names and shapes) before anything real is
     allocated or any tensor read (``models.guard``); then built for real, weights matching exactly."""
@@ -191,7 +204,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         loaded.recorded.append((loaded.conditioning["pipeline"], "the pipeline its conditioning names"))
     for where, what in loaded.recorded:
         note_input(where, f"{what}, recorded by {path}")
-    loaded.unet.to(device)
+    loaded.denoiser.to(device)
     return loaded
 
 
@@ -237,19 +250,19 @@ def _load_file(path: Path) -> LoadedModel:
     if path.suffix.lower() != ".safetensors":
         raise O2MError(f"{path}: not a model file (expected .safetensors)")
     header, meta = _read_safetensors(path)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in CONFIG_KEYS:
         if (path.parent / "config.json").is_file():
             return _load_diffusers_dir(path.parent, path.parent, "diffusers-model",
                                        path.parent / "scheduler_config.json", weights=path)
         raise O2MError(f"{path}: bare safetensors without o2m metadata; pass the diffusers directory "
                        "that holds it with its config.json")
-    cfg = _meta_json(meta, "o2m.unet_config", path)
+    cfg = _meta_json(meta, CONFIG_KEYS[meta["format"]], path)
     sched = _meta_json(meta, "o2m.scheduler_config", path)
     T = check_scheduler_config(sched, path)
     rng = check_timestep_range(_meta_json(meta, "o2m.timestep_range", path), T, path)
     recorded = recorded_paths(provenance_of(meta, path))
-    unet = load_unet(cfg, path, path, header)
-    return LoadedModel(source=path, form="o2m-file", unet=unet, scheduler_config=sched, unet_configs=[cfg],
+    unet = load_denoiser(cfg, path, path, header)
+    return LoadedModel(source=path, form="o2m-file", denoiser=unet, scheduler_config=sched, denoiser_configs=[cfg],
                        ranges=[rng], sha256=sha256_file(path), conditioning=conditioning_of(cfg, meta, path),
                        recorded=recorded)
 
@@ -263,9 +276,9 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
             raise O2MError(f"{model_dir}: only {pickled[0]} (pickle) found; o2m loads safetensors weights only")
         raise O2MError(f"{weights}: missing model weights")
     cfg = _read_json(model_dir / "config.json")
-    check_unet_config(cfg, model_dir / "config.json")
+    check_denoiser_config(cfg, model_dir / "config.json")
     header, _ = _read_safetensors(weights)
-    unet = load_unet(cfg, weights, weights, header)
+    unet = load_denoiser(cfg, weights, weights, header)
     notes = []
     if sched_json.is_file():
         sched = _read_json(sched_json)
@@ -281,7 +294,7 @@ def _load_diffusers_dir(model_dir: Path, root: Path, form: str, sched_json: Path
     if family_for_config(cfg, weights).class_table(cfg) is not None and rec is not None:
         found = rec.get("conditioning") if isinstance(rec, dict) else None
         meta = {"o2m.provenance": json.dumps({"conditioning": found})}
-    return LoadedModel(source=root, form=form, unet=unet, scheduler_config=sched, unet_configs=[cfg],
+    return LoadedModel(source=root, form=form, denoiser=unet, scheduler_config=sched, denoiser_configs=[cfg],
                        ranges=[(0, T)], sha256=sha256_file(weights), notes=notes,
                        conditioning=conditioning_of(cfg, meta, weights), recorded=recorded_paths(rec))
 
@@ -296,19 +309,19 @@ def _load_stage(path: Path) -> LoadedModel:
     recorded = [(p.path, f"the {p.kind} its manifest names as parent") for p in man.parents]
     for rec in man.models:
         check_timestep_range(list(rec.timestep_range), T, path / rec.artifact)
-        check_unet_config(rec.unet_config, path / rec.artifact)
+        check_denoiser_config(rec.denoiser_config, path / rec.artifact)
         header, meta = _read_safetensors(path / rec.artifact)
         metas.append(meta)
         recorded += recorded_paths(provenance_of(meta, path / rec.artifact))
-        units.append(load_unet(rec.unet_config, path / rec.artifact, path / rec.artifact, header))
+        units.append(load_denoiser(rec.denoiser_config, path / rec.artifact, path / rec.artifact, header))
         ranges.append(tuple(rec.timestep_range))
     if man.scheduler_config is None:
         raise O2MError(f"{path}: model manifest has no scheduler_config")
     unet = units[0] if len(units) == 1 else StudentGroup(units, ranges)
-    return LoadedModel(source=path, form=f"stage:{man.kind}", unet=unet, scheduler_config=man.scheduler_config,
-                       unet_configs=[r.unet_config for r in man.models], ranges=ranges,
+    return LoadedModel(source=path, form=f"stage:{man.kind}", denoiser=unet, scheduler_config=man.scheduler_config,
+                       denoiser_configs=[r.denoiser_config for r in man.models], ranges=ranges,
                        sha256=sha256_file(path / "manifest.json"), manifest=man,
-                       conditioning=conditioning_of(man.models[0].unet_config, metas[0], path / man.models[0].artifact),
+                       conditioning=conditioning_of(man.models[0].denoiser_config, metas[0], path / man.models[0].artifact),
                        recorded=recorded)
 
 
@@ -353,7 +366,7 @@ def conditioning_of(cfg: dict[str, Any], meta: dict[str, str], where: Path) -> d
 
 # 3. Writing ---------------------------------------------------------------------------------------
 
-def unet_config_of(unet: nn.Module) -> dict[str, Any]:
+def denoiser_config_of(unet: nn.Module) -> dict[str, Any]:
     """The diffusers config of a UNet as a plain JSON-able dict."""
     cfg = dict(unet.config)
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if not k.startswith("_")}
@@ -382,7 +395,7 @@ def save_model_file(path: Path, unet: nn.Module, scheduler_config: dict[str, Any
     meta = {
         "format": FORMAT,
         "o2m.kind": kind,
-        "o2m.unet_config": json.dumps(unet_config_of(unet), sort_keys=True),
+        CONFIG_KEYS[FORMAT]: json.dumps(denoiser_config_of(unet), sort_keys=True),
         "o2m.scheduler_config": json.dumps({k: v for k, v in scheduler_config.items()
                                             if not k.startswith("_") or k == "_class_name"}, sort_keys=True),
         "o2m.timestep_range": json.dumps(list(timestep_range or (0, T))),
@@ -397,7 +410,7 @@ def model_record(name: str, rel: str, unet: nn.Module, timestep_range: tuple[int
     """The manifest entry of one saved UNet: config, size, MACs and its timestep range."""
     from o2mcli.models.stats import count_macs, count_params
 
-    return ModelRecord(name=name, artifact=rel, unet_config=unet_config_of(unet), params=count_params(unet),
+    return ModelRecord(name=name, artifact=rel, denoiser_config=denoiser_config_of(unet), params=count_params(unet),
                        macs=count_macs(unet), timestep_range=tuple(timestep_range))
 
 
@@ -416,7 +429,7 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pip
         note_input(where, what)
     check_output_free(out_dir, force, inputs=[pipeline])
     check_not_input(out_dir)
-    unet = loaded.unet.to("cpu")
+    unet = loaded.denoiser.to("cpu")
     family = family_of(unet)
     parts = family.codec(loaded.conditioning, loaded.source, pipeline)
     # The scheduler keeps the class the model's (or else its teacher pipeline's) config names, where diffusers has
@@ -446,3 +459,9 @@ def export_pipeline(loaded: LoadedModel, out_dir: Path, force: bool = False, pip
             record["parts_from"] = str(Path(parts.root).resolve())
         atomic_write_json(tmp / "o2m_export.json", record)
     return out_dir
+
+
+# The names before manifest schema 2 (every model was called a UNet), kept for scripts written against them.
+unet_config_of = denoiser_config_of
+load_unet = load_denoiser
+build_unet = build_denoiser

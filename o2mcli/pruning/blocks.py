@@ -205,12 +205,12 @@ def bk_feature_pairs(new_cfg: dict[str, Any], off: int) -> dict[str, str]:
 
 def remove_blocks(teacher: nn.Module, variant: str, where: Path) -> tuple[nn.Module, BlockRemoval]:
     """``variant``'s student, built by plain diffusers from its config and initialized from ``teacher``."""
-    from o2mcli.models.io import build_unet, unet_config_of
+    from o2mcli.models.io import build_denoiser, denoiser_config_of
 
-    plan = plan_blocks(unet_config_of(teacher), variant, where)
+    plan = plan_blocks(denoiser_config_of(teacher), variant, where)
     state = teacher.state_dict()
     student_state = {k: state[src].detach().clone() for k, src in plan.key_map.items()}
-    student = build_unet(plan.config, student_state, where)
+    student = build_denoiser(plan.config, student_state, where)
     for k, v in student.state_dict().items():  # the exact load above, checked once more against the map
         if not torch.equal(v, state[plan.key_map[k]]):
             raise RuntimeError(f"--blocks {variant}: student tensor {k} differs from teacher {plan.key_map[k]}")

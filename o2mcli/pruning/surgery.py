@@ -27,7 +27,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.denoise import predict
-from o2mcli.models.io import unet_config_of
+from o2mcli.models.io import denoiser_config_of
 from o2mcli.pruning.widths import WidthPlan, reference_unet  # noqa: F401 - part of this module's API
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
@@ -183,7 +183,7 @@ def prune_uniform(unet: nn.Module, plan: WidthPlan, importance: Callable[[Any], 
     from diffusers.models.attention_processor import Attention
 
     cfg = unet.config
-    reference = reference_unet(plan.new_config(unet_config_of(unet)))  # meta device: widths and heads, no memory
+    reference = reference_unet(plan.new_config(denoiser_config_of(unet)))  # meta device: widths and heads, no memory
     ref_modules = dict(reference.named_modules())
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)[0]
     # The dependency structure does not depend on the spatial size: trace SD's 64x64 latents at 32x32, a quarter

@@ -124,10 +124,10 @@ def config_macs(cfg: dict[str, Any]) -> int:
 def block_macs(model: nn.Module) -> dict[str, int]:
     """Per-block MACs of one batch-1 forward of ``model``'s config, counted on the meta device (an SD UNet's real
     forward on a CPU takes seconds; the count does not need the weights)."""
-    from o2mcli.models.io import unet_config_of
+    from o2mcli.models.io import denoiser_config_of
     from o2mcli.models.stats import count_block_macs
 
-    return count_block_macs(reference_unet(unet_config_of(model)))
+    return count_block_macs(reference_unet(denoiser_config_of(model)))
 
 
 def plan_for_macs(cfg: dict[str, Any], target_macs: float, round_to: int | None = None) -> WidthPlan:

@@ -144,7 +144,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     from o2mcli.distill.plan import plan_for
     from o2mcli.distill.save import write_students
     from o2mcli.outputs import ensure_space, reserve_output
-    from o2mcli.models.io import unet_config_of
+    from o2mcli.models.io import denoiser_config_of
     from o2mcli.runtime.checkpoint import check_partial, partial_dir, run_bytes
     from o2mcli.runtime.dist import agree_path, barrier, init_distributed, local_device, shutdown
 
@@ -159,7 +159,7 @@ def run_distill(cfg: DistillConfig) -> Path:
 
     # 2. Inputs: the students' initialization, the teacher, the data, the timestep plan.
     template_path, template, teacher_path, teacher, student_unet, where = load_inputs(cfg)
-    scfg = unet_config_of(teacher.unet if cfg.init == "teacher" else student_unet)
+    scfg = denoiser_config_of(teacher.denoiser if cfg.init == "teacher" else student_unet)
     mode.check_inputs(teacher, teacher_path, scfg, where)
     spec = mode.data_spec()
     data = mode.load_data(spec, teacher) if spec is not None else None

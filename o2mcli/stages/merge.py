@@ -65,8 +65,10 @@ class StudentRef:
 def _file_meta(path: Path) -> dict:
     from o2mcli.fsutil import read_metadata
 
+    from o2mcli.models.io import CONFIG_KEYS
+
     meta = read_metadata(path)
-    if meta.get("format") != "o2m-unet/1":
+    if meta.get("format") not in CONFIG_KEYS:
         raise O2MError(f"{path}: not an o2m student file (no o2m metadata)")
     return meta
 
@@ -109,10 +111,12 @@ def collect_students(inputs: tuple[str, ...]) -> list[StudentRef]:
 
 def _config(meta: dict, path: Path) -> dict:
     from o2mcli.fsutil import loads_bounded
+    from o2mcli.models.io import CONFIG_KEYS
 
-    cfg = loads_bounded(meta.get("o2m.unet_config", "{}"), f"{path}: o2m metadata 'o2m.unet_config'")
+    key = CONFIG_KEYS[meta["format"]]
+    cfg = loads_bounded(meta.get(key, "{}"), f"{path}: o2m metadata '{key}'")
     if not isinstance(cfg, dict):
-        raise O2MError(f"{path}: o2m metadata 'o2m.unet_config' is not a JSON object")
+        raise O2MError(f"{path}: o2m metadata '{key}' is not a JSON object")
     return cfg
 
 
@@ -247,14 +251,14 @@ def run_merge(cfg: MergeConfig) -> Path:
     if cfg.method == "task-arithmetic":
         base_path, base = shared_init(students)
     states = [load_file(str(s.path)) for s in students]
-    reference = base.unet.state_dict() if base is not None else states[0]
+    reference = base.denoiser.state_dict() if base is not None else states[0]
     check_same_shapes(reference, states, students)
 
     # 3. Merge and build the model from theta_0's (or the first student's) config.
     merged = get_method(cfg.method)(reference if base is not None else None, states, weights, lam)
     check_finite(merged, cfg, lam, weights, states, students, base_path, reference if base is not None else None)
     shell = base if base is not None else load_model(students[0].path)
-    template = shell.unet
+    template = shell.denoiser
     template.load_state_dict(merged)
     sched = shell.scheduler_config
     T = int(sched.get("num_train_timesteps", 1000))

@@ -99,7 +99,7 @@ def run_prune(cfg: PruneConfig) -> Path:
     from o2mcli.devices import resolve_device
     from o2mcli.outputs import atomic_dir, reserve_output
     from o2mcli.manifest import parent_ref, write_manifest
-    from o2mcli.models.io import load_model, model_record, save_model_file, unet_config_of
+    from o2mcli.models.io import load_model, model_record, save_model_file, denoiser_config_of
     from o2mcli.pruning.importance import get_importance
     from o2mcli.pruning.pruners import pruner_for
 
@@ -121,8 +121,8 @@ def run_prune(cfg: PruneConfig) -> Path:
     loaded = load_model(teacher_path, "cpu")
     if loaded.is_group:
         raise O2MError(f"{teacher_path}: a group of {len(loaded.ranges)} students; o2m prune takes one teacher UNet")
-    teacher = loaded.unet
-    tcfg = unet_config_of(teacher)
+    teacher = loaded.denoiser
+    tcfg = denoiser_config_of(teacher)
     pruner_for(tcfg, teacher_path).check(tcfg, teacher_path)  # refusals before any work
     text = takes_prompts(loaded.conditioning)
     slim = not removes or cfg.ratio is not None or cfg.target_macs is not None
@@ -179,11 +179,11 @@ def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, dro
     channels of what remains slimmed by ``ratio`` or to ``target_macs`` (default ratio 0.3 without ``blocks``).
     ``drop_blocks`` (DiT) removes that many whole transformer blocks first instead of ``blocks``.
     ``gradients(student)`` fills the gradients a criterion needs (Taylor) and returns summary fields."""
-    from o2mcli.models.io import unet_config_of
+    from o2mcli.models.io import denoiser_config_of
     from o2mcli.pruning.importance import get_importance
     from o2mcli.pruning.pruners import pruner_for
 
-    tcfg = unet_config_of(teacher)
+    tcfg = denoiser_config_of(teacher)
     pruner = pruner_for(tcfg, where)
     pruner.check(tcfg, where)
     removal, base = None, teacher
@@ -194,7 +194,7 @@ def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, dro
     if removal is not None and ratio is None and target_macs is None:
         template, summary = base, None  # built from its config by plain diffusers, every tensor a teacher's
     else:
-        bcfg = unet_config_of(base)
+        bcfg = denoiser_config_of(base)
         plan = pruner.plan(bcfg, ratio, target_macs, round_to)
         student = copy.deepcopy(base)
         extra = gradients(student) if gradients is not None else {}

@@ -179,7 +179,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     T = loaded.num_train_timesteps
     if cfg.steps > T:
         raise O2MError(f"--steps {cfg.steps}: more than the model's {T} training timesteps")
-    unet = loaded.unet.eval()
+    unet = loaded.denoiser.eval()
     group = unet if isinstance(unet, StudentGroup) else None
     if group is not None:
         group.served = [0] * len(group.students)

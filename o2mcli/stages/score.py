@@ -127,7 +127,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     if loaded.sha256 != parent.sha256:
         raise O2MError(f"{parent.path}: model changed since sampling (sha256 {loaded.sha256[:12]}, "
                        f"{samples_dir} recorded {parent.sha256[:12]}); re-sample it or restore the model")
-    unet = loaded.unet.eval()
+    unet = loaded.denoiser.eval()
     notes: list[str] = []
     params = count_params(unet)
     nets = list(unet.students) if loaded.is_group else [unet]

@@ -19,7 +19,7 @@ from o2mcli.manifest import write_manifest
 from o2mcli.models.conditioning import class_record
 from o2mcli.models.configs import scheduler_config, unet_config
 from o2mcli.models.parametrization import prediction_name
-from o2mcli.models.io import build_unet, model_record, save_model_file
+from o2mcli.models.io import build_denoiser, model_record, save_model_file
 from o2mcli.runtime.checkpoint import check_partial, run_bytes
 from o2mcli.runtime.run import read_jsonl, seed_everything
 from o2mcli.viz import line_plot
@@ -138,7 +138,7 @@ def run_train(cfg: TrainConfig) -> Path:
                                num_classes=len(classes) or None)
         except ValueError as e:
             raise O2MError(str(e)) from e
-        model = build_unet(ucfg, None, out)
+        model = build_denoiser(ucfg, None, out)
     scfg = scheduler_config(cfg.variance, cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
     ensure_space(out, run_bytes(model, 1))
     hyper = Hyper(batch_size=cfg.batch_size, lr=cfg.lr, lr_warmup=cfg.lr_warmup, weight_decay=cfg.weight_decay,
@@ -244,7 +244,7 @@ def model_from_config(cfg: TrainConfig, given: dict, data, n_classes: int):
     if not n_classes and table is not None and table[1] is None:
         raise O2MError(f"{path}: a {family.name} config with a label table fixes no null class to train it "
                        "unconditionally on; pass --cond class (or drop the table)")
-    model = build_unet(given, None, path)
+    model = build_denoiser(given, None, path)
     _, c, h, w = data.images.shape
     if family.input_shape(model) != (c, h, w):
         raise O2MError(f"{path}: the model takes {'x'.join(map(str, family.input_shape(model)))} inputs; "

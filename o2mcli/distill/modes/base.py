@@ -73,7 +73,7 @@ class DistillMode:
         from o2mcli.devices import resolve_device
 
         dropout = caption_dropout(teacher.conditioning, self.cfg.label_dropout)
-        data, self.labels = captioned_latents(Path(spec), self.codec, int(teacher.unet.config.sample_size), dropout,
+        data, self.labels = captioned_latents(Path(spec), self.codec, int(teacher.denoiser.config.sample_size), dropout,
                                               teacher.conditioning, self.cfg.latent_cache, self.cfg.out,
                                               resolve_device(self.cfg.device))
         return data

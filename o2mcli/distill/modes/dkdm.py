@@ -83,11 +83,11 @@ class DKDM(DistillMode):
                                       teacher.conditioning, resolve_device(self.cfg.device))
         self._check_guidance(teacher_path)
         self.reverse = teacher_reverse_settings(teacher.scheduler_config, teacher_path)
-        self.teacher_learned = is_learned_variance(teacher.unet.config)
+        self.teacher_learned = is_learned_variance(teacher.denoiser.config)
         if is_learned_variance(student_config) and not self.teacher_learned:
             raise O2MError(f"{where}: a learned-variance student under the fixed-variance teacher {teacher_path}: "
                            "there is no teacher variance to learn from (use a student with "
-                           f"{teacher.unet.config.in_channels} output channels)")
+                           f"{teacher.denoiser.config.in_channels} output channels)")
         T = teacher.num_train_timesteps
         if self.cfg.init_steps is not None and self.cfg.init_steps > T - 1:
             raise O2MError(f"--init-steps {self.cfg.init_steps}: the teacher {teacher_path} has T={T}, so a slot is "
@@ -119,7 +119,7 @@ class DKDM(DistillMode):
                 f"the minimum for {plan.max_draws_per_step} disjoint batches of {cfg.batch_size} per step")
         from o2mcli.models.families import family_of
 
-        shape = family_of(teacher.unet).input_shape(teacher.unet)  # any family's (C, H, W)
+        shape = family_of(teacher.denoiser).input_shape(teacher.denoiser)  # any family's (C, H, W)
         variance, clip = self.reverse
         # A class-conditional teacher: every slot keeps a label (the null class with the label dropout), which
         # the teacher's reverse steps and the students' inputs use; with --buffer-guidance W > 1 the steps that move
@@ -127,7 +127,7 @@ class DKDM(DistillMode):
         w = cfg.buffer_guidance
         return lambda terms, dev: DynamicBuffer(shape, slots, terms, dev, variance_type=variance,
                                                 learned=self.teacher_learned, clip=clip, labels=self.labels,
-                                                guidance=w, teacher=teacher.unet if w > 1 else None,
+                                                guidance=w, teacher=teacher.denoiser if w > 1 else None,
                                                 param=parametrization_of(teacher.scheduler_config))
 
     @classmethod

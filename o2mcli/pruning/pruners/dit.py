@@ -348,10 +348,10 @@ class DiTPruner(Pruner):
         return plain
 
     def summary(self, teacher: nn.Module, template: nn.Module, plan: DiTPlan, outcome: DiTOutcome) -> dict:
-        from o2mcli.models.io import unet_config_of
+        from o2mcli.models.io import denoiser_config_of
 
         rows, tot = _block_rows(teacher, template, None)
-        tw, sw = _widths(unet_config_of(teacher)), _widths(unet_config_of(template))
+        tw, sw = _widths(denoiser_config_of(teacher)), _widths(denoiser_config_of(template))
         for r in rows:
             if r["block"] in outcome.mlp:
                 r["heads"] = [plan.old_heads, plan.new_heads]
@@ -377,7 +377,7 @@ class DiTPruner(Pruner):
                         slim: Optional[dict]) -> dict:
         """Totals against the teacher, one row per teacher block with the student block in its place, and the
         removal record; the slimming's fields (if any) kept."""
-        from o2mcli.models.io import unet_config_of
+        from o2mcli.models.io import denoiser_config_of
 
         rows, tot = _block_rows(teacher, template, removal.block_map)
         slim_rows = {r["block"]: r for r in (slim or {}).get("blocks", [])}  # the slimming's rows: student names
@@ -387,8 +387,8 @@ class DiTPruner(Pruner):
                     r[key] = slim_rows[r["student_block"]][key]
         out = dict(slim or {})
         out.update({
-            "teacher": {"params": tot["tparams"], "macs": tot["tmacs"], **_widths(unet_config_of(teacher))},
-            "template": {"params": tot["sparams"], "macs": tot["smacs"], **_widths(unet_config_of(template))},
+            "teacher": {"params": tot["tparams"], "macs": tot["tmacs"], **_widths(denoiser_config_of(teacher))},
+            "template": {"params": tot["sparams"], "macs": tot["smacs"], **_widths(denoiser_config_of(template))},
             "params_ratio": round(tot["sparams"] / tot["tparams"], 4),
             "macs_ratio": round(tot["smacs"] / tot["tmacs"], 4),
             "ratio": (slim or {}).get("ratio"),

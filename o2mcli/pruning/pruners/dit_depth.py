@@ -44,9 +44,9 @@ class DepthRemoval:
 def drop_blocks(teacher: nn.Module, n: int, where: Path) -> tuple[nn.Module, DepthRemoval]:
     """A shallower DiT built by plain diffusers from its config, every tensor copied from the teacher."""
     from o2mcli.models.families.dit import DiT
-    from o2mcli.models.io import unet_config_of
+    from o2mcli.models.io import denoiser_config_of
 
-    cfg = unet_config_of(teacher)
+    cfg = denoiser_config_of(teacher)
     layers = int(cfg["num_layers"])
     gone = blocks_to_drop(layers, n, where)
     kept = [i for i in range(layers) if i not in gone]

@@ -11,7 +11,7 @@ from torch import nn
 
 from o2mcli.errors import O2MError
 from o2mcli.models.denoise import predict
-from o2mcli.models.io import build_unet
+from o2mcli.models.io import build_denoiser
 from o2mcli.models.stats import count_block_params
 from o2mcli.pruning.pruners.base import Pruner
 from o2mcli.pruning.surgery import attribute_mismatches, check_prunable, prune_uniform
@@ -43,7 +43,7 @@ class UNet2DPruner(Pruner):
 
     def rebuild(self, pruned: nn.Module, new_cfg: dict[str, Any], where: Path) -> nn.Module:
         """Rebuild the pruned UNet from its new config with plain diffusers and check it is the same model."""
-        plain = build_unet(new_cfg, pruned.state_dict(), where)  # load_state_dict copies: no aliasing
+        plain = build_denoiser(new_cfg, pruned.state_dict(), where)  # load_state_dict copies: no aliasing
         bad = attribute_mismatches(pruned, plain)
         if bad:
             raise RuntimeError(f"pruned model differs from its diffusers config: {bad[0]} ({len(bad)} differences)")
