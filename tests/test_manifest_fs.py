@@ -70,7 +70,7 @@ def test_contained_refuses_symlink_out(tmp_path: Path) -> None:
 def test_manifest_round_trip_and_verification(tmp_path: Path) -> None:
     out = _stage(tmp_path)
     man = read_manifest(out)
-    assert man.kind == "samples" and man.schema_version == 1
+    assert man.kind == "samples" and man.schema_version == 2
     assert {a.path for a in man.artifacts} == {"a.txt", "sub/b.bin"}
     assert set(man.versions) >= {"o2m", "torch", "diffusers"}
     require_kind(man, out, ("samples",))
