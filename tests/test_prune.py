@@ -307,3 +307,17 @@ def test_shipped_teacher_prunes(in_tmp: Path) -> None:
     s = read_manifest(in_tmp / "template").summary
     assert s["template"]["block_out_channels"] == [16, 32, 32]
     assert s["attention_heads"]["down_blocks.1.attentions.0"] == [8, 4]
+
+
+def test_block_removal_is_a_capability_a_family_declares(tiny_model_file: Path, in_tmp: Path) -> None:
+    """--blocks and --drop-blocks are what a family's pruner declares (block_variants, drops_blocks), not methods every
+    pruner carries: a pixel UNet offers neither, and the refusal names the families that do."""
+    from o2mcli.pruning.pruners import PRUNERS, Pruner
+
+    assert not hasattr(Pruner, "drop_blocks") and not hasattr(Pruner, "remove_blocks")
+    assert [p.family for p in PRUNERS.values() if p.drops_blocks] == ["DiTTransformer2DModel"]
+    assert_refused(cli("prune", str(tiny_model_file), "--blocks", "bk-base", "--no-throughput", "-o", "out"),
+                   "no block-removal variants", "applies to UNet2DConditionModel")
+    assert_refused(cli("prune", str(tiny_model_file), "--drop-blocks", "1", "--no-throughput", "-o", "out"),
+                   "no stack of equal blocks", "applies to DiTTransformer2DModel")
+    assert not (in_tmp / "out").exists()

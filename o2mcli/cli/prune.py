@@ -23,6 +23,7 @@ def prune(**given: Any) -> None:
     from o2mcli.chain import find_newest_model
     from o2mcli.outputs import default_output
     from o2mcli.manifest import read_manifest
+    from o2mcli.pruning.pruners import pruner_for
     from o2mcli.stages.prune import run_prune
 
     values = config_values(PruneConfig, given)
@@ -31,11 +32,12 @@ def prune(**given: Any) -> None:
     if "out" not in values:
         values["out"] = default_output(Path("."), "template")
     path = run_prune(PruneConfig(**values))
-    typer.echo(report_text(read_manifest(path, verify=False).summary, path))
+    man = read_manifest(path, verify=False)
+    typer.echo(report_text(man.summary, path, pruner_for(man.models[0].denoiser_config, path)))
 
 
-def report_text(s: dict, path: Path) -> str:
-    """The command's report: totals, per-block table, throughput."""
+def report_text(s: dict, path: Path, pruner: Any) -> str:
+    """The command's report: totals, per-block table (widths as the family's pruner counts them), throughput."""
     t, m = s["teacher"], s["template"]
     lines = [f"wrote {path}: " + ", ".join(
         ([f"blocks {s['block_removal']['variant']}"] if "block_removal" in s else [])
@@ -46,18 +48,13 @@ def report_text(s: dict, path: Path) -> str:
         removed = s["block_removal"]["removed"]
         lines.append(f"  removed {len(removed)} teacher layers or blocks: {', '.join(removed[:4])}"
                      + (f", ... ({len(removed) - 4} more; all in the manifest)" if len(removed) > 4 else ""))
-    if "block_out_channels" in t:
-        lines.append(f"  block_out_channels {t['block_out_channels']} -> {m['block_out_channels']}")
-    else:  # a DiT: heads (and with them the width and MLP), and depth
-        lines.append(f"  heads {t['num_attention_heads']} -> {m['num_attention_heads']}, width {t['width']} -> "
-                     f"{m['width']}, MLP {t['mlp_width']} -> {m['mlp_width']}, blocks {t['num_layers']} -> "
-                     f"{m['num_layers']}")
+    lines.append(f"  {pruner.widths_line(t, m)}")
     lines.append(f"  params {t['params'] / 1e6:.3f}M -> {m['params'] / 1e6:.3f}M ({s['params_ratio']:.1%}),  "
                  f"MACs {t['macs'] / 1e9:.4f}G -> {m['macs'] / 1e9:.4f}G ({s['macs_ratio']:.1%})")
     names = [b["block"] if "student_block" not in b or b.get("student_block") == b["block"]
              else f"{b['block']}>{b.get('student_block') or '-'}" for b in s["blocks"]]
     w = max([16] + [len(n) + 1 for n in names])  # DiT's transformer_blocks.N>transformer_blocks.M are long
-    lines.append(f"  {'block':<{w}}{'channels' if 'block_out_channels' in t else 'heads':>12}{'params kept':>13}"
+    lines.append(f"  {'block':<{w}}{pruner.width_unit:>12}{'params kept':>13}"
                  f"{'MACs kept':>11}")
     for name, b in zip(names, s["blocks"]):
         ch = b.get("channels", b.get("heads", [None]))

@@ -181,11 +181,13 @@ def make_template(teacher: torch.nn.Module, *, blocks: Optional[str] = None, dro
     ``gradients(student)`` fills the gradients a criterion needs (Taylor) and returns summary fields."""
     from o2mcli.models.io import denoiser_config_of
     from o2mcli.pruning.importance import get_importance
-    from o2mcli.pruning.pruners import pruner_for
+    from o2mcli.pruning.pruners import PRUNERS, pruner_for
+    from o2mcli.pruning.pruners.base import check_capability
 
     tcfg = denoiser_config_of(teacher)
     pruner = pruner_for(tcfg, where)
     pruner.check(tcfg, where)
+    check_capability(pruner, PRUNERS.values(), blocks, drop_blocks, where)
     removal, base = None, teacher
     if blocks is not None:
         base, removal = pruner.remove_blocks(teacher, blocks, where)

@@ -16,8 +16,13 @@ class Pruner:
     """Channel pruning for one model family (``family`` is its diffusers ``_class_name``)."""
 
     family: ClassVar[str]
-    # Named block-removal variants (``--blocks``) this family offers; none by default.
+    # Capabilities a family declares (the stage asks these, never the family's name):
+    # named block-removal variants (``--blocks``: ``remove_blocks``), none by default;
     block_variants: ClassVar[tuple[str, ...]] = ()
+    # whether it drops whole blocks of an equal stack (``--drop-blocks``: ``drop_blocks``, ``removal_summary``);
+    drops_blocks: ClassVar[bool] = False
+    # what its widths are counted in, per block (the report's column): channels, or attention heads.
+    width_unit: ClassVar[str] = "channels"
 
     def check(self, cfg: dict[str, Any], where: Path) -> None:
         """Refuse, by name, a configuration of the family this pruner does not handle."""
@@ -40,18 +45,32 @@ class Pruner:
         """Params, MACs and widths per block, teacher against template, for the manifest."""
         raise NotImplementedError
 
-    def remove_blocks(self, model: nn.Module, variant: str, where: Path) -> tuple[nn.Module, Any]:
-        """A shallower student built from the family's config and initialized from ``model``'s remaining blocks,
-        and a record of what was removed (``--blocks``). Families without variants refuse by name."""
-        raise O2MError(f"{where}: --blocks {variant}: a {self.family} has no block-removal variants (BK-SDM's "
-                       "bk-base, bk-small and bk-tiny apply to Stable Diffusion's UNet2DConditionModel)")
+    def widths_line(self, teacher: dict, template: dict) -> str:
+        """The report's line of the widths that changed, from the summary's teacher and template records."""
+        return f"block_out_channels {teacher['block_out_channels']} -> {template['block_out_channels']}"
 
-    def drop_blocks(self, model: nn.Module, n: int, where: Path) -> tuple[nn.Module, Any]:
-        """A shallower student without ``n`` whole blocks (``--drop-blocks``, DiT); other families refuse by name."""
-        raise O2MError(f"{where}: --drop-blocks {n}: a {self.family} has no stack of equal blocks to drop from "
-                       "(--drop-blocks applies to DiTTransformer2DModel; Stable Diffusion UNets take --blocks)")
+    # Declared by the families that have them (``block_variants``, ``drops_blocks``):
+    #   remove_blocks(model, variant, where) -> (a shallower student built from the family's config, initialized
+    #       from ``model``'s remaining blocks; a record of what was removed);
+    #   drop_blocks(model, n, where) -> (a student without ``n`` whole blocks; its record);
+    #   removal_summary(teacher, shallow, template, removal, slim) -> the summary of a ``drop_blocks`` removal.
 
-    def removal_summary(self, teacher: nn.Module, shallow: nn.Module, template: nn.Module, removal: Any,
-                        slim: Optional[dict]) -> dict:
-        """The summary of a ``drop_blocks`` removal (and of the slimming after it, if any)."""
-        raise NotImplementedError
+
+def offered(pruners: Any, has: Callable[[Any], bool]) -> str:
+    """The families whose pruner ``has`` a capability, for a refusal ("DiTTransformer2DModel", or "none")."""
+    names = [p.family for p in pruners if has(p)]
+    return ", ".join(names) or "none"
+
+
+def check_capability(pruner: Pruner, pruners: Any, blocks: Optional[str], drop_blocks: Optional[int],
+                     where: Path) -> None:
+    """Refuse ``--blocks``/``--drop-blocks`` a family does not offer, naming the families that do."""
+    if blocks is not None and blocks not in pruner.block_variants:
+        mine = f"its patterns are {', '.join(pruner.block_variants)}" if pruner.block_variants else \
+            "it has no block-removal variants"
+        raise O2MError(f"{where}: --blocks {blocks}: a {pruner.family}'s {mine} (--blocks {blocks} applies to "
+                       f"{offered(pruners, lambda p: blocks in p.block_variants)})")
+    if drop_blocks is not None and not pruner.drops_blocks:
+        raise O2MError(f"{where}: --drop-blocks {drop_blocks}: a {pruner.family} has no stack of equal blocks to "
+                       f"drop from (--drop-blocks applies to {offered(pruners, lambda p: p.drops_blocks)}; block "
+                       f"patterns, --blocks, to {offered(pruners, lambda p: bool(p.block_variants))})")

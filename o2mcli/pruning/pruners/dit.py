@@ -302,6 +302,15 @@ class DiTPruner(Pruner):
     """Head (and width) pruning and block dropping of a ``DiTTransformer2DModel``."""
 
     family = FAMILY
+    drops_blocks = True
+    width_unit = "heads"
+
+    def widths_line(self, teacher: dict, template: dict) -> str:
+        """Heads (and with them the width and MLP), and depth."""
+        t, m = teacher, template
+        return (f"heads {t['num_attention_heads']} -> {m['num_attention_heads']}, width {t['width']} -> "
+                f"{m['width']}, MLP {t['mlp_width']} -> {m['mlp_width']}, blocks {t['num_layers']} -> "
+                f"{m['num_layers']}")
 
     def check(self, cfg: dict[str, Any], where: Path) -> None:
         from o2mcli.models.families.dit import check_dit_config
