@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -118,6 +118,27 @@ def _unit(key: str) -> str:
     return m.group(0) if m is not None else key.split(".")[0]
 
 
+def map_tensors(plan: BlockRemoval, teacher: dict[str, tuple[int, ...]], student: dict[str, tuple[int, ...]],
+                source: Callable[[str], str], unit: Callable[[str], str]) -> set[str]:
+    """Fill ``plan``'s tensor and layer maps: every student tensor from the same-shaped teacher tensor ``source``
+    names, and every tensor of a kept teacher layer (``unit``) used. A gap is a bug in the pattern (RuntimeError).
+    Returns the kept teacher layers. Shared by every block-removal pattern (BK-SDM's here, SDXL's)."""
+    for k, shape in student.items():
+        src = source(k)
+        if teacher.get(src) != shape:
+            raise RuntimeError(f"--blocks {plan.variant}: student tensor {k} {shape} has no same-shaped teacher "
+                               f"tensor ({src}: {teacher.get(src)})")
+        plan.key_map[k] = src
+        plan.layer_map.setdefault(unit(k), unit(src))
+    used = set(plan.key_map.values())
+    kept = set(plan.layer_map.values())
+    for k in teacher:
+        if unit(k) in kept and k not in used:
+            raise RuntimeError(f"--blocks {plan.variant}: teacher tensor {k} of a kept layer has no place in the "
+                               "student")
+    return kept
+
+
 def plan_blocks(cfg: dict[str, Any], variant: str, where: Path) -> BlockRemoval:
     """The whole plan from the teacher's config alone (models built on the meta device: no memory, so it serves the
     SD-sized benchmark too). Every student tensor must map to a teacher tensor of the same shape."""
@@ -128,18 +149,7 @@ def plan_blocks(cfg: dict[str, Any], variant: str, where: Path) -> BlockRemoval:
     teacher = {k: tuple(v.shape) for k, v in reference_unet(cfg).state_dict().items()}
     student = {k: tuple(v.shape) for k, v in reference_unet(new_cfg).state_dict().items()}
     plan = BlockRemoval(variant=variant, config=new_cfg)
-    for k, shape in student.items():
-        src = teacher_layer(k, off)
-        if teacher.get(src) != shape:
-            raise RuntimeError(f"--blocks {variant}: student tensor {k} {shape} has no same-shaped teacher tensor "
-                               f"({src}: {teacher.get(src)})")
-        plan.key_map[k] = src
-        plan.layer_map.setdefault(_unit(k), _unit(src))
-    used = set(plan.key_map.values())
-    kept_units = set(plan.layer_map.values())
-    for k in teacher:
-        if _unit(k) in kept_units and k not in used:
-            raise RuntimeError(f"--blocks {variant}: teacher tensor {k} of a kept layer has no place in the student")
+    kept_units = map_tensors(plan, teacher, student, lambda k: teacher_layer(k, off), _unit)
     gone = sorted({_unit(k) for k in teacher} - kept_units, key=_natural)
     plan.removed = _collapse(gone, {_unit(k) for k in teacher})
     plan.block_map, plan.feature_pairs, plan.notes = _block_maps(new_cfg, off, variant)

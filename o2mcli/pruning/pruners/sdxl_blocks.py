@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.pruning.blocks import BlockRemoval
+from o2mcli.pruning.blocks import BlockRemoval, map_tensors
 
 FULL = -1  # in a pattern: the teacher's whole transformer stack is kept
 
@@ -290,18 +290,7 @@ def sdxl_removal_config(cfg: dict[str, Any], variant: str, where: Path | str) ->
     student = {k: tuple(v.shape) for k, v in _build(new_cfg).state_dict().items()}
     source = _sources(cfg, new_cfg, variant)
     plan = BlockRemoval(variant=variant, config=new_cfg)
-    for k, shape in student.items():
-        src = source(k)
-        if teacher.get(src) != shape:
-            raise RuntimeError(f"--blocks {variant}: student tensor {k} {shape} has no same-shaped teacher tensor "
-                               f"({src}: {teacher.get(src)})")
-        plan.key_map[k] = src
-        plan.layer_map.setdefault(_unit(k), _unit(src))
-    used = set(plan.key_map.values())
-    kept = set(plan.layer_map.values())
-    for k in teacher:
-        if _unit(k) in kept and k not in used:
-            raise RuntimeError(f"--blocks {variant}: teacher tensor {k} of a kept layer has no place in the student")
+    kept = map_tensors(plan, teacher, student, source, _unit)
     units = {_unit(k) for k in teacher}
     plan.removed = _collapse(units - kept, units)
     plan.block_map = {b: b for b in ([f"down_blocks.{i}" for i in range(3)] +
