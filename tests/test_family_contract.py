@@ -21,7 +21,7 @@ import torch
 from conftest import assert_refused, cli, ok, tiny_scheduler, tiny_teacher_file
 from dit_tiny import tiny_dit
 from o2mcli.models.denoise import input_shape, predict
-from o2mcli.models.families import FAMILIES
+from o2mcli.models.families import FAMILIES, PIPELINES
 from o2mcli.models.io import load_model, save_model_file
 
 RECORD = {"type": "class", "classes": list("0123456789"), "null_class": 10, "label_dropout": 0.1}
@@ -85,6 +85,13 @@ def _sd2_v(root: Path) -> Path:
 
     _text_data(root)
     return _sd_v(root / "sd")
+
+
+def _sdxl(root: Path) -> Path:
+    from sdxl_tiny import save_tiny_sdxl
+
+    _text_data(root)
+    return save_tiny_sdxl(root / "sdxl")
 
 
 # 2. The table ------------------------------------------------------------------------------------------------------
@@ -162,6 +169,8 @@ CASES = [
          wrong_sample=(PROMPT_FOR_PIXEL, CLASS_OUT_OF_RANGE), deepcache=False, **PIXEL),
     Case("sd1-text", build=_sd1, prediction_type="epsilon", learned_variance=False, **TEXT),
     Case("sd2-v-text", build=_sd2_v, prediction_type="v_prediction", learned_variance=False, **TEXT),
+    Case("sdxl-text", build=_sdxl, prediction_type="epsilon", learned_variance=False,
+         **{**TEXT, "export_class": "StableDiffusionXLPipeline"}),
 ]
 """The contract's rows, one per (family, conditioning or parametrization) o2m serves. To add one, write its tiny
 teacher's ``build`` function and append a ``Case`` (its docstring lists the fields); every check then runs on it."""
@@ -269,6 +278,9 @@ def test_every_served_family_has_a_case() -> None:
     missing = served - {c.family for c in CASES}
     assert not missing, f"families without a contract row (add a Case to CASES): {sorted(missing)}"
     assert {c.family for c in CASES} <= set(FAMILIES), "a row names a family o2m does not register"
+    # and every pipeline format (SD, SDXL: a codec of their own) exports in some row
+    missing = set(PIPELINES) - {c.export_class for c in CASES}
+    assert not missing, f"pipeline formats without a contract row (add a Case to CASES): {sorted(missing)}"
     assert len(set(IDS)) == len(IDS)
 
 
