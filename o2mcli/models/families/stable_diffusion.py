@@ -24,6 +24,7 @@ from o2mcli.models.families.base import build_from_config
 
 PIPELINE = "StableDiffusionPipeline"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ENCODERS = (("text_encoder", "tokenizer"),)  # each text encoder's folder and its tokenizer's
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 # A tokenizer whose vocabulary is smaller than a byte-level BPE's alphabet cannot spell prompts (CLIP's has 49408)
@@ -55,6 +56,7 @@ class SDParts(Codec):
     scheduler_config: dict[str, Any]
     hashes: dict[str, str] = field(default_factory=dict)
     latent = True
+    encoders = ENCODERS  # (text encoder, tokenizer) folders, in the order their hashes and files are handled
 
     @property
     def factor(self) -> int:
@@ -90,8 +92,8 @@ class SDParts(Codec):
         return self
 
     def cache_record(self) -> dict[str, Any]:
-        return {"vae": self.hashes["vae"], "text_encoder": self.hashes["text_encoder"],
-                "tokenizer": self.hashes["tokenizer"], "latent": "posterior mean"}
+        parts = ["vae", *(name for pair in self.encoders for name in pair)]
+        return {**{p: self.hashes[p] for p in parts}, "latent": "posterior mean"}
 
     def make_pipeline(self, unet: nn.Module, scheduler: Any) -> Any:
         """A ``StableDiffusionPipeline`` of ``unet`` and these parts (no safety checker: o2m's students are research
@@ -106,20 +108,21 @@ class SDParts(Codec):
                                        requires_safety_checker=False)
 
     def copy_parts(self, folder: Path) -> None:
-        """The VAE, text encoder and tokenizer files copied byte for byte into an export: they are unchanged, and
-        transformers re-serialises a tokenizer with its load arguments (``local_files_only``), which would change
+        """The VAE, text encoder(s) and tokenizer(s) files copied byte for byte into an export: they are unchanged,
+        and transformers re-serialises a tokenizer with its load arguments (``local_files_only``), which would change
         its sha256. So the export's parts hash as the teacher's, and it serves as ``--pipeline`` for any other
         student of that teacher."""
         import shutil
 
         src = Path(self.root)
-        for part in ("vae", "text_encoder"):
+        for part in ("vae", *(enc for enc, _ in self.encoders)):
             for name in ("config.json", WEIGHTS[part]):
                 shutil.copyfile(src / part / name, folder / part / name)
-        shutil.rmtree(folder / "tokenizer")
-        (folder / "tokenizer").mkdir()
-        for f in sorted(p for p in (src / "tokenizer").iterdir() if p.is_file()):
-            shutil.copyfile(f, folder / "tokenizer" / f.name)
+        for _, tok in self.encoders:
+            shutil.rmtree(folder / tok)
+            (folder / tok).mkdir()
+            for f in sorted(p for p in (src / tok).iterdir() if p.is_file()):
+                shutil.copyfile(f, folder / tok / f.name)
 
 
 def _json(path: Path) -> Any:
@@ -376,11 +379,14 @@ def tokenizer_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def aux_hashes(root: Path) -> dict[str, str]:
-    """The sha256 of the parts around the UNet (VAE, text encoder, tokenizer): what a student refers to."""
-    return {"vae": sha256_file(_weights_path(root / "vae", "vae")),
-            "text_encoder": sha256_file(_weights_path(root / "text_encoder", "text_encoder")),
-            "tokenizer": tokenizer_digest(root / "tokenizer")}
+def aux_hashes(root: Path, encoders: Sequence[tuple[str, str]] = ENCODERS) -> dict[str, str]:
+    """The sha256 of the parts around the UNet (the VAE, each text encoder and its tokenizer): what a student refers
+    to."""
+    out = {"vae": sha256_file(_weights_path(root / "vae", "vae"))}
+    for enc, tok in encoders:
+        out[enc] = sha256_file(_weights_path(root / enc, enc))
+        out[tok] = tokenizer_digest(root / tok)
+    return out
 
 
 def text_conditioning(root: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ pipeline sets ``force_zeros_for_empty_prompt`` (SDXL's unconditional branch). Ti
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,11 +21,10 @@ import torch
 from torch import nn
 
 from o2mcli.errors import O2MError
-from o2mcli.fsutil import sha256_file
 from o2mcli.models.condition import Condition
 from o2mcli.models.conditioning import pipeline_record
 from o2mcli.models.families.base import build_from_config
-from o2mcli.models.families.stable_diffusion import (SDParts, _checked, _json, _load_text, _text_config,
+from o2mcli.models.families.stable_diffusion import (SDParts, _checked, aux_hashes, _json, _load_text, _text_config,
                                                      _unet_config, _vae_config, _weights_path, check_tokenizer,
                                                      load_tokenizer, tokenizer_digest)
 
@@ -126,11 +124,7 @@ def check_xl_unets_fit(root: Path, models: Sequence[tuple[Any, Path | str]], tex
 
 def xl_hashes(root: Path) -> dict[str, str]:
     """The sha256 of the parts around the UNet: what a student refers to."""
-    out = {"vae": sha256_file(_weights_path(root / "vae", "vae"))}
-    for enc, tok in ENCODERS:
-        out[enc] = sha256_file(_weights_path(root / enc, enc))
-        out[tok] = tokenizer_digest(root / tok)
-    return out
+    return aux_hashes(root, ENCODERS)
 
 
 def xl_conditioning(root: Path) -> dict[str, Any]:
@@ -146,6 +140,7 @@ class SDXLParts(SDParts):
     text_encoder_2: nn.Module = None  # type: ignore[assignment]
     tokenizer_2: Any = None
     force_zeros: bool = True  # the empty prompt's condition is zeros (SDXL's unconditional branch)
+    encoders = ENCODERS
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -190,10 +185,6 @@ class SDXLParts(SDParts):
         self.text_encoder_2.to(device)
         return self
 
-    def cache_record(self) -> dict[str, Any]:
-        return {**super().cache_record(), "text_encoder_2": self.hashes["text_encoder_2"],
-                "tokenizer_2": self.hashes["tokenizer_2"]}
-
     def make_pipeline(self, unet: nn.Module, scheduler: Any) -> Any:
         """A ``StableDiffusionXLPipeline`` of ``unet`` and these parts."""
         from diffusers import StableDiffusionXLPipeline
@@ -205,17 +196,6 @@ class SDXLParts(SDParts):
                                          tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
                                          force_zeros_for_empty_prompt=self.force_zeros)
 
-    def copy_parts(self, folder: Path) -> None:
-        """The VAE, encoders and tokenizers copied byte for byte into an export (they hash as the teacher's)."""
-        src = Path(self.root)
-        for part in ("vae", "text_encoder", "text_encoder_2"):
-            for name in ("config.json", _weights_path(src / part, part).name):
-                shutil.copyfile(src / part / name, folder / part / name)
-        for tok in ("tokenizer", "tokenizer_2"):
-            shutil.rmtree(folder / tok)
-            (folder / tok).mkdir()
-            for f in sorted(p for p in (src / tok).iterdir() if p.is_file()):
-                shutil.copyfile(f, folder / tok / f.name)
 
 
 def load_xl_parts(path: Path, device: torch.device | str = "cpu", unet: bool = True,
