@@ -166,8 +166,8 @@ def _use_timesteps(sched, wanted: list[float]) -> None:
         sched.set_timesteps(timesteps=[int(round(t)) for t in wanted])
         return
     if hasattr(sched, "sigmas") and hasattr(sched, "alphas_cumprod"):
-        acp = sched.alphas_cumprod.double().cpu().numpy()
-        table = ((1 - acp) / acp) ** 0.5
+        acp = sched.alphas_cumprod.cpu()
+        table = (((1 - acp) / acp) ** 0.5).numpy()  # float32, as theirs
         sigmas = np.interp(np.asarray(wanted, dtype=np.float64), np.arange(len(table)), table)
         sched.sigmas = torch.cat([torch.from_numpy(sigmas).to(sched.sigmas.dtype), sched.sigmas[-1:].cpu()])
     sched.timesteps = torch.tensor(wanted, dtype=torch.float64).to(dtype)
