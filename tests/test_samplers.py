@@ -82,6 +82,38 @@ def test_make_scheduler_builds_the_named_scheduler_without_variance_type(name: s
     assert getattr(sched.config, "variance_type", None) is None
 
 
+NEW_BAD_FIELDS = [("interpolation_type", "cubic"), ("timestep_type", "continuous"), ("disable_corrector", "all"),
+                  ("disable_corrector", [-1]), ("solver_p", {"_class_name": "DDIMScheduler"}), ("sigma_min", 0),
+                  ("sigma_max", float("inf")), ("predict_x0", "yes")]
+
+
+@pytest.mark.parametrize("key,value", NEW_BAD_FIELDS, ids=[f"{k}={v!r}" for k, v in NEW_BAD_FIELDS])
+def test_fields_the_new_samplers_read_are_checked_by_name(key: str, value) -> None:
+    from o2mcli.errors import O2MError
+    from o2mcli.models.configs import check_scheduler_config
+
+    with pytest.raises(O2MError, match=f"where: scheduler config {key}"):
+        check_scheduler_config({**scheduler_config(), key: value}, Path("where"))
+
+
+def test_a_config_a_scheduler_rejects_when_setting_its_steps_is_one_line() -> None:
+    """Past the load-time checks (a config built in code), diffusers' own refusal is an O2MError naming the sampler."""
+    from o2mcli.diffusion.sampler import denoise
+    from o2mcli.errors import O2MError
+
+    with pytest.raises(O2MError, match="--scheduler euler: .*cubic"):
+        denoise(tiny_unet(), "euler", {**scheduler_config(), "interpolation_type": "cubic"}, 2, torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_configs_diffusers_writes_for_each_sampler_are_accepted(name: str) -> None:
+    """A pipeline that ships any of these schedulers' saved configs loads (SDXL ships Euler's, SD 1.x PNDM's)."""
+    from o2mcli.models.configs import check_scheduler_config
+
+    cfg = {k: v for k, v in plain_scheduler(name, scheduler_config()).config.items() if k != "_use_default_values"}
+    assert check_scheduler_config({"_class_name": "X", **cfg}, Path("w")) == 1000
+
+
 # 2. Timesteps: inside [0, T), distinct unless by design, step i is timestep i ------------------------------------
 
 CONFIGS = {"o2m's DDPM": {}, "SD 1.x (leading, offset 1)": {"timestep_spacing": "leading", "steps_offset": 1},

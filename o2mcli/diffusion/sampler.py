@@ -80,7 +80,11 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
     # (measured on the digits teacher, whichever sampler hit them); flushing them changes nothing visible.
     torch.set_flush_denormal(True)
     sched = make_scheduler(scheduler_name, scheduler_config)
-    set_steps(sched, steps)
+    try:
+        set_steps(sched, steps)
+    except (NotImplementedError, ValueError) as e:  # a config field this scheduler reads only when it sets its steps
+        raise O2MError(f"--scheduler {scheduler_name}: the model's scheduler config does not fit it ({e}); "
+                       "try --scheduler ddpm") from e
     c = noise.shape[1]
     keep_var = uses_learned_variance(scheduler_name, scheduler_config)
     device = noise.device
