@@ -42,7 +42,8 @@ def test_sampling_benchmark_times_every_sampler() -> None:
 def test_sampling_benchmark_takes_the_new_samplers_on_digits_only() -> None:
     res = subprocess.run([sys.executable, str(BENCH / "bench_sampling.py"), "--only", "digits", "--steps", "2",
                           "--batch", "2", "--repeats", "1", "--device", "cpu", "--deepcache", "", "--json",
-                          "--samplers", "ddim,pndm,euler-a,dpm++2m-karras"], capture_output=True, text=True, timeout=300)
+                          "--samplers", "ddim,pndm,euler-a,dpm++2m-karras"],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(res.stdout)["rows"]
     assert [(r["model"], r["sampler"]) for r in rows] == [("digits teacher (shipped)", s)

@@ -110,8 +110,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "si
 
 
 # The other scheduler-config fields that o2m's samplers (diffusers' DDPM, DDIM, PNDM, Euler, Euler ancestral, UniPC
-# and DPM-Solver++ schedulers) or o2m itself read, and what each may be: a value outside these crashes diffusers mid-sampling (an index past T, a
-# quantile outside [0, 1]) or silently changes what the model means.
+# and DPM-Solver++ schedulers) or o2m itself read, and what each may be: a value outside these crashes diffusers
+# mid-sampling (an index past T, a quantile outside [0, 1]) or silently changes what the model means.
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 SCHED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                         "learned_range")  # diffusers' names; the reverse step refuses the ones it cannot reproduce
