@@ -1,4 +1,4 @@
-"""Samplers from diffusers, built from a model's DDPM scheduler config."""
+"""Samplers from diffusers, built from a model's scheduler config: the ``--scheduler`` names (``SAMPLERS``)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def _pndm(cfg: dict[str, Any]):
 
 
 def _euler(cfg: dict[str, Any]):
-    """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 1 with Euler steps)."""
+    """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 1 without its second-order
+    correction)."""
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler.from_config(cfg)
@@ -50,7 +51,7 @@ def _euler_ancestral(cfg: dict[str, Any]):
 
 
 def _unipc(cfg: dict[str, Any]):
-    """UniPC: the unified predictor-corrector of order 2, bh2 (Zhao et al. 2023, Algorithms 2 and 3)."""
+    """UniPC: the unified predictor-corrector of order 2, with B(h) = e^h - 1 ("bh2"; Zhao et al. 2023)."""
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler.from_config(cfg)
