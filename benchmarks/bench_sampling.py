@@ -4,6 +4,11 @@ Random weights for CIFAR10 (no download); the digits teacher is the shipped one.
 comes from this one run on this one device, so the ratios between rows are what to compare.
 
     python benchmarks/bench_sampling.py [--device auto] [--steps 10] [--batch 16] [--samplers ddim,ddpm,dpm++]
+                                        [--only digits|cifar10]
+
+``--samplers`` takes any ``o2m sample --scheduler`` names (ddpm, ddim, pndm, euler, euler-a, unipc, dpm++2m or its
+alias dpm++, dpm++2m-karras). UNet forwards per second count the model calls a run makes: PNDM makes one more than
+its steps (its second timestep twice).
 
 Each sampler's cost per step is also given as a ratio to DDIM's on the same model, measured in the
 same run: a sampler whose per-step cost regresses (DPM-Solver++ once ran 20x DDIM's on CPU) shows there.
@@ -26,6 +31,7 @@ from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.devices import resolve_device
 from o2mcli.diffusion.deepcache import DeepCacheSpec, average_macs, scheduled_calls
 from o2mcli.diffusion.sampler import measure_throughput
+from o2mcli.diffusion.schedulers import SAMPLERS, make_scheduler, set_steps
 from o2mcli.models import load_model
 from o2mcli.models.configs import DDPM_CIFAR10_32, scheduler_config
 from o2mcli.models.stats import count_deepcache_macs, count_macs, count_params
@@ -39,7 +45,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling run")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--samplers", default="ddim,ddpm,dpm++", help="comma-separated; the first is the ratio's base")
+    ap.add_argument("--samplers", default="ddim,ddpm,dpm++", help="comma-separated --scheduler names (any of "
+                    f"{', '.join(SAMPLERS)}); the first is the ratio's base")
+    ap.add_argument("--only", choices=["digits", "cifar10"], help="one model only (default: both)")
     ap.add_argument("--deepcache", default="3", help="comma-separated DeepCache intervals N ('' for none)")
     ap.add_argument("--cache-branch", type=int, default=0, help="DeepCache's branch B")
     ap.add_argument("--json", action="store_true")
@@ -49,10 +57,17 @@ def main() -> None:
 
     from diffusers import UNet2DModel
 
-    teacher = load_model(BUILTIN_MODELS["digits-teacher"], device)
-    rows = [("digits teacher (shipped)", teacher.unet, teacher.scheduler_config),
-            ("ddpm-cifar10-32 config (random)", UNet2DModel(**CIFAR10).eval().to(device), scheduler_config("fixed"))]
     samplers = [x.strip() for x in args.samplers.split(",") if x.strip()]
+    unknown = [x for x in samplers if x not in SAMPLERS]
+    if unknown or not samplers:  # stop before any model is built
+        ap.error(f"--samplers {args.samplers!r}: choose from {', '.join(SAMPLERS)}")
+    rows = []
+    if args.only in (None, "digits"):
+        teacher = load_model(BUILTIN_MODELS["digits-teacher"], device)
+        rows.append(("digits teacher (shipped)", teacher.unet, teacher.scheduler_config))
+    if args.only in (None, "cifar10"):
+        rows.append(("ddpm-cifar10-32 config (random)", UNet2DModel(**CIFAR10).eval().to(device),
+                     scheduler_config("fixed")))
     intervals = [int(x) for x in args.deepcache.split(",") if x.strip()]
     out, cached = [], []
     for name, unet, sched in rows:
@@ -60,9 +75,12 @@ def main() -> None:
         for sampler in samplers:
             tp = measure_throughput(unet, sampler, sched, args.steps, args.batch, device, repeats=args.repeats)
             base = base or tp["images_per_s"]
+            steps_taken = make_scheduler(sampler, sched)
+            set_steps(steps_taken, args.steps)
+            calls = len(steps_taken.timesteps)  # model calls per run (PNDM: steps + 1)
             out.append({"model": name, "sampler": sampler, "params_M": count_params(unet) / 1e6,
                         "MACs_G": count_macs(unet) / 1e9, "images_per_s": tp["images_per_s"],
-                        "forwards_per_s": tp["images_per_s"] * args.steps / args.batch,
+                        "forwards_per_s": tp["images_per_s"] * calls / args.batch, "model_calls": calls,
                         "step_cost_vs_first": base / tp["images_per_s"], "steps": args.steps, "batch": args.batch})
         full, partial = count_macs(unet), count_deepcache_macs(unet, args.cache_branch) if intervals else 0
         if intervals:  # plain again, right before the cached runs: the speed-up compares neighbours in time
@@ -86,10 +104,11 @@ def main() -> None:
         print(json.dumps({"machine": info, "rows": out, "deepcache": cached}, indent=2))
         return
     print(header(info, f"{args.steps} sampler steps, batch {args.batch}"))
-    print(f"| {'model':34s} | sampler | params (M) | MACs (G) | img/s   | UNet forwards/s | step cost vs {samplers[0]} |")
-    print(f"|{'-' * 36}|---------|-----------:|---------:|--------:|----------------:|-------------------:|")
+    print(f"| {'model':34s} | {'sampler':14s} | params (M) | MACs (G) | img/s   | UNet forwards/s | "
+          f"step cost vs {samplers[0]} |")
+    print(f"|{'-' * 36}|{'-' * 16}|-----------:|---------:|--------:|----------------:|-------------------:|")
     for r in out:
-        print(f"| {r['model']:34s} | {r['sampler']:7s} | {r['params_M']:10.2f} | {r['MACs_G']:8.3f} | "
+        print(f"| {r['model']:34s} | {r['sampler']:14s} | {r['params_M']:10.2f} | {r['MACs_G']:8.3f} | "
               f"{r['images_per_s']:7.2f} | {r['forwards_per_s']:15.2f} | {r['step_cost_vs_first']:17.2f}x |")
 
     if cached:

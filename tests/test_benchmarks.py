@@ -39,6 +39,18 @@ def test_sampling_benchmark_times_every_sampler() -> None:
     assert all(r["partial_MACs_G"] < r["avg_MACs_G"] < r["full_MACs_G"] and r["speedup"] > 0 for r in cached)
 
 
+def test_sampling_benchmark_takes_the_new_samplers_on_digits_only() -> None:
+    res = subprocess.run([sys.executable, str(BENCH / "bench_sampling.py"), "--only", "digits", "--steps", "2",
+                          "--batch", "2", "--repeats", "1", "--device", "cpu", "--deepcache", "", "--json",
+                          "--samplers", "ddim,pndm,euler-a,dpm++2m-karras"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["model"], r["sampler"]) for r in rows] == [("digits teacher (shipped)", s)
+                                                          for s in ("ddim", "pndm", "euler-a", "dpm++2m-karras")]
+    assert [r["model_calls"] for r in rows] == [2, 3, 2, 2]  # PNDM runs its second timestep twice
+
+
 def test_sdxl_benchmark_runs_tiny() -> None:
     import os
 

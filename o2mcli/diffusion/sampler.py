@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -79,10 +80,17 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
     # (measured on the digits teacher, whichever sampler hit them); flushing them changes nothing visible.
     torch.set_flush_denormal(True)
     sched = make_scheduler(scheduler_name, scheduler_config)
-    set_steps(sched, steps)
+    try:
+        set_steps(sched, steps)
+    except (NotImplementedError, ValueError) as e:  # a config field this scheduler reads only when it sets its steps
+        raise O2MError(f"--scheduler {scheduler_name}: the model's scheduler config does not fit it ({e}); "
+                       "try --scheduler ddpm") from e
     c = noise.shape[1]
     keep_var = uses_learned_variance(scheduler_name, scheduler_config)
     device = noise.device
+    # The generator goes to the schedulers that draw noise in their step (DDPM, Euler ancestral) and only to those
+    # that take it (PNDM and UniPC do not), as diffusers' pipelines pass it.
+    extra = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
     x = noise * sched.init_noise_sigma
     for t in sched.timesteps:
         model_in = sched.scale_model_input(x, t)
@@ -91,7 +99,7 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
         out = out.float()
         if not keep_var:
             out = out[:, :c]  # learned-variance channels are used by the DDPM sampler only
-        x = sched.step(out, t, x, generator=generator).prev_sample
+        x = sched.step(out, t, x, **extra).prev_sample
         if on_step is not None:
             on_step(len(sched.timesteps))
     return x.clamp(-1.0, 1.0) if clamp else x

@@ -109,17 +109,19 @@ def check_int_in(cfg: dict, key: str, lo: int, hi: int, where: Any, what: str, m
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # diffusers' DDPMScheduler
 
 
-# The other scheduler-config fields that o2m's samplers (diffusers' DDPM, DDIM and DPM-Solver++ schedulers) or
-# o2m itself read, and what each may be: a value outside these crashes diffusers mid-sampling (an index past T, a
-# quantile outside [0, 1]) or silently changes what the model means.
+# The other scheduler-config fields that o2m's samplers (diffusers' DDPM, DDIM, PNDM, Euler, Euler ancestral, UniPC
+# and DPM-Solver++ schedulers) or o2m itself read, and what each may be: a value outside these crashes diffusers
+# mid-sampling (an index past T, a quantile outside [0, 1]) or silently changes what the model means.
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 SCHED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                         "learned_range")  # diffusers' names; the reverse step refuses the ones it cannot reproduce
 SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")  # DPM-Solver maps the last three to midpoint
 DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+INTERPOLATION_TYPES = ("linear", "log_linear")  # Euler's sigma interpolation between training timesteps
 SCHED_FLAGS = ("clip_sample", "thresholding", "set_alpha_to_one", "lower_order_final", "euler_at_final",
-               "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "skip_prk_steps")
+               "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "skip_prk_steps",
+               "predict_x0")
 SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")  # diffusers takes one at most
 SCHED_OFF = {  # flags o2m's eps-prediction DDPM models cannot take: why
     "rescale_betas_zero_snr": "zero terminal SNR makes alpha_bar 0 at the last step, where an eps model gives no x0 "
@@ -183,9 +185,26 @@ def check_scheduler_config(sched: Any, where: Path) -> int:
         raise O2MError(f"{where}: scheduler config algorithm_type {sched['algorithm_type']!r} needs "
                        "final_sigmas_type 'sigma_min' (diffusers refuses 'zero' for it)")
     check_int_in(sched, "solver_order", 1, 3, where, "scheduler config")
+    one_of("interpolation_type", INTERPOLATION_TYPES, "linear")
+    if sched.get("timestep_type", "discrete") != "discrete":  # Euler's "continuous": EDM's c_noise = log(sigma) / 4
+        raise O2MError(f"{where}: scheduler config timestep_type {sched['timestep_type']!r}: o2m's models take "
+                       "discrete DDPM timesteps (expected 'discrete')")
+    corrector = sched.get("disable_corrector", [])  # UniPC: the steps that skip its corrector
+    if not isinstance(corrector, list) or any(not isinstance(i, int) or isinstance(i, bool) or i < 0
+                                              for i in corrector):
+        raise O2MError(f"{where}: scheduler config disable_corrector = {corrector!r}; expected a list of step "
+                       "indices")
+    if sched.get("solver_p") is not None:
+        raise O2MError(f"{where}: scheduler config solver_p (UniPC's outside predictor) is not supported")
     number("clip_sample_range", 0, math.inf, True, "a positive finite number (x0 is clipped to [-range, range])")
     number("dynamic_thresholding_ratio", 0, 1, True, "a quantile in (0, 1]")
     number("sample_max_value", 1, math.inf, False, "a finite number >= 1 (the dynamic threshold's upper bound)")
     number("flow_shift", 0, math.inf, True, "a positive finite number")
     number("lambda_min_clipped", -math.inf, 0, False, "a number <= 0, or -inf (no clipping)", inf_ok=True)
+    for key in ("sigma_min", "sigma_max"):  # Euler's Karras range (Karras et al. 2022, Eq. 5)
+        number(key, 0, math.inf, True, "a positive finite number")
+    if sched.get("sigma_min") is not None and sched.get("sigma_max") is not None and \
+            not sched["sigma_min"] < sched["sigma_max"]:
+        raise O2MError(f"{where}: scheduler config sigma_min {sched['sigma_min']!r} is not below sigma_max "
+                       f"{sched['sigma_max']!r}")
     return T

@@ -35,6 +35,7 @@ from o2mcli.chain import resolve_model_spec
 from o2mcli.data.prompts import read_prompts
 from o2mcli.data.samples import SAMPLES_FILE
 from o2mcli.devices import resolve_device
+from o2mcli.diffusion.schedulers import SAMPLER_HELP
 from o2mcli.errors import O2MError, OptionError
 from o2mcli.fsutil import atomic_write_bytes
 from o2mcli.outputs import atomic_dir, ensure_space, notice, reserve_output, run_scope
@@ -62,7 +63,9 @@ class SampleConfig(BaseModel):
 
     model: str = Field(json_schema_extra=cli(argument=True, unset=True), description="Model file or directory, or "
                        "digits-teacher; default: the newest model in the current directory.")
-    scheduler: Literal["ddpm", "ddim", "dpm++"] = Field("ddim", description="ddpm, ddim or dpm++.")
+    # every name in o2mcli.diffusion.schedulers.SAMPLERS (a test checks they agree)
+    scheduler: Literal["ddpm", "ddim", "pndm", "euler", "euler-a", "unipc", "dpm++2m", "dpm++", "dpm++2m-karras"] = \
+        Field("ddim", description=SAMPLER_HELP)
     steps: int = Field(50, ge=1, description="Sampler steps (1..T).")
     n: int = Field(500, ge=1, json_schema_extra=cli("-n", "--n"), description="Number of images.")
     batch_size: int = Field(256, ge=1, json_schema_extra=cli("--batch-size", "-b"))
