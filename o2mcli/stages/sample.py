@@ -97,9 +97,10 @@ class SampleConfig(BaseModel):
                                      "encoder and tokenizer to use (default: the one the model records; checked by "
                                      "sha256).")
     # DeepCache interval N: every N-th step full (1: no caching)
-    deepcache: Optional[int] = Field(None, ge=1, json_schema_extra=cli(metavar="N"), description="DeepCache: every "
-                                     "N-th step (step 0 included) is a full forward that refreshes the cache of the "
-                                     "UNet's deep features; the steps between recompute only the shallow branch. With "
+    deepcache: Optional[int] = Field(None, ge=1, json_schema_extra=cli(metavar="N"), description="DeepCache 1:N: "
+                                     "one step in N (uniform schedule: every N-th, step 0 included) is a full forward "
+                                     "that refreshes the cache of the UNet's deep features; the steps between "
+                                     "recompute only the shallow layer branch. With "
                                      "a group of students, a step served by a different student than the one that "
                                      "filled the cache is a full step. N=1: no caching. UNets only.")
     # DeepCache's layer branch B (skip feature B: 0 is conv_in's); None: 0
