@@ -1,4 +1,4 @@
-"""DeepCache's partial step against the full step, per layer branch: MACs of the SD 1.x, SDXL and ddpm-cifar10-32 U-Nets.
+"""DeepCache's partial step against the full step per layer branch: MACs of the SD 1.x, SDXL, ddpm-cifar10-32 U-Nets.
 
 Every model is built on the meta device (shapes only: no memory, no download; MACs do not depend on the weights)
 at its real size: SD 1.x (runwayml/stable-diffusion-v1-5's U-Net config) on 64x64 latents (512 px), SDXL base 1.0's

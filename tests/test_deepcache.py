@@ -182,7 +182,8 @@ def test_branch_0_macs_are_the_layers_it_runs_and_no_downsampler_runs(make):
             "conv_out.", "encoder_hid_proj.", "add_embedding.")
     want = sum(v for k, v in per_layer.items() if (k + ".").startswith(runs))
     has_attn = getattr(net.up_blocks[-1], "attentions", None) is not None
-    assert has_attn == (make is _sd1_ordered_unet) and (f"up_blocks.{u}.attentions.{r}.proj_in" in per_layer) == has_attn
+    assert has_attn == (make is _sd1_ordered_unet)
+    assert (f"up_blocks.{u}.attentions.{r}.proj_in" in per_layer) == has_attn
     full = count_macs(net)
     assert full == sum(per_layer.values())
     got = count_deepcache_macs(net, 0)

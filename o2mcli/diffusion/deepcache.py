@@ -46,7 +46,8 @@ class DeepCacheSpec:
             raise OptionError("cache_branch", self.branch, "the cache branch must be 0 or more (0: conv_in's skip, "
                               "the paper's setting)")
         if self.schedule not in SCHEDULES:
-            raise OptionError("deepcache_schedule", self.schedule, f"the schedule must be one of {', '.join(SCHEDULES)}")
+            raise OptionError("deepcache_schedule", self.schedule,
+                              f"the schedule must be one of {', '.join(SCHEDULES)}")
 
     def record(self) -> dict[str, Any]:
         """The schedule as manifests and reports record it."""
