@@ -13,7 +13,8 @@ its steps (its second timestep twice).
 Each sampler's cost per step is also given as a ratio to DDIM's on the same model, measured in the
 same run: a sampler whose per-step cost regresses (DPM-Solver++ once ran 20x DDIM's on CPU) shows there.
 
-DeepCache (``--deepcache 3`` by default, comma-separated intervals; ``--cache-branch``): with the first sampler,
+DeepCache (``--deepcache 3`` by default, comma-separated intervals; ``--cache-branch``, the layer branch;
+``--deepcache-schedule uniform|nonuniform``): with the first sampler,
 each model's throughput with the cache on against the same run's plain throughput (the speed-up), beside the MACs
 saved: full and partial forwards counted by ``o2mcli.models.stats``, averaged over the 1:N schedule of the
 steps, and their ratio (the speed-up the MACs alone would give). DeepCache reports 1.61x at N=3 on CIFAR-10 on GPU.
@@ -49,7 +50,8 @@ def main() -> None:
                     f"{', '.join(SAMPLERS)}); the first is the ratio's base")
     ap.add_argument("--only", choices=["digits", "cifar10"], help="one model only (default: both)")
     ap.add_argument("--deepcache", default="3", help="comma-separated DeepCache intervals N ('' for none)")
-    ap.add_argument("--cache-branch", type=int, default=0, help="DeepCache's branch B")
+    ap.add_argument("--cache-branch", type=int, default=0, help="DeepCache's layer branch B")
+    ap.add_argument("--deepcache-schedule", default="uniform", choices=("uniform", "nonuniform"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -87,12 +89,13 @@ def main() -> None:
             base = measure_throughput(unet, samplers[0], sched, args.steps, args.batch, device,
                                       repeats=args.repeats)["images_per_s"]
         for n in intervals:
-            spec = DeepCacheSpec(n, args.cache_branch)
+            spec = DeepCacheSpec(n, args.cache_branch, args.deepcache_schedule)
             tp = measure_throughput(unet, samplers[0], sched, args.steps, args.batch, device, repeats=args.repeats,
                                     deepcache=spec)
-            calls = scheduled_calls(args.steps, n)
+            calls = scheduled_calls(args.steps, n, args.deepcache_schedule)
             avg = average_macs(*calls, full, partial)
             cached.append({"model": name, "sampler": samplers[0], "interval": n, "branch": args.cache_branch,
+                           "schedule": args.deepcache_schedule,
                            "full_calls": calls[0], "partial_calls": calls[1], "full_MACs_G": full / 1e9,
                            "partial_MACs_G": partial / 1e9, "avg_MACs_G": avg / 1e9, "MACs_saved": 1 - avg / full,
                            "MACs_ratio": full / avg, "images_per_s_plain": base,

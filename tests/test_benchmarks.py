@@ -67,3 +67,15 @@ def test_sdxl_benchmark_runs_tiny() -> None:
         assert r["MACs_cfg_G"] == pytest.approx(2 * r["MACs_G"])  # guidance: two samples' worth per step
     teacher = rows.pop("sdxl")
     assert all(r["params"] < teacher["params"] and r["MACs_G"] < teacher["MACs_G"] for r in rows.values())
+
+
+def test_deepcache_benchmark_branch_0_of_sd1_is_the_papers_six_percent() -> None:
+    """bench_deepcache on the meta device: SD 1.x's branch 0 partial step is about 6% of a full step (DeepCache: 21
+    of 339 GMACs), SDXL's and CIFAR-10's are cheaper than a full step too."""
+    res = subprocess.run([sys.executable, str(BENCH / "bench_deepcache.py"), "--branches", "0", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["model"].split(",")[0]: r for r in json.loads(res.stdout)["rows"]}
+    sd = rows["SD 1.x U-Net"]
+    assert sd["branches"] == 12 and 0.05 < sd["ratio"] < 0.07 and abs(sd["full_GMACs"] - 339) < 1
+    assert all(0 < r["ratio"] < 0.1 for r in rows.values()) and len(rows) == 3

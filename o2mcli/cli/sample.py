@@ -75,7 +75,8 @@ def sample(**given: Any) -> None:
     extra = f", served {json.dumps(s['served'])}" if "served" in s else ""
     if "deepcache" in s:
         dc = s["deepcache"]
-        extra += f", DeepCache N={dc['interval']} B={dc['branch']}: {dc['full_calls']} full, " \
+        extra += f", DeepCache N={dc['interval']} B={dc['branch']} {dc.get('schedule', 'uniform')}: " \
+                 f"{dc['full_calls']} full, " \
                  f"{dc['partial_calls']} partial calls"
     typer.echo(f"wrote {path}: {s['n']} images {'x'.join(map(str, s['image_shape']))} from {cfg.model} "
                f"in {s['seconds']:.1f} s ({s['images_per_s']:.1f} img/s{extra})")

@@ -1,5 +1,9 @@
-"""DeepCache at sampling time (Ma, Fang, Wang 2024): every N-th step a full forward refreshes the cache of the deep
-features; the steps between recompute only the shallow branch B around it.
+"""DeepCache at sampling time (Ma, Fang, Wang 2024): full steps refresh the cache of the deep features; the steps
+between recompute only the shallow layer branch B around it (``o2mcli.models.families.unet_cache`` defines a layer
+branch: skip feature B and the layers shallower than it).
+
+Which steps are full: the uniform 1:N schedule (every N-th step, step 0 included) or the paper's non-uniform 1:N
+schedule (the same number of full steps, packed densely around a center step by a power law; Sec. 3.3).
 
 The per-architecture forwards live behind the family interface (``DenoiserFamily.deepcache_predict``); this module
 holds the schedule and the per-trajectory state. With a K-student group (O2MKD) a cache belongs to the student
@@ -8,6 +12,7 @@ that computed it: a step served by another student is a full step, whatever the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,19 +24,35 @@ from o2mcli.models.families import family_of
 from o2mcli.models.group import StudentGroup
 
 
+SCHEDULES = ("uniform", "nonuniform")
+BRANCH_UNIT = "layer"  # what a branch counts in the sample manifest's DeepCache record (earlier o2m: block pairs)
+NONUNIFORM_POWER = 1.4  # the power law's starting exponent (lowered by 0.02 until the full steps are distinct)
+NONUNIFORM_CENTER = 0.2  # the center step as a fraction of the steps (step 10 of 50)
+
+
 @dataclass(frozen=True)
 class DeepCacheSpec:
-    """The cache interval N (1: every step full, no caching) and the cache branch B (down block B's pair)."""
+    """The cache interval N (1: every step full, no caching), the layer branch B (skip feature B and the layers
+    shallower than it are recomputed) and the schedule of full steps (``uniform`` or ``nonuniform``)."""
 
     interval: int
     branch: int = 0
+    schedule: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise OptionError("deepcache", self.interval, "the cache interval N must be at least 1 (1: no caching)")
         if self.branch < 0:
-            raise OptionError("cache_branch", self.branch, "the cache branch must be 0 or more (0: the first "
-                              "down block)")
+            raise OptionError("cache_branch", self.branch, "the cache branch must be 0 or more (0: conv_in's skip, "
+                              "the paper's setting)")
+        if self.schedule not in SCHEDULES:
+            raise OptionError("deepcache_schedule", self.schedule,
+                              f"the schedule must be one of {', '.join(SCHEDULES)}")
+
+    def record(self) -> dict[str, Any]:
+        """The schedule as manifests and reports record it."""
+        return {"interval": self.interval, "branch": self.branch, "branch_unit": BRANCH_UNIT,
+                "schedule": self.schedule}
 
 
 @dataclass
@@ -47,9 +68,41 @@ def is_full_step(step: int, interval: int) -> bool:
     return step % interval == 0
 
 
-def scheduled_calls(steps: int, interval: int) -> tuple[int, int]:
-    """(full, partial) calls of one ``steps``-step trajectory of one model under the 1:N schedule."""
-    full = -(-steps // interval)
+def nonuniform_full_steps(steps: int, interval: int, center: Optional[int] = None,
+                          power: float = NONUNIFORM_POWER) -> list[int]:
+    """DeepCache's non-uniform 1:N strategy (Ma et al. 2024, Sec. 3.3): ceil(T/N) full steps at
+    c + floor(sign(u)|u|^p) for u evenly spaced over [-c^(1/p), (T-c)^(1/p)), so dense around step c; step 0 always.
+
+    Deterministic. As in the paper's code, p is lowered by 0.02 until the steps are distinct; at p = 1 they are
+    floor(T i / k), always distinct. ``center`` defaults to T/5 (rounded)."""
+    k = -(-steps // interval)
+    c = round(NONUNIFORM_CENTER * steps) if center is None else center
+    if not 0 <= c <= steps:
+        raise O2MError(f"DeepCache: the non-uniform schedule's center {c} is outside steps 0..{steps}")
+    n = 0
+    while True:
+        p = power - 0.02 * n
+        p = 1.0 if p <= 1 + 1e-9 else p
+        lo, hi = -(c ** (1 / p)), (steps - c) ** (1 / p)
+        full = {0}
+        for i in range(1, k):
+            u = lo + (hi - lo) * i / k
+            full.add(min(steps - 1, c + math.floor(math.copysign(abs(u) ** p, u))))
+        if len(full) == k or p == 1.0:
+            return sorted(full)
+        n += 1
+
+
+def full_steps(steps: int, interval: int, schedule: str = "uniform") -> list[int]:
+    """The full steps (0-based) of one ``steps``-step trajectory of one model under ``schedule``."""
+    if schedule == "nonuniform":
+        return nonuniform_full_steps(steps, interval)
+    return [i for i in range(steps) if is_full_step(i, interval)]
+
+
+def scheduled_calls(steps: int, interval: int, schedule: str = "uniform") -> tuple[int, int]:
+    """(full, partial) calls of one ``steps``-step trajectory of one model under the schedule."""
+    full = len(full_steps(steps, interval, schedule))
     return full, steps - full
 
 
@@ -67,13 +120,17 @@ def members(model: nn.Module) -> list[nn.Module]:
 
 
 def check_deepcache(model: nn.Module, spec: DeepCacheSpec) -> int:
-    """Refuse a model DeepCache cannot run (not a UNet) or a branch it lacks; returns its down-block count
-    (the smallest over a group's students)."""
-    counts = [family_of(m).deepcache_branches(m) for m in members(model)]
+    """Refuse a model DeepCache cannot run (not a UNet, or blocks it cannot split by layer) or a layer branch it
+    lacks; returns its number of layer branches (skip features; the smallest over a group's students)."""
+    nets = members(model)
+    counts = [family_of(m).deepcache_branches(m) for m in nets]
     n = min(counts)
     if spec.branch >= n:
-        what = "the model has" if len(counts) == 1 else "the smallest student has"
-        raise OptionError("cache_branch", spec.branch, f"{what} {n} down blocks, so the branch must be 0..{n - 1}")
+        net = nets[counts.index(n)]
+        name = type(getattr(net, "module", net)).__name__
+        what = f"the {name}" if len(counts) == 1 else f"the smallest student ({name})"
+        raise OptionError("cache_branch", spec.branch, f"{what} has {n} layer branches (skip features), so the "
+                          f"branch must be 0..{n - 1}")
     return n
 
 
@@ -84,9 +141,15 @@ class CachedDenoiser:
     conditional and unconditional halves, since both go through one call) it was computed on.
     """
 
-    def __init__(self, spec: DeepCacheSpec, counts: Optional[DeepCacheCounts] = None) -> None:
+    def __init__(self, spec: DeepCacheSpec, counts: Optional[DeepCacheCounts] = None,
+                 steps: Optional[int] = None) -> None:
         self.spec = spec
         self.counts = counts if counts is not None else DeepCacheCounts()
+        self.full_steps: Optional[frozenset[int]] = None  # None: the uniform rule, step by step
+        if spec.schedule != "uniform":
+            if steps is None:
+                raise O2MError(f"DeepCache: the {spec.schedule} schedule needs the trajectory's number of steps")
+            self.full_steps = frozenset(full_steps(steps, spec.interval, spec.schedule))
         self.step = 0
         self.cache: Any = None
         self.owner: Optional[int] = None  # which student computed the cache (0 for a single model)
@@ -99,7 +162,9 @@ class CachedDenoiser:
         else:
             k, net = 0, model
         fam = family_of(net)
-        full = self.cache is None or self.owner != k or is_full_step(self.step, self.spec.interval)
+        scheduled = (is_full_step(self.step, self.spec.interval) if self.full_steps is None
+                     else self.step in self.full_steps)
+        full = self.cache is None or self.owner != k or scheduled
         self.step += 1
         if full and self.spec.interval == 1:
             # N=1: nothing is ever reused, so no cache is kept; the plain forward, bit for bit.

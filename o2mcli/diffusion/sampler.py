@@ -71,11 +71,6 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
     the steps with DeepCache (a fresh cache for this trajectory), adding its full and partial calls to ``counts``.
     ``on_step(n)`` is called after every step with the number of steps this run takes (a progress bar's tick).
     """
-    call: Callable[..., torch.Tensor] = predict
-    if deepcache is not None:
-        from o2mcli.diffusion.deepcache import CachedDenoiser
-
-        call = CachedDenoiser(deepcache, counts)
     # Near-clean samples and tiny eps outputs produce denormal floats, which slow CPU kernels 2x to 70x
     # (measured on the digits teacher, whichever sampler hit them); flushing them changes nothing visible.
     torch.set_flush_denormal(True)
@@ -85,6 +80,11 @@ def denoise(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, An
     except (NotImplementedError, ValueError) as e:  # a config field this scheduler reads only when it sets its steps
         raise O2MError(f"--scheduler {scheduler_name}: the model's scheduler config does not fit it ({e}); "
                        "try --scheduler ddpm") from e
+    call: Callable[..., torch.Tensor] = predict
+    if deepcache is not None:
+        from o2mcli.diffusion.deepcache import CachedDenoiser
+
+        call = CachedDenoiser(deepcache, counts, steps=len(sched.timesteps))
     c = noise.shape[1]
     keep_var = uses_learned_variance(scheduler_name, scheduler_config)
     device = noise.device
@@ -184,4 +184,4 @@ def measure_throughput(unet: nn.Module, scheduler_name: str, scheduler_config: d
     dt = time.perf_counter() - t0
     return {"images_per_s": batch_size * repeats / dt, "seconds_per_batch": dt / repeats,
             "batch_size": batch_size, "steps": steps, "scheduler": scheduler_name, "device": str(device),
-            **({"deepcache": {"interval": deepcache.interval, "branch": deepcache.branch}} if deepcache else {})}
+            **({"deepcache": deepcache.record()} if deepcache else {})}

@@ -37,8 +37,9 @@ def count_block_macs(unet: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def count_deepcache_block_macs(unet: nn.Module, branch: int) -> dict[str, int]:
-    """MACs of one batch-1 DeepCache partial forward of branch ``branch`` per top-level block, counted as
-    :func:`count_block_macs` counts the full forward (the cache is filled by an uncounted full forward first)."""
+    """MACs of one batch-1 DeepCache partial forward of layer branch ``branch`` per top-level block: the partial
+    forward itself runs (meta device or real), counted as :func:`count_block_macs` counts the full forward (the cache
+    is filled by an uncounted full forward first)."""
     from o2mcli.models.families import family_of
 
     x, t = _probe(unet)

@@ -36,9 +36,10 @@ def _measured(value: Any, show: Callable[[Any], str]) -> str:
 
 
 def row_label(row: dict[str, Any]) -> str:
-    """What the Model column says: the model's name, its sampler and steps (and DeepCache's N and branch)."""
+    """What the Model column says: the model's name, its sampler and steps (and DeepCache's N, layer branch and
+    schedule)."""
     dc = row.get("deepcache")
-    cache = f", DeepCache N={dc['interval']} B={dc['branch']}" if dc else ""
+    cache = f", DeepCache N={dc['interval']} B={dc['branch']} {dc.get('schedule') or 'uniform'}" if dc else ""
     return f"{row['model_name']} ({row['scheduler']}, {row['steps']} steps{cache})"
 
 

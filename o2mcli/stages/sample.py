@@ -100,16 +100,22 @@ class SampleConfig(BaseModel):
                                      "encoder and tokenizer to use (default: the one the model records; checked by "
                                      "sha256).")
     # DeepCache interval N: every N-th step full (1: no caching)
-    deepcache: Optional[int] = Field(None, ge=1, json_schema_extra=cli(metavar="N"), description="DeepCache: every "
-                                     "N-th step (step 0 included) is a full forward that refreshes the cache of the "
-                                     "UNet's deep features; the steps between recompute only the shallow branch. With "
+    deepcache: Optional[int] = Field(None, ge=1, json_schema_extra=cli(metavar="N"), description="DeepCache 1:N: "
+                                     "one step in N (uniform schedule: every N-th, step 0 included) is a full forward "
+                                     "that refreshes the cache of the UNet's deep features; the steps between "
+                                     "recompute only the shallow layer branch. With "
                                      "a group of students, a step served by a different student than the one that "
                                      "filled the cache is a full step. N=1: no caching. UNets only.")
-    # DeepCache's branch B (down block B's pair); None: 0
+    # DeepCache's layer branch B (skip feature B: 0 is conv_in's); None: 0
     cache_branch: Optional[int] = Field(None, ge=0, json_schema_extra=cli(metavar="B"), description="DeepCache's "
-                                        "branch: partial steps recompute down blocks 0..B and their paired up blocks "
-                                        "around the cached deeper features (default 0: the first block only, the "
-                                        "cheapest).")
+                                        "layer branch: number the UNet's skip features from conv_in's (0) down; "
+                                        "partial steps recompute conv_in, the down layers making skips 1..B, the "
+                                        "up layers consuming skips B..0 (from the cached deeper feature) and the "
+                                        "output head (default 0, the paper's setting and the cheapest).")
+    # DeepCache's schedule of full steps; None: uniform
+    deepcache_schedule: Optional[Literal["uniform", "nonuniform"]] = Field(
+        None, description="DeepCache's schedule of full steps: uniform (every N-th step) or nonuniform (the paper's "
+        "non-uniform 1:N: as many full steps, dense around a center step by a power law; default uniform).")
     # latent models: the images' size in pixels (a multiple of the VAE's factor); None: the model's sample size
     height: Optional[int] = Field(None, ge=1, le=16384, description="Latent text-to-image models: the images' height "
                                   "in pixels, a multiple of the VAE's factor (default: the model's).")
@@ -176,6 +182,9 @@ def run_sample(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
     if cfg.cache_branch is not None and cfg.deepcache is None:
         raise OptionError("cache_branch", cfg.cache_branch, "is DeepCache's branch; give --deepcache N too")
+    if cfg.deepcache_schedule is not None and cfg.deepcache is None:
+        raise OptionError("deepcache_schedule", cfg.deepcache_schedule, "is DeepCache's schedule; give --deepcache N "
+                          "too")
 
     # 2. Load the model (one UNet, a diffusers dir/pipeline, or a stage dir, maybe a student group).
     loaded = load_model(model_path, device)
@@ -191,7 +200,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     if cfg.deepcache is not None:
         from o2mcli.diffusion.deepcache import DeepCacheCounts, DeepCacheSpec, check_deepcache
 
-        spec = DeepCacheSpec(cfg.deepcache, cfg.cache_branch or 0)
+        spec = DeepCacheSpec(cfg.deepcache, cfg.cache_branch or 0, cfg.deepcache_schedule or "uniform")
         try:
             check_deepcache(unet, spec)
         except OptionError as e:
@@ -253,8 +262,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     if group is not None:
         summary["served"] = [int(s) for s in group.served]
     if spec is not None:
-        summary["deepcache"] = {"interval": spec.interval, "branch": spec.branch, "full_calls": counts.full,
-                                "partial_calls": counts.partial}
+        summary["deepcache"] = {**spec.record(), "full_calls": counts.full, "partial_calls": counts.partial}
     summary.update(condition.summary)
     if loaded.notes:
         summary["notes"] = list(loaded.notes)

@@ -21,8 +21,10 @@ call per step, a zero text embedding: no guidance doubling, text encoding or VAE
 
 Samples drawn with DeepCache (``o2m sample --deepcache N``): the row keeps the full-step MACs and adds the
 DeepCache average, MACs per call averaged over the full and partial calls the sampling run actually made (the
-partial step's MACs counted by the same counter as the full step's), and its throughput is timed with the same
-cache schedule on.
+partial step's MACs counted by the same counter as the full step's, on the partial forward itself at the layer branch
+used), and its throughput is timed with the same cache schedule (uniform or non-uniform) on. Samples drawn with
+DeepCache by an earlier o2m (whose branch counted down/up block pairs; the manifest's DeepCache record has no
+``branch_unit``) and with partial steps are refused: re-sample them.
 """
 
 from __future__ import annotations
@@ -170,14 +172,19 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
 
 def deepcache_of(man, samples_dir: Path):
     """The DeepCache schedule the samples were drawn with (``DeepCacheSpec``), or None."""
-    from o2mcli.diffusion.deepcache import DeepCacheSpec
+    from o2mcli.diffusion.deepcache import BRANCH_UNIT, DeepCacheSpec
 
     n = man.config.get("deepcache")
     if n is None:
         return None
     if "deepcache" not in man.summary:
         raise O2MError(f"{samples_dir}: the manifest's config asks for DeepCache but its summary has no call counts")
-    return DeepCacheSpec(int(n), int(man.config.get("cache_branch") or 0))
+    rec = man.summary["deepcache"]
+    if rec.get("branch_unit", "block") != BRANCH_UNIT and int(rec.get("partial_calls", 0)) > 0:
+        raise O2MError(f"{samples_dir}: drawn with DeepCache by an earlier o2m, whose --cache-branch counted down/up "
+                       "block pairs, not layers; its partial steps cannot be costed now: re-sample it")
+    schedule = man.config.get("deepcache_schedule") or rec.get("schedule") or "uniform"
+    return DeepCacheSpec(int(n), int(man.config.get("cache_branch") or 0), str(schedule))
 
 
 def deepcache_summary(man, samples_dir: Path, full_macs: Optional[int],
@@ -192,10 +199,10 @@ def deepcache_summary(man, samples_dir: Path, full_macs: Optional[int],
     rec = man.summary["deepcache"]
     full, partial = int(rec["full_calls"]), int(rec["partial_calls"])
     if full_macs is None or partial_macs is None:  # the model is unavailable: the schedule and calls, no MACs
-        return {"interval": spec.interval, "branch": spec.branch, "full_calls": full, "partial_calls": partial,
+        return {**spec.record(), "full_calls": full, "partial_calls": partial,
                 "full_macs": None, "partial_macs": None, "macs": None, "macs_saved": None}
     avg = average_macs(full, partial, full_macs, partial_macs)
-    return {"interval": spec.interval, "branch": spec.branch, "full_calls": full, "partial_calls": partial,
+    return {**spec.record(), "full_calls": full, "partial_calls": partial,
             "full_macs": int(full_macs), "partial_macs": int(partial_macs), "macs": float(avg),
             "macs_saved": 1.0 - avg / full_macs}
 
@@ -303,7 +310,7 @@ def run_score(cfg: ScoreConfig) -> Path:
             warnings.append(f"{cs['truncated_prompts']} prompt(s) longer than CLIP's {clip.max_tokens} tokens were "
                             "cut for the CLIP score")
         key = (man.parents[0].path, man.parents[0].sha256, man.config["scheduler"], man.config["steps"],
-               man.config.get("deepcache"), man.config.get("cache_branch"))
+               man.config.get("deepcache"), man.config.get("cache_branch"), man.config.get("deepcache_schedule"))
         if key not in models:
             models[key] = measure_model(man, d, device, cfg)
             why = models[key]["model_unavailable"]

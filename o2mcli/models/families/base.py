@@ -116,7 +116,7 @@ class DenoiserFamily:
         raise NotImplementedError
 
     def deepcache_branches(self, model: nn.Module) -> int:
-        """How many DeepCache branches (skip-connected down/up block pairs) ``model`` has; a family without skip
+        """How many DeepCache layer branches (skip features, ``unet_cache``) ``model`` has; a family without skip
         branches refuses (DeepCache, Ma et al. 2024, caches a U-Net's deep features)."""
         from o2mcli.errors import O2MError
 
