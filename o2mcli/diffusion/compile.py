@@ -1,4 +1,4 @@
-"""Compiled sampling (``o2m sample --compile``, ``o2m score --compile``): each denoiser compiled once with torch.compile.
+"""Compiled sampling (``o2m sample --compile``, ``o2m score --compile``): each denoiser torch.compiled once.
 
 Why: at sampling batch sizes a pruned UNet's step is bound by kernel launches and memory-bound elementwise ops, not by
 its MACs (issue #25: 4.0x fewer MACs sampled 1.29x faster in eager bf16 on an H200). Inductor fuses the elementwise
@@ -7,8 +7,8 @@ launch.
 
 What :func:`compile_denoiser` does, in place, to one model or each student of a group:
 
-* ``module.compile(dynamic=False, ...)``: the module's ``__call__`` is compiled; its type, parameters and state-dict keys
-  stay as they were, so ``family_of(model)`` (the module's type) and saving still work. The compiled region is the
+* ``module.compile(dynamic=False, ...)``: the module's ``__call__`` is compiled; its type, parameters and state-dict
+  keys stay as they were, so ``family_of(model)`` (the module's type) and saving still work. The compiled region is the
   whole forward (the tiny UNet traces as one graph, no break: ``tests/test_compile.py``); the sampler loop, the
   scheduler's step and a group's routing by timestep stay eager Python, the only graph boundary.
 * channels-last weights and inputs for models with 2-D convolutions (the layout cuDNN's and oneDNN's fastest
@@ -48,6 +48,7 @@ SHAPES_PER_MODEL = 8
 
 # torch.compile, as a module attribute so a test can make it fail the way a missing compiler does.
 _torch_compile: Callable[..., Callable[..., Any]] = torch.compile
+_compiled_modules = 0  # modules compiled in this process (the recompile limit covers their shapes)
 
 
 @dataclass
@@ -108,8 +109,11 @@ def compile_denoiser(model: nn.Module, device: torch.device, mode: Optional[str]
                         warm_calls=2 if mode == "reduce-overhead" else 1)
     import torch._dynamo.config as dynamo_config
 
-    # Each (architecture, shape) is one cache entry of nn.Module._call_impl's code, shared by all modules.
-    need = SHAPES_PER_MODEL * len(nets)
+    # Each (architecture, shape) is one cache entry of nn.Module._call_impl's code, shared by every module compiled in
+    # this process: past the limit dynamo would run new shapes eagerly, silently, so it grows with the modules.
+    global _compiled_modules
+    _compiled_modules += len(nets)
+    need = SHAPES_PER_MODEL * _compiled_modules
     if dynamo_config.recompile_limit < need:
         dynamo_config.recompile_limit = need
     for m in nets:
