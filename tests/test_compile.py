@@ -89,6 +89,14 @@ def test_sample_compile_records_it(tmp_path, tiny_model_file) -> None:
     assert s["compile"]["ran"] == "compiled" and s["compile"]["warmup_s"] >= 0 and "fallback" not in s["compile"]
     assert read_manifest(out).config["compile"] is True
 
+    # o2m score --compile times the same model compiled: same shape, so no new compile.
+    scores = tmp_path / "scores"
+    res = cli("score", str(out), "--compile", "--throughput-batch", str(BATCH), "--throughput-repeats", "1",
+              "--kid-subsets", "2", "--device", "cpu", "-o", str(scores))
+    assert res.exit_code == 0, res.output
+    tp = json.loads((scores / "report.json").read_text())["rows"][0]["throughput"]
+    assert tp["compile"]["ran"] == "compiled" and tp["warmup_s"] > 0 and tp["images_per_s"] > 0
+
 
 def test_compile_failure_falls_back_to_eager(tmp_path, tiny_model_file, monkeypatch, capsys) -> None:
     """No C compiler for inductor (simulated: the compiled call raises what inductor raises then): one note, eager
@@ -122,6 +130,14 @@ def test_compile_with_deepcache_refused(tmp_path, tiny_model_file) -> None:
               "--device", "cpu", "-o", str(tmp_path / "s"))
     assert res.exit_code == 2
     assert "--compile" in res.output and "--deepcache" in res.output and len(res.output.strip().splitlines()) == 1
+
+    # Samples drawn with DeepCache are timed with it on: score --compile refuses them, before any timing.
+    dc = tmp_path / "dc"
+    assert cli("sample", str(tiny_model_file), "--deepcache", "2", "-n", "4", "--steps", "2", "--no-png",
+               "--device", "cpu", "-o", str(dc)).exit_code == 0
+    res = cli("score", str(dc), "--compile", "--device", "cpu", "-o", str(tmp_path / "scores"))
+    assert res.exit_code == 2 and "--compile" in res.output and "DeepCache" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "scores").exists()
 
 
 def test_compiled_group_from_stage_dir(tmp_path) -> None:
