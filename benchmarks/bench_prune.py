@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ def main() -> None:
                             key = (mode, k, b)
                             best[key] = max(best.get(key, 0.0), tp["images_per_s"])
                             warmup.setdefault(key, tp["warmup_s"])  # the first round's: the one that compiled
+                            print(f"bench_prune: {name} {k} {mode} batch {b}: {tp['images_per_s']:.3f} img/s, "
+                                  f"warm-up {tp['warmup_s']:.1f} s", file=sys.stderr, flush=True)
             base = models["teacher"].unet
             teacher_macs = count_macs(base)
             for b in args.batches:
