@@ -4,7 +4,7 @@ Random weights for CIFAR10 (no download); the digits teacher is the shipped one.
 comes from this one run on this one device, so the ratios between rows are what to compare.
 
     python benchmarks/bench_sampling.py [--device auto] [--steps 10] [--batch 16] [--samplers ddim,ddpm,dpm++]
-                                        [--only digits|cifar10]
+                                        [--only digits|cifar10] [--batches 16,64] [--modes eager,compiled]
 
 ``--samplers`` takes any ``o2m sample --scheduler`` names (ddpm, ddim, pndm, euler, euler-a, unipc, dpm++2m or its
 alias dpm++, dpm++2m-karras). UNet forwards per second count the model calls a run makes: PNDM makes one more than
@@ -18,18 +18,27 @@ DeepCache (``--deepcache 3`` by default, comma-separated intervals; ``--cache-br
 each model's throughput with the cache on against the same run's plain throughput (the speed-up), beside the MACs
 saved: full and partial forwards counted by ``o2mcli.models.stats``, averaged over the 1:N schedule of the
 steps, and their ratio (the speed-up the MACs alone would give). DeepCache reports 1.61x at N=3 on CIFAR-10 on GPU.
+
+Compiled sampling (``--modes eager,compiled``, at every batch of ``--batches``, default ``--batch``): with the first
+sampler, each model eagerly and compiled (``o2m sample --compile``'s ``o2mcli.diffusion.compile``, on a copy),
+timed alternately, best of ``--repeats`` runs; the compiling warm-up runs are not timed, their seconds reported
+apart. Each row gives the MACs per second achieved (MACs of one forward x forwards / seconds) and, on CUDA, its
+share of the device's dense bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import torch
 
-from common import header, machine_info
+from common import (header, int_list, machine_info, macs_rate, modes_list, peak_bf16_tflops,
+                    peak_fraction)
 from o2mcli.chain import BUILTIN_MODELS
 from o2mcli.devices import resolve_device
+from o2mcli.diffusion.compile import compile_denoiser
 from o2mcli.diffusion.deepcache import DeepCacheSpec, average_macs, scheduled_calls
 from o2mcli.diffusion.sampler import measure_throughput
 from o2mcli.diffusion.schedulers import SAMPLERS, make_scheduler, set_steps
@@ -52,6 +61,9 @@ def main() -> None:
     ap.add_argument("--deepcache", default="3", help="comma-separated DeepCache intervals N ('' for none)")
     ap.add_argument("--cache-branch", type=int, default=0, help="DeepCache's layer branch B")
     ap.add_argument("--deepcache-schedule", default="uniform", choices=("uniform", "nonuniform"))
+    ap.add_argument("--batches", type=int_list, help="eager vs compiled at these batch sizes (default: --batch)")
+    ap.add_argument("--modes", type=modes_list, default=["eager", "compiled"],
+                    help="the compiled table's modes ('eager' alone: no compiled table)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -102,9 +114,10 @@ def main() -> None:
                            "images_per_s_cached": tp["images_per_s"], "speedup": tp["images_per_s"] / base,
                            "speedup_vs_MACs_ratio": tp["images_per_s"] / base / (full / avg),
                            "steps": args.steps, "batch": args.batch})
-    info = machine_info(device)
+    compiled = compiled_rows(rows, samplers[0], args, device) if "compiled" in args.modes else []
+    info = {**machine_info(device), "peak_note": peak_bf16_tflops(device)[1]}
     if args.json:
-        print(json.dumps({"machine": info, "rows": out, "deepcache": cached}, indent=2))
+        print(json.dumps({"machine": info, "rows": out, "deepcache": cached, "compiled": compiled}, indent=2))
         return
     print(header(info, f"{args.steps} sampler steps, batch {args.batch}"))
     print(f"| {'model':34s} | {'sampler':14s} | params (M) | MACs (G) | img/s   | UNet forwards/s | "
@@ -128,6 +141,54 @@ def main() -> None:
                   f"{r['full_MACs_G']:13.3f} | {r['partial_MACs_G']:16.3f} | {r['avg_MACs_G']:12.3f} | "
                   f"{r['MACs_saved']:10.1%} | {r['MACs_ratio']:9.2f}x | {r['images_per_s_plain']:11.2f} | "
                   f"{r['images_per_s_cached']:12.2f} | {r['speedup']:7.2f}x | {r['speedup_vs_MACs_ratio']:21.2f} |")
+
+    if compiled:
+        print()
+        print(f"Eager vs compiled ({samplers[0]}, {args.steps} steps; alternating, best of {args.repeats}; "
+              f"warm-up not timed; {info['peak_note']}):")
+        print(compiled_table(compiled))
+
+
+def compiled_rows(rows: list, sampler: str, args: argparse.Namespace, device) -> list[dict]:
+    """Each model eagerly and compiled (a compiled copy), alternating, at every batch of the sweep."""
+    peak = peak_bf16_tflops(device)[0]
+    batches = args.batches or [args.batch]
+    out = []
+    for name, unet, sched in rows:
+        nets = {"eager": unet}
+        if "compiled" in args.modes:
+            nets["compiled"] = copy.deepcopy(unet)
+            rec = compile_denoiser(nets["compiled"], device)
+        macs = count_macs(unet)
+        for b in batches:
+            best, warm = {}, {}
+            for _ in range(args.repeats):
+                for mode in args.modes:
+                    tp = measure_throughput(nets[mode], sampler, sched, args.steps, b, device, repeats=1,
+                                            compile=rec if mode == "compiled" else False)
+                    best[mode] = max(best.get(mode, 0.0), tp["images_per_s"])
+                    warm.setdefault(mode, tp["warmup_s"])
+            for mode in args.modes:
+                rate = macs_rate(macs, best[mode], args.steps)
+                out.append({"model": name, "sampler": sampler, "mode": mode,
+                            "ran": rec.ran if mode == "compiled" else "eager", "batch": b, "steps": args.steps,
+                            "MACs_G": macs / 1e9, "images_per_s": best[mode], "MACs_per_s_G": rate / 1e9,
+                            "peak_fraction": peak_fraction(rate, peak), "warmup_s": warm[mode],
+                            "compiled_vs_eager": best["compiled"] / best["eager"]
+                            if mode == "compiled" and "eager" in best else None})
+    return out
+
+
+def compiled_table(rows: list[dict]) -> str:
+    out = ["| model | mode | batch | MACs (G) | img/s | GMACs/s | of bf16 peak | compiled / eager | warm-up (s) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mode = r["mode"] if r["ran"] == r["mode"] or r["mode"] == "eager" else f"{r['mode']} (ran {r['ran']})"
+        peak = "" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.2f}%"
+        cve = "" if r["compiled_vs_eager"] is None else f"{r['compiled_vs_eager']:.2f}x"
+        out.append(f"| {r['model']} | {mode} | {r['batch']} | {r['MACs_G']:.3f} | {r['images_per_s']:.2f} | "
+                   f"{r['MACs_per_s_G']:.2f} | {peak} | {cve} | {r['warmup_s']:.1f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

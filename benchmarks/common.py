@@ -58,3 +58,48 @@ def write_outputs(res: dict, table: str, out: Path | None, as_json: bool) -> Non
         Path(f"{out}.json").write_text(json.dumps(res, indent=2) + "\n")
         Path(f"{out}.md").write_text(table + "\n")
     print(json.dumps(res, indent=2) if as_json else table)
+
+
+# Peak dense bf16 tensor-core throughput (TFLOPS, no sparsity), from the vendors' data sheets, keyed by a substring of
+# torch.cuda.get_device_name (longest match wins, so "H100 PCIe" is not read as the SXM part).
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+    "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0,
+    "L40": 181.0, "L4": 121.0, "RTX 4090": 165.0, "RTX 6000 Ada": 364.0, "A6000": 155.0, "V100": 125.0,
+}
+
+
+def peak_bf16_tflops(device: torch.device) -> tuple[float | None, str]:
+    """(the device's peak dense bf16 TFLOPS or None, a note naming it or saying why there is none)."""
+    if device.type != "cuda":
+        return None, "CPU: no peak-fraction (no bf16 peak table for CPUs)"
+    name = torch.cuda.get_device_name(device)
+    keys = [k for k in PEAK_BF16_TFLOPS if k.lower() in name.lower()]
+    if not keys:
+        return None, f"{name}: not in the bf16 peak table (benchmarks/common.py), so no fraction of peak"
+    key = max(keys, key=len)
+    return PEAK_BF16_TFLOPS[key], f"{name}: peak dense bf16 {PEAK_BF16_TFLOPS[key]:g} TFLOPS ({key} data sheet)"
+
+
+def macs_rate(macs_per_sample: float, samples_per_s: float, forwards_per_sample: int = 1) -> float:
+    """MACs per second achieved: MACs of one sample's forward x forwards per sample x samples per second."""
+    return macs_per_sample * forwards_per_sample * samples_per_s
+
+
+def peak_fraction(macs_per_s: float, peak_tflops: float | None) -> float | None:
+    """The share of the bf16 peak achieved (2 FLOPs per MAC), or None without a peak."""
+    return None if peak_tflops is None else 2.0 * macs_per_s / (peak_tflops * 1e12)
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,8,64"`` -> [1, 8, 64] (the batch sweeps)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def modes_list(text: str) -> list[str]:
+    """``"eager,compiled"``, checked."""
+    modes = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [m for m in modes if m not in ("eager", "compiled")]
+    if bad or not modes:
+        raise SystemExit(f"--modes {text!r}: expected eager and/or compiled")
+    return modes

@@ -1,17 +1,19 @@
 """`make gpu-check`: the CUDA-only tests and the benchmarks on one GPU, written to docs/benchmarks-gpu.md.
 
-    python benchmarks/gpu_check.py [--device cuda] [--out docs/benchmarks-gpu.md] [--budget 330]
+    python benchmarks/gpu_check.py [--device cuda] [--out docs/benchmarks-gpu.md] [--budget 900]
 
 1. ``pytest tests/gpu`` (bf16 autocast against fp32 for train, distill, the DKDM buffer and sampling; DDP
    on nccl with one GPU), one JUnit record per test with each check's measured error and bound;
-2. the four benchmarks (sampling, distill, dkdm, prune) with ``--device`` and ``--json``, sized for a
-   short run;
+2. the five benchmarks (sampling, distill, dkdm, prune, compile) with ``--device`` and ``--json``, sized for a
+   short run: sampling and prune eager and compiled (``--compile``), the compile sweep over the CIFAR-10, SD 1.x and
+   SDXL U-Net shapes last (its compiles of the large U-Nets take minutes);
 3. the page: the device, versions and date, every test's result with its checks, every benchmark's
    rows. It states what this run measured and nothing else; a test or benchmark that failed or was
    not reached says so.
 
 ``--device cpu`` is a dry run of the same code on the CPU (the tests with CPU bf16 autocast and gloo,
-the benchmarks at tiny sizes, digits only), written to ``runs/gpu-check-cpu.md`` unless ``--out``
+the benchmarks at tiny sizes, digits only, eager; the compile sweep compiles tiny stand-ins of the three shapes),
+written to ``runs/gpu-check-cpu.md`` unless ``--out``
 says otherwise: it catches errors before GPU time is spent and is not a result. Needs o2m importable
 (installed, or the repository root on PYTHONPATH) and pytest; no network. Exit status 0 when every
 test passed and every benchmark ran.
@@ -35,19 +37,26 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
 # Benchmark arguments per device: on CUDA sized so the whole check takes a few minutes on one GPU (the
-# CIFAR10-config templates are pruned on the CPU, about 20-30 s each); on the CPU a dry run, digits only.
+# CIFAR10-config templates are pruned on the CPU, about 20-30 s each; each compiled architecture and batch compiles
+# once, ~30-60 s for the CIFAR10 UNet, minutes for SD 1.x's and SDXL's); on the CPU a dry run, digits only.
 BENCHMARKS = {
     "cuda": [
-        ("sampling", "bench_sampling.py", ["--steps", "20", "--batch", "128", "--repeats", "2"]),
+        ("sampling", "bench_sampling.py", ["--steps", "20", "--batch", "128", "--repeats", "2",
+                                           "--modes", "eager,compiled"]),
         ("distill", "bench_distill.py", ["--steps", "10", "--warmup", "2", "--batch", "64"]),
         ("dkdm", "bench_dkdm.py", ["--rounds", "2"]),
-        ("prune", "bench_prune.py", ["--steps", "10", "--batch", "128", "--rounds", "2"]),
+        ("prune", "bench_prune.py", ["--steps", "10", "--batches", "64", "--rounds", "2", "--modes", "eager,compiled"]),
+        ("compile", "bench_compile.py", ["--shapes", "cifar10,sd15,sdxl", "--batches", "1,64", "--iters", "5",
+                                         "--rounds", "2"]),
     ],
     "cpu": [
-        ("sampling", "bench_sampling.py", ["--steps", "2", "--batch", "2", "--repeats", "1"]),
+        ("sampling", "bench_sampling.py", ["--steps", "2", "--batch", "2", "--repeats", "1", "--modes", "eager"]),
         ("distill", "bench_distill.py", ["--only", "digits", "--steps", "1", "--warmup", "0", "--batch", "4"]),
         ("dkdm", "bench_dkdm.py", ["--only", "digits", "--rounds", "1", "--init-slots", "8"]),
-        ("prune", "bench_prune.py", ["--only", "digits", "--steps", "2", "--batch", "2", "--rounds", "1"]),
+        ("prune", "bench_prune.py", ["--only", "digits", "--steps", "2", "--batches", "2", "--rounds", "1",
+                                     "--modes", "eager"]),
+        ("compile", "bench_compile.py", ["--tiny", "--shapes", "cifar10,sd15,sdxl", "--batches", "1", "--iters", "1",
+                                         "--rounds", "1"]),
     ],
 }
 
@@ -165,7 +174,8 @@ def run_benchmark(script: str, args: list[str], device: str, timeout: float) -> 
         data = json.loads(res.stdout[start:])
     except json.JSONDecodeError as e:
         return {"ok": False, "seconds": seconds, "error": f"unreadable output ({e}): {res.stdout[-500:]}"}
-    return {"ok": True, "seconds": seconds, "machine": data["machine"], "rows": data["rows"]}
+    return {"ok": True, "seconds": seconds, "machine": data["machine"], "rows": data["rows"],
+            "compiled": data.get("compiled") or []}
 
 
 # 4. The page ----------------------------------------------------------------------------------------------------------
@@ -178,6 +188,29 @@ def _cell(s: str) -> str:
     return " ".join(str(s).split()).replace("|", "\\|")
 
 
+def _mode(r: dict) -> str:
+    """A row's mode, and what actually ran where a compiled row fell back to eager."""
+    return r["mode"] if r["mode"] == "eager" or r["ran"] == r["mode"] else f"{r['mode']} (ran {r['ran']})"
+
+
+def _x(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def _peak(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.2f}%"
+
+
+def _compiled_table(rows: list[dict]) -> list[str]:
+    """bench_sampling's eager-vs-compiled rows."""
+    out = ["| model | mode | batch | MACs (G) | img/s | GMACs/s | of bf16 peak | compiled / eager | warm-up (s) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['model']} | {_mode(r)} | {r['batch']} | {r['MACs_G']:.3f} | {r['images_per_s']:.1f} | "
+            f"{r['MACs_per_s_G']:.1f} | {_peak(r['peak_fraction'])} | {_x(r['compiled_vs_eager'])} | "
+            f"{r['warmup_s']:.1f} |" for r in rows]
+    return out
+
+
 def _bench_table(name: str, rows: list[dict]) -> list[str]:
     if name == "sampling":
         out = ["| model | sampler | params (M) | MACs (G) | img/s | UNet forwards/s | step cost vs the first sampler |",
@@ -185,11 +218,20 @@ def _bench_table(name: str, rows: list[dict]) -> list[str]:
         out += [f"| {r['model']} | {r['sampler']} | {r['params_M']:.2f} | {r['MACs_G']:.3f} | {r['images_per_s']:.1f} | "
                 f"{r['forwards_per_s']:.1f} | {r['step_cost_vs_first']:.2f}x |" for r in rows]
     elif name == "prune":
-        out = ["| teacher | model | block_out_channels | params (M) | MACs (G) | MACs saved | img/s | speedup |",
-               "|---|---|---|---:|---:|---:|---:|---:|"]
-        out += [f"| {r['teacher']} | {r['model']} | {', '.join(map(str, r['block_out_channels']))} | {r['params_M']:.2f} | "
-                f"{r['MACs_G']:.3f} | {r['MACs_ratio']:.2f}x | {r['images_per_s']:.1f} | {r['speedup']:.2f}x |"
-                for r in rows]
+        out = ["| teacher | model | mode | batch | block_out_channels | params (M) | MACs (G) | MACs ratio | img/s | "
+               "speed-up | speed-up / MACs ratio | compiled / eager | GMACs/s | of bf16 peak | warm-up (s) |",
+               "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['teacher']} | {r['model']} | {_mode(r)} | {r['batch']} | "
+                f"{', '.join(map(str, r['block_out_channels']))} | {r['params_M']:.2f} | {r['MACs_G']:.3f} | "
+                f"{r['MACs_ratio']:.2f}x | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | "
+                f"{r['speedup_vs_MACs_ratio']:.2f} | {_x(r['compiled_vs_eager'])} | {r['MACs_per_s_G']:.1f} | "
+                f"{_peak(r['peak_fraction'])} | {r['warmup_s']:.1f} |" for r in rows]
+    elif name == "compile":
+        out = ["| shape | mode | batch | MACs/sample (G) | s/forward | samples/s | GMACs/s | of bf16 peak | "
+               "compiled / eager | warm-up (s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['what']} | {_mode(r)} | {r['batch']} | {r['MACs_G']:.3f} | {r['seconds_per_forward']:.4f} | "
+                f"{r['samples_per_s']:.2f} | {r['MACs_per_s_G']:.1f} | {_peak(r['peak_fraction'])} | "
+                f"{_x(r['compiled_vs_eager'])} | {r['warmup_s']:.1f} |" for r in rows]
     elif name == "distill":
         out = ["| teacher | batch/student | timed steps | K | s/step | student img/s | teacher share | "
                "teacher forwards per student sample | cost vs K separate O2OKD runs |",
@@ -220,7 +262,13 @@ BENCH_NOTES = {
     "dkdm": "One DKDM step against one data-based KD step (K=1, output KD, same batch; best of the rounds), and "
             "the buffer's initialization.",
     "prune": "Teacher and ratio-0.3/0.5 templates (magnitude pruning, on the CPU) timed alternately in one process, "
-             "best of the rounds; DDIM sampling.",
+             "eager and compiled (`--compile`), best of the rounds; DDIM sampling. Speed-up is over the teacher in "
+             "the same mode and batch; speed-up / MACs ratio 1.0 means as much faster as the MACs say (goal for "
+             "compiled: 0.8 at batch 64). Warm-up (compiling) seconds are not in img/s.",
+    "compile": "Denoiser forwards at three U-Net shapes (random weights), eager then compiled in place (`--compile`: "
+               "channels-last, bf16 weights, CUDA graphs), over a batch sweep; best of the rounds, warm-up "
+               "(compiling, CUDA-graph recording) timed apart. Fraction of peak: 2 x MACs/s over the dense bf16 "
+               "peak.",
 }
 
 
@@ -288,6 +336,13 @@ def render(info: dict, tests: dict, benches: dict, argv: list[str], total_s: flo
         m = b["machine"]
         lines += [f"{BENCH_NOTES[name]} {b['seconds']:.0f} s; torch threads {m.get('threads')}.", ""]
         lines += _bench_table(name, b["rows"]) + [""]
+        if b.get("compiled"):
+            lines += ["Eager against compiled (`--compile`), first sampler; warm-up not in img/s:", ""]
+            lines += _compiled_table(b["compiled"]) + [""]
+        if m.get("peak_note"):
+            lines += [f"Peak: {m['peak_note']}.", ""]
+        if m.get("skipped"):
+            lines += [f"Left out: {'; '.join(m['skipped'])}.", ""]
     return "\n".join(lines)
 
 
@@ -298,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cuda (the check) or cpu (a dry run of the same code)")
     ap.add_argument("--out", type=Path, help="the page (default: docs/benchmarks-gpu.md; runs/gpu-check-cpu.md for cpu)")
-    ap.add_argument("--budget", type=float, default=330.0,
+    ap.add_argument("--budget", type=float, default=900.0,
                     help="seconds for the whole check: a benchmark is not started without 45 s left")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-benchmarks", action="store_true")

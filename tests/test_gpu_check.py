@@ -63,8 +63,17 @@ def test_page_states_what_the_records_hold(tmp_path: Path, monkeypatch) -> None:
                       "step_ratio": 1.1, "init_slots": 16, "init_steps": 10,
                       "init": {"exact": {"teacher_forwards": 7180, "seconds": None, "seconds_estimated": 3.5},
                                "ddim": {"teacher_forwards": 160, "seconds": 0.08}}}]}
+    sampling["compiled"] = [{"model": "digits teacher (shipped)", "mode": "compiled", "ran": "eager", "batch": 128,
+                             "MACs_G": 0.016, "images_per_s": 4000.0, "MACs_per_s_G": 1280.0, "peak_fraction": 0.0026,
+                             "warmup_s": 12.0, "compiled_vs_eager": 0.8}]
+    sampling["machine"]["peak_note"] = "NVIDIA Test GPU: not in the bf16 peak table"
+    compile_rows = [{"shape": "sd15", "what": "SD 1.5 UNet2DConditionModel", "mode": "compiled", "ran": "compiled",
+                     "batch": 64, "MACs_G": 338.0, "seconds_per_forward": 0.1, "samples_per_s": 640.0,
+                     "MACs_per_s_G": 216320.0, "peak_fraction": 0.437, "warmup_s": 95.0, "compiled_vs_eager": 1.4}]
+    compiled = {"ok": True, "seconds": 300.0, "machine": {"threads": 16, "skipped": ["sdxl batch 64: above the cap"]},
+                "rows": compile_rows}
     benches = {"sampling": sampling, "distill": {"ok": False, "seconds": 4.0, "error": "exit 1: boom"},
-               "dkdm": dkdm, "prune": None}
+               "dkdm": dkdm, "prune": None, "compile": compiled}
     tests = {"rc": 1, "seconds": 12.5, "cases": cases, "tail": ""}
     page = gc.render(info, tests, benches, ["benchmarks/gpu_check.py"], 60.0)
     assert "NVIDIA Test GPU" in page and "torch 2.11.0, diffusers 0.42.1" in page
@@ -76,6 +85,21 @@ def test_page_states_what_the_records_hold(tmp_path: Path, monkeypatch) -> None:
     assert "Failed after 4 s" in page and "boom" in page
     assert "not run (estimated 3.5 s" in page
     assert "### prune" in page and "Not run: the time budget" in page
+    # compiled rows: a fallback says what ran; the sweep's fraction of peak and warm-up are shown
+    assert "| digits teacher (shipped) | compiled (ran eager) | 128 | 0.016 | 4000.0 | 1280.0 | 0.26% | 0.80x | 12.0 |" \
+        in page and "not in the bf16 peak table" in page
+    assert "| SD 1.5 UNet2DConditionModel | compiled | 64 | 338.000 | 0.1000 | 640.00 | 216320.0 | 43.70% | 1.40x | 95.0 |" \
+        in page and "Left out: sdxl batch 64" in page
+
+
+def test_cpu_dry_run_stays_small_and_cuda_runs_compiled(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gc = importlib.import_module("gpu_check")
+    cuda = {name: args for name, _, args in gc.BENCHMARKS["cuda"]}
+    cpu = {name: args for name, _, args in gc.BENCHMARKS["cpu"]}
+    assert "eager,compiled" in cuda["prune"] and "eager,compiled" in cuda["sampling"]
+    assert "cifar10,sd15,sdxl" in cuda["compile"] and "--tiny" not in cuda["compile"]
+    assert "--tiny" in cpu["compile"] and cpu["prune"][cpu["prune"].index("--modes") + 1] == "eager"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA present this would run the whole check")

@@ -18,6 +18,7 @@ from o2mcli.models.denoise import input_shape, predict
 from o2mcli.runtime.run import progress
 
 if TYPE_CHECKING:
+    from o2mcli.diffusion.compile import CompileRecord
     from o2mcli.diffusion.deepcache import DeepCacheCounts, DeepCacheSpec
 
 # The unconditional branch's condition: a Condition or tensor, a null class index, or None (no guidance).
@@ -169,14 +170,32 @@ def _quiet_bar():
 
 def measure_throughput(unet: nn.Module, scheduler_name: str, scheduler_config: dict[str, Any], steps: int,
                        batch_size: int, device: torch.device, repeats: int = 2, seed: int = 0,
-                       deepcache: Optional["DeepCacheSpec"] = None) -> dict[str, Any]:
-    """Images per second of full sampling runs at ``batch_size`` (one warm-up run not counted), with DeepCache
-    when ``deepcache`` is given (the same schedule the samples used)."""
+                       deepcache: Optional["DeepCacheSpec"] = None,
+                       compile: Union[bool, "CompileRecord"] = False) -> dict[str, Any]:
+    """Images per second of full sampling runs at ``batch_size`` (one warm-up run not counted, its seconds reported
+    as ``warmup_s``), with DeepCache when ``deepcache`` is given (the same schedule the samples used).
+
+    ``compile``: compile ``unet`` in place first (:func:`o2mcli.diffusion.compile.compile_denoiser`); the compile
+    happens in the warm-up run, and the record's ``compile`` says how it ran (compiled, or eager after a failure)
+    and the compiling calls' seconds. A model compiled before (a ``CompileRecord`` passed as ``compile``) is timed as
+    it is. Not with DeepCache (its partial forwards are not compiled).
+    """
+    record = None
+    if compile:
+        if deepcache is not None:
+            raise O2MError("compiled sampling does not combine with DeepCache yet (its partial forwards are not "
+                           "compiled): time one or the other")
+        from o2mcli.diffusion.compile import CompileRecord, compile_denoiser
+
+        record = compile if isinstance(compile, CompileRecord) else compile_denoiser(unet, device)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((batch_size, *input_shape(unet)), generator=g).to(device)
-    # Warm-up, with DeepCache on as timed (a partial step runs in it too unless N > 3).
+    # Warm-up, with DeepCache on as timed (a partial step runs in it too unless N > 3); a compiled model compiles here.
+    synchronize(device)
+    t0 = time.perf_counter()
     denoise(unet, scheduler_name, scheduler_config, min(steps, 3), noise, generator=g, deepcache=deepcache)
     synchronize(device)
+    warmup = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(repeats):
         denoise(unet, scheduler_name, scheduler_config, steps, noise, generator=g, deepcache=deepcache)
@@ -184,4 +203,6 @@ def measure_throughput(unet: nn.Module, scheduler_name: str, scheduler_config: d
     dt = time.perf_counter() - t0
     return {"images_per_s": batch_size * repeats / dt, "seconds_per_batch": dt / repeats,
             "batch_size": batch_size, "steps": steps, "scheduler": scheduler_name, "device": str(device),
+            "warmup_s": warmup,
+            **({"compile": record.summary()} if record is not None else {}),
             **({"deepcache": deepcache.record()} if deepcache else {})}

@@ -10,7 +10,8 @@ The output is a ``samples`` stage directory:
   ``parents[0]``, and a summary (shape, timing, and for a student group how many
   sample-evaluations each student served; for a conditional model the guidance weight used, and for a text
   model the prompt count, negative prompt and the pipeline whose VAE and text encoder were used, with hashes;
-  with DeepCache its interval N, branch B and the full and partial model calls made).
+  with DeepCache its interval N, branch B and the full and partial model calls made; with ``compile`` how the
+  denoiser ran, compiled or eager after a failure, and the seconds of compiling, which ``seconds`` excludes).
 
 DeepCache (``deepcache`` N, ``cache_branch`` B; Ma et al. 2024): every N-th step a full forward refreshes the cache
 of the UNet's deep features, the steps between recompute only the shallow branch B; with a student group a step
@@ -116,6 +117,11 @@ class SampleConfig(BaseModel):
     deepcache_schedule: Optional[Literal["uniform", "nonuniform"]] = Field(
         None, description="DeepCache's schedule of full steps: uniform (every N-th step) or nonuniform (the paper's "
         "non-uniform 1:N: as many full steps, dense around a center step by a power law; default uniform).")
+    # torch.compile each denoiser (o2mcli.diffusion.compile): warm-up timed apart, eager fallback on failure
+    compile: bool = Field(False, description="Compile the denoiser (each student of a group) with torch.compile: "
+                          "channels-last, static shapes, on CUDA bf16 weights and CUDA graphs. Compiling takes "
+                          "seconds to minutes, recorded apart from the sampling time; if it fails, sampling continues "
+                          "eagerly with a note. Not with --deepcache.")
     # latent models: the images' size in pixels (a multiple of the VAE's factor); None: the model's sample size
     height: Optional[int] = Field(None, ge=1, le=16384, description="Latent text-to-image models: the images' height "
                                   "in pixels, a multiple of the VAE's factor (default: the model's).")
@@ -185,6 +191,10 @@ def run_sample(cfg: SampleConfig) -> Path:
     if cfg.deepcache_schedule is not None and cfg.deepcache is None:
         raise OptionError("deepcache_schedule", cfg.deepcache_schedule, "is DeepCache's schedule; give --deepcache N "
                           "too")
+    if cfg.compile and cfg.deepcache is not None:
+        # DeepCache's partial forwards run the UNet's blocks one by one, outside the compiled forward.
+        raise OptionError("compile", True, "does not combine with --deepcache yet (DeepCache's partial forwards are "
+                          "not compiled); drop one")
 
     # 2. Load the model (one UNet, a diffusers dir/pipeline, or a stage dir, maybe a student group).
     loaded = load_model(model_path, device)
@@ -226,13 +236,19 @@ def run_sample(cfg: SampleConfig) -> Path:
     pixels = int(np.prod(condition.codec.image_shape(shape)))
     ensure_space(out, cfg.n * pixels * (2 if cfg.png else 1))
     note_deepcache(cfg.deepcache, cfg.steps)
+    compiled = None
+    if cfg.compile:
+        from o2mcli.diffusion.compile import compile_denoiser
+
+        compiled = compile_denoiser(unet, device)
     t0 = time.perf_counter()
     images01 = sample_images(unet, cfg.scheduler, loaded.scheduler_config, cfg.steps, cfg.n, cfg.batch_size,
                              cfg.seed, device, cond=condition.cond, guidance=condition.guidance,
                              uncond=condition.uncond, cond_table=condition.table, unpack=condition.unpack,
                              decode=condition.decode, shape=shape,
                              deepcache=spec, counts=counts)
-    seconds = time.perf_counter() - t0
+    # Compiling (the first calls of each input shape) is reported apart, not as sampling time.
+    seconds = time.perf_counter() - t0 - (compiled.warmup_s if compiled is not None else 0.0)
     if not np.isfinite(images01).all():
         if condition.guidance > 1.0:  # eps_u + w (eps_c - eps_u) grows with w: blame the weight before the model
             raise OptionError("guidance", condition.guidance, f"sampling {model_path} produced non-finite values; "
@@ -261,6 +277,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     }
     if group is not None:
         summary["served"] = [int(s) for s in group.served]
+    if compiled is not None:
+        summary["compile"] = compiled.summary()
     if spec is not None:
         summary["deepcache"] = {**spec.record(), "full_calls": counts.full, "partial_calls": counts.partial}
     summary.update(condition.summary)

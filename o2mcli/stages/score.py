@@ -25,6 +25,10 @@ partial step's MACs counted by the same counter as the full step's, on the parti
 used), and its throughput is timed with the same cache schedule (uniform or non-uniform) on. Samples drawn with
 DeepCache by an earlier o2m (whose branch counted down/up block pairs; the manifest's DeepCache record has no
 ``branch_unit``) and with partial steps are refused: re-sample them.
+
+``--compile``: the throughput runs time the denoiser compiled (``o2mcli.diffusion.compile``); the compile happens in
+the uncounted warm-up run, and the row's ``throughput.compile`` records how it ran and ``throughput.warmup_s`` that
+run's seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from o2mcli.models.conditioning import takes_prompts
 from o2mcli.data.samples import model_unavailable
 from o2mcli.outputs import run_scope
-from o2mcli.errors import O2MError
+from o2mcli.errors import O2MError, OptionError
 from o2mcli.parsing import cli
 from o2mcli.stages import fields
 
@@ -64,6 +68,10 @@ class ScoreConfig(BaseModel):
     throughput_steps: Optional[int] = Field(None, ge=1, description="Sampler steps of the timed runs; default: the "
                                             "samples' steps.")
     throughput_repeats: int = Field(2, ge=1, description="Timed runs after one warm-up.")
+    # torch.compile the timed model (o2mcli.diffusion.compile); compiling happens in the uncounted warm-up run
+    compile: bool = Field(False, description="Time the sampling runs with the denoiser compiled (as o2m sample "
+                          "--compile); the compile is in the warm-up run, its seconds reported apart. Not for samples "
+                          "drawn with DeepCache.")
     kid_subsets: int = Field(100, ge=1, description="KID subsets (mean and std are over these).")
     kid_subset_size: int = Field(1000, ge=2, description="Largest KID subset.")
     seed: int = fields.seed("Seed of the KID subsets and the throughput noise.")
@@ -148,7 +156,7 @@ def measure_model(man, samples_dir: Path, device: torch.device, cfg: ScoreConfig
     steps = cfg.throughput_steps or int(man.config["steps"])
     tp = measure_throughput(unet, str(man.config["scheduler"]), loaded.scheduler_config, steps,
                             cfg.throughput_batch, device, repeats=cfg.throughput_repeats, seed=cfg.seed,
-                            deepcache=spec)
+                            deepcache=spec, compile=cfg.compile)
     tp["repeats"] = cfg.throughput_repeats
     if text:
         # The sampler's loop with cond None: the family feeds a zero 77-token embedding, one UNet call per step.
@@ -259,6 +267,12 @@ def run_score(cfg: ScoreConfig) -> Path:
         if shape != ref_shape:
             raise O2MError(f"{d}: samples are {_shape_text(shape)} but the reference {cfg.ref} is "
                            f"{_shape_text(ref_shape)}; score against data of the samples' shape (--ref)")
+    if cfg.compile:
+        for d, man, _ in loaded:
+            if man.config.get("deepcache") is not None:
+                # Their throughput is timed with the cache on, and DeepCache's partial forwards are not compiled.
+                raise OptionError("compile", True, f"{d} was sampled with DeepCache, whose partial forwards are not "
+                                  "compiled; score it without --compile")
     prompts = {d: load_sample_prompts(d, images.shape[0]) for d, _, images in loaded}
     if cfg.clip_weights is not None:
         for d, _, _ in loaded:
